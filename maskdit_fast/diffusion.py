@@ -1,0 +1,447 @@
+"""EDM diffusion for MaskDiT and DiT (Karras et al. 2022, "Elucidating the Design Space of
+Diffusion-Based Generative Models"; MaskDiT's loss from Zheng et al. 2023).
+
+- `EDMPrecond`: wraps a network `net(x, t, y, mask_ratio=, ids_keep=) -> ModelOutput(sample, mask)`
+  into the EDM denoiser D(x; sigma) with the standard c_skip / c_out / c_in / c_noise scalings.
+- `MaskDiTLoss` (alias `EDMLoss`): EDM denoising score matching on the kept patches plus an
+  MAE-style reconstruction of the masked patches; at mask ratio 0 the plain EDM loss.
+- `mask_ratio_schedule`: constant / linear / cosine mask ratio over training steps.
+- `edm_sampler` / `sample`: EDM's Algorithm 2 (Heun or Euler) with classifier-free guidance on all
+  channels, seeded (per-sample seeds via `StackedRandomGenerator`).
+
+Class labels are int64 in [0, num_classes]; the label `num_classes` is the null class used for
+classifier-free guidance.
+"""
+import math
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+
+class ModelOutput(NamedTuple):
+    """A network's (or the preconditioned denoiser's) output.
+
+    sample: [B, C_out, H, W]; mask: [B, L] float (1 = masked patch) or None when nothing was masked.
+    """
+    sample: torch.Tensor
+    mask: Optional[torch.Tensor]
+
+
+class LossOutput(NamedTuple):
+    """MaskDiT loss terms. loss, dsm, mae: fp32 scalars (batch means; mae is 0 when unused);
+    per_sample: [B] fp32, dsm_i + mae_coef * mae_i (loss == per_sample.mean())."""
+    loss: torch.Tensor
+    dsm: torch.Tensor
+    mae: torch.Tensor
+    per_sample: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch layout (DiT / MAE order: a patch's elements are ordered (row p, column q, channel c)).
+
+def patchify(x, p):
+    """[B, C, H, W] -> [B, L, p*p*C], L = (H/p)*(W/p) patches in row-major order; the inverse of
+    DiT's unpatchify (einsum 'nchpwq->nhwpqc'). Keeps dtype."""
+    if x.dim() != 4:
+        raise ValueError(f"patchify expects [B, C, H, W], got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+    h, w = H // p, W // p
+    x = x.reshape(B, C, h, p, w, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x, p, height=None, width=None):
+    """[B, L, p*p*C] -> [B, C, height, width] (the inverse of `patchify`). height/width default to a
+    square image (L must then be a perfect square)."""
+    if x.dim() != 3 or x.shape[-1] % (p * p):
+        raise ValueError(f"unpatchify expects [B, L, p*p*C] with p={p}, got shape {tuple(x.shape)}")
+    B, L, D = x.shape
+    C = D // (p * p)
+    if height is None and width is None:
+        h = w = math.isqrt(L)
+    else:
+        if height is None or width is None or height % p or width % p:
+            raise ValueError(f"height and width must both be given and divisible by p={p}")
+        h, w = height // p, width // p
+    if h * w != L:
+        raise ValueError(f"{L} patches do not tile a {h * p}x{w * p} image with patch size {p}")
+    x = x.reshape(B, h, w, p, p, C)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preconditioning.
+
+def _sigma_per_sample(sigma, batch, device):
+    """Scalar, [1] or [B] (or [B, 1, 1, 1]) noise levels -> [B] fp32 on `device`."""
+    if isinstance(sigma, numbers.Real):
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        return torch.full((batch,), float(sigma), dtype=torch.float32, device=device)
+    if not torch.is_tensor(sigma):
+        raise TypeError(f"sigma must be a number or a tensor, got {type(sigma).__name__}")
+    sigma = sigma.to(device=device, dtype=torch.float32).reshape(-1)
+    if sigma.numel() == 1:
+        return sigma.expand(batch)
+    if sigma.numel() != batch:
+        raise ValueError(f"sigma has {sigma.numel()} values for a batch of {batch}")
+    return sigma
+
+
+def edm_coefficients(sigma, sigma_data=0.5):
+    """EDM preconditioning (Karras et al. 2022, Table 1) for noise levels `sigma` (tensor, any shape).
+
+    Returns (c_skip, c_out, c_in, c_noise), each shaped like sigma, in sigma's dtype:
+    c_skip = sd^2/(s^2+sd^2), c_out = s*sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4.
+    """
+    total = sigma ** 2 + sigma_data ** 2
+    return sigma_data ** 2 / total, sigma * sigma_data / total.sqrt(), total.rsqrt(), sigma.log() / 4
+
+
+class EDMPrecond(nn.Module):
+    """The EDM denoiser D(x; sigma, y) = c_skip * x + c_out * F(c_in * x, c_noise, y).
+
+    Args:
+        net: module called as net(x, t, y, mask_ratio=..., ids_keep=...) -> ModelOutput(sample, mask),
+            with attributes in_channels, patch_size, num_classes. When net returns 2*C channels
+            (DiT with learn_sigma) only the first C are used.
+        sigma_data: standard deviation of the training data.
+        sigma_min, sigma_max: noise range the network supports (samplers clamp to it).
+    """
+
+    def __init__(self, net, sigma_data=0.5, sigma_min=0.0, sigma_max=float("inf")):
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        if not 0 <= sigma_min < sigma_max:
+            raise ValueError(f"need 0 <= sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.net = net
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    @property
+    def in_channels(self):
+        return self.net.in_channels
+
+    @property
+    def patch_size(self):
+        return self.net.patch_size
+
+    @property
+    def num_classes(self):
+        return self.net.num_classes
+
+    def forward(self, x, sigma, y, mask_ratio=0.0, ids_keep=None):
+        """Denoises x at noise level sigma.
+
+        Args:
+            x: [B, C, H, W] noisy input (any float dtype; computed in fp32).
+            sigma: python number, 0-d / [1] / [B] tensor of noise levels (> 0).
+            y: [B] int64 class labels in [0, num_classes] (num_classes = null class).
+            mask_ratio: fraction of patches the network drops (0 at inference).
+            ids_keep: optional [B, K] int64 kept patch positions (overrides random masking).
+        Returns:
+            ModelOutput(sample=D_x [B, C, H, W] fp32, mask=[B, L] or None, as the network returned).
+        """
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
+        B, C = x.shape[:2]
+        x = x.float()
+        sigma = _sigma_per_sample(sigma, B, x.device)
+        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in edm_coefficients(sigma, self.sigma_data))
+        out = self.net(c_in * x, c_noise.reshape(-1), y, mask_ratio=mask_ratio, ids_keep=ids_keep)
+        F_x = out.sample
+        if F_x.shape[0] != B or F_x.shape[1] not in (C, 2 * C) or F_x.shape[2:] != x.shape[2:]:
+            raise RuntimeError(f"network returned shape {tuple(F_x.shape)} for input {tuple(x.shape)}")
+        return ModelOutput(c_skip * x + c_out * F_x[:, :C].float(), out.mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss.
+
+def _check_mask_ratio(mask_ratio):
+    if not isinstance(mask_ratio, numbers.Real) or not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+
+
+class MaskDiTLoss:
+    """MaskDiT's training loss in the EDM formulation (official `EDMLoss` with `mae_loss`).
+
+    sigma = exp(P_mean + P_std * N(0, 1)); noisy input x + sigma * n; the network masks patches of
+    the noisy input. Per sample:
+      dsm_i = mean over KEPT patches of [mean over the patch's values of w(sigma) * (D - x)^2],
+              w(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2 (all patches when nothing is masked);
+      mae_i = mean over MASKED patches of [mean over the patch of (D - norm(x + sigma*n))^2], norm =
+              per-patch (v - mean) / sqrt(var + 1e-6) with the unbiased variance (as the official
+              code's torch.var); only when mae_coef > 0 and patches were masked.
+    loss = mean_i(dsm_i + mae_coef * mae_i), computed in fp32 (also under autocast).
+    """
+
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, mae_coef=0.1):
+        if not P_std > 0 or not sigma_data > 0 or not mae_coef >= 0:
+            raise ValueError(f"need P_std > 0, sigma_data > 0, mae_coef >= 0; got {P_std}, {sigma_data}, {mae_coef}")
+        self.P_mean = float(P_mean)
+        self.P_std = float(P_std)
+        self.sigma_data = float(sigma_data)
+        self.mae_coef = float(mae_coef)
+
+    def sample_sigma(self, batch, device=None, generator=None):
+        """Draws [batch] fp32 noise levels exp(P_mean + P_std * N(0, 1))."""
+        rnd = torch.randn(batch, device=device, generator=generator)
+        return (rnd * self.P_std + self.P_mean).exp()
+
+    def __call__(self, precond, x, y, mask_ratio=0.0, ids_keep=None, generator=None, sigma=None, noise=None):
+        """Computes the loss for one batch.
+
+        Args:
+            precond: EDMPrecond (or a module with the same call and sigma_data / patch_size).
+            x: [B, C, H, W] clean data (latents).
+            y: [B] int64 labels in [0, num_classes] (label dropout is the caller's business).
+            mask_ratio: in [0, 1); the network masks that fraction of patches.
+            ids_keep: optional [B, K] int64 kept patches (fixed mask instead of a random one).
+            generator: torch.Generator for sigma and noise (drawn in that order).
+            sigma: optional override: number or [B] tensor of noise levels.
+            noise: optional override: [B, C, H, W] standard-normal noise (scaled by sigma here).
+        Returns:
+            LossOutput(loss, dsm, mae, per_sample).
+        """
+        _check_mask_ratio(mask_ratio)
+        precond_sd = getattr(precond, "sigma_data", self.sigma_data)
+        if precond_sd != self.sigma_data:
+            raise ValueError(f"loss sigma_data {self.sigma_data} != preconditioner sigma_data {precond_sd}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        x = x.float()
+        if sigma is None:
+            sigma = self.sample_sigma(B, x.device, generator)
+        sigma = _sigma_per_sample(sigma, B, x.device).reshape(-1, 1, 1, 1)
+        if noise is None:
+            noise = torch.randn(x.shape, device=x.device, generator=generator)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != x shape {tuple(x.shape)}")
+        x_noisy = x + noise.float() * sigma
+
+        out = precond(x_noisy, sigma.reshape(-1), y, mask_ratio=mask_ratio, ids_keep=ids_keep)
+        mask = out.mask
+        if mask is None and (mask_ratio > 0 or ids_keep is not None):
+            raise RuntimeError("the network was asked to mask patches but returned no mask")
+        # Reductions in fp32 even when the caller runs the network under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            D = out.sample.float()
+            weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+            dsm_pixel = weight * (D - x) ** 2
+            if mask is None:
+                dsm = dsm_pixel.mean(dim=(1, 2, 3))
+                mae = torch.zeros_like(dsm)
+            else:
+                p = precond.patch_size
+                dsm_patch = patchify(dsm_pixel, p).mean(dim=-1)  # [B, L]
+                mask = mask.float()
+                if mask.shape != dsm_patch.shape:
+                    raise RuntimeError(f"mask shape {tuple(mask.shape)} != patch grid {tuple(dsm_patch.shape)}")
+                keep = 1.0 - mask
+                dsm = (dsm_patch * keep).sum(1) / keep.sum(1)
+                mae = self._mae(x_noisy, D, mask, p) if self.mae_coef > 0 else torch.zeros_like(dsm)
+            per_sample = dsm + self.mae_coef * mae
+            return LossOutput(per_sample.mean(), dsm.mean(), mae.mean(), per_sample)
+
+    @staticmethod
+    def _mae(x_noisy, D, mask, p):
+        """[B] mean over masked patches of the MSE between D and the per-patch normalised noisy input."""
+        target = patchify(x_noisy, p)
+        if target.shape[-1] < 2:
+            raise ValueError("the MAE term needs patches of at least 2 values (p*p*C >= 2)")
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        per_patch = ((patchify(D, p) - target) ** 2).mean(-1)
+        # Guard the 0/0 of a grid with no masked patch (mask given but empty): mae is then 0.
+        return (per_patch * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+EDMLoss = MaskDiTLoss  # the official code's name for the same loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask-ratio schedules.
+
+def mask_ratio_schedule(kind="constant", start=0.5, end=None, total_steps=None):
+    """Mask ratio as a function of the training step.
+
+    Args:
+        kind: "constant" (always `start`), "linear" (start -> end), or "cosine" (half cosine,
+            end + (start - end) * (1 + cos(pi * step / total_steps)) / 2; the official
+            "cosine2" schedule (start - end) * cos^2(pi t / 2) + end).
+        start, end: ratios in [0, 1); `end` is required for linear/cosine.
+        total_steps: steps over which linear/cosine go from start to end (held at end after).
+    Returns:
+        callable step (int >= 0) -> ratio (float).
+    """
+    _check_mask_ratio(start)
+    if kind == "constant":
+        if end is not None and end != start:
+            raise ValueError("a constant schedule takes only `start` (end must be None or equal)")
+
+        def constant(step):
+            _check_step(step)
+            return float(start)
+
+        return constant
+    if kind not in ("linear", "cosine"):
+        raise ValueError(f"unknown mask ratio schedule {kind!r}; expected constant, linear or cosine")
+    if end is None:
+        raise ValueError(f"a {kind} schedule needs `end`")
+    _check_mask_ratio(end)
+    if not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+
+    def ratio(step):
+        _check_step(step)
+        t = min(step / total_steps, 1.0)
+        if kind == "linear":
+            return float(start + (end - start) * t)
+        return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+    return ratio
+
+
+def _check_step(step):
+    if not isinstance(step, numbers.Real) or step < 0:
+        raise ValueError(f"step must be a number >= 0, got {step!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling.
+
+class StackedRandomGenerator:
+    """One torch.Generator per sample, so sample i's noise depends only on seeds[i] (not on the batch
+    it is drawn in). Draws along dim 0, one row per seed."""
+
+    def __init__(self, device, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def randn(self, size, dtype=torch.float32, device=None):
+        """Stacked [len(seeds), *size[1:]] standard normal; size[0] must equal len(seeds)."""
+        if size[0] != len(self.generators):
+            raise ValueError(f"asked for {size[0]} rows from {len(self.generators)} seeds")
+        return torch.stack([torch.randn(size[1:], generator=g, dtype=dtype, device=device or g.device)
+                            for g in self.generators])
+
+    def randn_like(self, x):
+        return self.randn(x.shape, dtype=x.dtype, device=x.device)
+
+
+def edm_sigma_steps(num_steps=40, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM's noise levels: [num_steps + 1] float64, sigma_i = (smax^(1/rho) + i/(N-1) *
+    (smin^(1/rho) - smax^(1/rho)))^rho for i < N, then 0. With N = 1: [sigma_max, 0]."""
+    if not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    if not 0 < sigma_min < sigma_max or not rho > 0:
+        raise ValueError(f"need 0 < sigma_min < sigma_max and rho > 0; got {sigma_min}, {sigma_max}, {rho}")
+    frac = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
+    steps = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([steps, steps.new_zeros(1)])
+
+
+def guided_denoise(precond, x, sigma, y, cfg_scale=1.0):
+    """D(x; sigma, y) with classifier-free guidance on all channels: D_u + s * (D_c - D_u), with the
+    conditional and null-class (label num_classes) passes in one batched call. cfg_scale == 1 is a
+    single conditional pass (exactly the conditional model). x [B, C, H, W]; returns fp32."""
+    if cfg_scale == 1:
+        return precond(x, sigma, y).sample
+    null = torch.full_like(y, precond.num_classes)
+    both = precond(torch.cat([x, x]), sigma, torch.cat([y, null])).sample
+    cond, uncond = both.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def edm_sampler(precond, latents, y, num_steps=40, sigma_min=0.002, sigma_max=80.0, rho=7.0, cfg_scale=1.0,
+                S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, solver="heun", randn_like=torch.randn_like):
+    """EDM's Algorithm 2: integrates the probability-flow ODE from sigma_max to 0 (float64 state).
+
+    Args:
+        precond: the denoiser (EDMPrecond); put it in eval mode first. Its sigma_min / sigma_max, if
+            any, narrow the range.
+        latents: [B, C, H, W] standard-normal initial noise (scaled by sigma_max here).
+        y: [B] int64 labels in [0, num_classes) (checked by the model).
+        num_steps: N >= 1 noise levels; Heun uses 2N - 1 network evaluations, Euler N.
+        cfg_scale: >= 0 classifier-free guidance scale (1 = none; > 1 needs a class-conditional net).
+        S_churn, S_min, S_max, S_noise: EDM's stochastic churn (0 = deterministic).
+        solver: "heun" (second order; the last step is Euler) or "euler".
+        randn_like: noise source for churn (e.g. StackedRandomGenerator.randn_like).
+    Returns:
+        [B, C, H, W] fp32 samples.
+    """
+    if solver not in ("heun", "euler"):
+        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    if not isinstance(cfg_scale, numbers.Real) or not 0 <= cfg_scale < float("inf"):
+        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+    if cfg_scale != 1 and not getattr(precond, "num_classes", 0):
+        raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional network")
+    if latents.dim() != 4 or y.shape != latents.shape[:1]:
+        raise ValueError(f"latents must be [B, C, H, W] and y [B]; got {tuple(latents.shape)} and {tuple(y.shape)}")
+    sigma_min = max(sigma_min, getattr(precond, "sigma_min", 0.0))
+    sigma_max = min(sigma_max, getattr(precond, "sigma_max", float("inf")))
+    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()  # python floats: no syncs
+
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur
+        if gamma > 0:
+            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * randn_like(x_cur)
+
+        denoised = guided_denoise(precond, x_hat.float(), t_hat, y, cfg_scale).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if solver == "heun" and i < num_steps - 1:  # second-order correction (not at sigma = 0)
+            denoised = guided_denoise(precond, x_next.float(), t_next, y, cfg_scale).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next.float()
+
+
+def sample(precond, class_labels, seed=0, *, resolution=None, **sampler_kwargs):
+    """Seeded sampling: draws the initial noise, then runs `edm_sampler`.
+
+    Args:
+        precond: EDMPrecond (in eval mode).
+        class_labels: [B] int64 labels.
+        seed: an int (one torch.Generator for the batch), a torch.Generator, or a sequence of B ints
+            (per-sample seeds: sample i then depends only on seeds[i] and class_labels[i]). The same
+            source also feeds churn noise when S_churn > 0.
+        resolution: latent height = width; defaults to precond.net.input_size.
+        **sampler_kwargs: passed to edm_sampler (num_steps, cfg_scale, solver, ...).
+    Returns:
+        [B, C, resolution, resolution] fp32.
+    """
+    B, device = class_labels.shape[0], class_labels.device
+    if resolution is None:
+        resolution = getattr(getattr(precond, "net", precond), "input_size", None)
+        if resolution is None:
+            raise ValueError("pass resolution= (the network has no input_size attribute)")
+    shape = (B, precond.in_channels, resolution, resolution)
+    if isinstance(seed, torch.Generator):
+        gen = seed
+    elif isinstance(seed, numbers.Integral):
+        gen = torch.Generator(device).manual_seed(int(seed))
+    else:
+        seeds = list(seed)
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} labels")
+        rnd = StackedRandomGenerator(device, seeds)
+        return edm_sampler(precond, rnd.randn(shape, device=device), class_labels,
+                           randn_like=rnd.randn_like, **sampler_kwargs)
+    latents = torch.randn(shape, generator=gen, device=device)
+
+    def randn_like(x):
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+
+    return edm_sampler(precond, latents, class_labels, randn_like=randn_like, **sampler_kwargs)
