@@ -14,19 +14,12 @@ classifier-free guidance.
 """
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-
-class ModelOutput(NamedTuple):
-    """A network's (or the preconditioned denoiser's) output.
-
-    sample: [B, C_out, H, W]; mask: [B, L] float (1 = masked patch) or None when nothing was masked.
-    """
-    sample: torch.Tensor
-    mask: Optional[torch.Tensor]
+from maskdit_fast.models import ModelOutput
 
 
 class LossOutput(NamedTuple):
@@ -417,17 +410,18 @@ def sample(precond, class_labels, seed=0, *, resolution=None, **sampler_kwargs):
         seed: an int (one torch.Generator for the batch), a torch.Generator, or a sequence of B ints
             (per-sample seeds: sample i then depends only on seeds[i] and class_labels[i]). The same
             source also feeds churn noise when S_churn > 0.
-        resolution: latent height = width; defaults to precond.net.input_size.
+        resolution: latent size, int (square) or (H, W); defaults to precond.net.input_size.
         **sampler_kwargs: passed to edm_sampler (num_steps, cfg_scale, solver, ...).
     Returns:
-        [B, C, resolution, resolution] fp32.
+        [B, C, H, W] fp32.
     """
     B, device = class_labels.shape[0], class_labels.device
     if resolution is None:
         resolution = getattr(getattr(precond, "net", precond), "input_size", None)
         if resolution is None:
             raise ValueError("pass resolution= (the network has no input_size attribute)")
-    shape = (B, precond.in_channels, resolution, resolution)
+    h, w = (resolution, resolution) if isinstance(resolution, numbers.Integral) else tuple(resolution)
+    shape = (B, precond.in_channels, h, w)
     if isinstance(seed, torch.Generator):
         gen = seed
     elif isinstance(seed, numbers.Integral):

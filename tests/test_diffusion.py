@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 
 from maskdit_fast.diffusion import (
-    EDMLoss, EDMPrecond, MaskDiTLoss, ModelOutput, StackedRandomGenerator, edm_coefficients, edm_sampler,
-    edm_sigma_steps, mask_ratio_schedule, patchify, sample, unpatchify,
+    EDMLoss, EDMPrecond, MaskDiTLoss, StackedRandomGenerator, edm_coefficients, edm_sampler, edm_sigma_steps,
+    mask_ratio_schedule, patchify, sample, unpatchify,
 )
+from maskdit_fast.models import ModelOutput, create_model
 
 
 class FakeNet(nn.Module):
@@ -232,12 +233,13 @@ def test_mask_ratio_zero_is_plain_edm_loss():
 def test_loss_random_mask_and_generator_reproducible():
     pre = _precond()
     x, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 1])
-    a = MaskDiTLoss()(pre, x, y, mask_ratio=0.5, generator=torch.Generator().manual_seed(7))
-    torch.manual_seed(0)  # FakeNet's mask uses the global RNG; sigma/noise come from the generator
-    b = MaskDiTLoss()(pre, x, y, mask_ratio=0.5, generator=torch.Generator().manual_seed(7))
-    torch.manual_seed(0)
-    c = MaskDiTLoss()(pre, x, y, mask_ratio=0.5, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(b.per_sample, c.per_sample) and torch.isfinite(a.loss)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(0)  # FakeNet's mask uses the global RNG; sigma and noise come from the generator
+        runs.append(MaskDiTLoss()(pre, x, y, mask_ratio=0.5, generator=torch.Generator().manual_seed(seed)))
+    assert torch.equal(runs[0].per_sample, runs[1].per_sample)
+    assert not torch.allclose(runs[0].per_sample, runs[2].per_sample)
+    assert runs[0].mae.item() > 0
 
 
 def test_sigma_distribution():
@@ -439,3 +441,60 @@ def test_sampler_bad_inputs():
     uncond.num_classes = 0
     with pytest.raises(ValueError, match="class-conditional"):
         edm_sampler(uncond, latents[:, :1], y, cfg_scale=2.0)
+
+
+# ------------------------------------------------------------------------------------ real models
+
+def _real_precond(name="MaskDiT-S/2", **kw):
+    """A 1-block model on 8x8x2 latents (16 tokens), weights randomised so the zero-initialised
+    output layers do not hide anything."""
+    torch.manual_seed(0)
+    extra = dict(decoder_depth=1) if name.startswith("MaskDiT") else {}
+    net = create_model(name, input_size=8, in_channels=2, depth=1, num_classes=3, **extra, **kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return EDMPrecond(net).eval()
+
+
+def test_real_maskdit_loss_matches_hand_computation():
+    pre = _real_precond()
+    torch.manual_seed(9)
+    x, noise = torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
+    y, sigma = torch.tensor([1, 3]), torch.tensor([0.2, 4.0])
+    ids_keep = torch.stack([torch.randperm(16)[:8] for _ in range(2)])
+    out = MaskDiTLoss()(pre, x, y, mask_ratio=0.5, ids_keep=ids_keep, sigma=sigma, noise=noise)
+    per_sample, dsm, mae = _hand_loss(pre, x, y, sigma, noise, ids_keep)
+    torch.testing.assert_close(out.per_sample.double(), per_sample, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.mae.double(), mae.mean(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert pre.net.mask_token.grad.abs().max() > 0  # the MAE term reaches the mask token
+    # Random masking at ratio 0.5 (the model's own mask) and the unmasked loss both run and are finite.
+    for ratio in (0.5, 0.0):
+        res = MaskDiTLoss()(pre, x, y, mask_ratio=ratio, generator=torch.Generator().manual_seed(1))
+        assert torch.isfinite(res.loss) and (res.mae.item() > 0) == (ratio > 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = MaskDiTLoss()(pre, x, y, ids_keep=ids_keep, sigma=sigma, noise=noise)
+    assert res.loss.dtype == torch.float32
+    torch.testing.assert_close(res.per_sample, out.per_sample, rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="class labels"):
+        MaskDiTLoss()(pre, x, torch.tensor([0, 4]))
+
+
+def test_real_models_sampling():
+    pre = _real_precond()
+    y = torch.tensor([0, 2])
+    latents = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(edm_sampler(pre, latents, y, num_steps=3), _reference_heun(pre, latents, y, num_steps=3))
+    a = sample(pre, y, [4, 5], num_steps=3, cfg_scale=1.5)  # resolution from net.input_size (8, 8)
+    b = sample(pre, y[1:], [5], num_steps=3, cfg_scale=1.5)
+    assert a.shape == (2, 2, 8, 8) and torch.isfinite(a).all()
+    torch.testing.assert_close(a[1:], b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a, sample(pre, y, [4, 5], num_steps=3))
+    # DiT with learn_sigma: the preconditioner uses the first C of its 2C output channels.
+    dit = _real_precond("DiT-S/2")
+    assert dit.net.learn_sigma
+    x = torch.randn(2, 2, 8, 8)
+    F_x = dit.net(x / math.sqrt(1.25), torch.full((2,), math.log(1.0) / 4), y).sample
+    torch.testing.assert_close(dit(x, 1.0, y).sample, 0.2 * x + 0.5 / math.sqrt(1.25) * F_x[:, :2])
+    assert torch.isfinite(sample(dit, y, 0, num_steps=2, cfg_scale=2.0)).all()
