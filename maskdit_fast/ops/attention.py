@@ -1,7 +1,404 @@
-"""Multi-head attention entry points (dense now; varlen FlashAttention lands with its issue)."""
-import torch.nn.functional as F
+"""Multi-head attention: dense [B, L, H, D] and variable-length (packed) [total, H, D].
 
-from maskdit_fast.backend import resolve_backend
+varlen_attention follows flash-attn's `flash_attn_varlen_func` (same tensors, cu_seqlens, max_seqlen,
+softmax_scale and causal semantics; no dropout, so pass softmax_scale/causal by keyword when porting
+a call that passes dropout_p positionally). Causal masking is bottom-right aligned (flash-attn >= 2.1):
+query i of a sequence sees key j iff j <= i + Lk - Lq. A query row that sees no key (empty key
+sequence, or causal with Lq > Lk) outputs 0 and has lse +inf.
+
+Back-ends (the `backend=` keyword; the global default of maskdit_fast.backend applies otherwise):
+  "triton"     ours (kernels/flash_attn.py): FA2-style fwd/bwd Triton kernels; default on CUDA.
+  "torch"      dense: SDPA exactly. varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10) for
+               CUDA fp16/bf16 inputs, else SDPA per sequence (the reference and the CPU default).
+  "flash_attn" flash-attn's flash_attn_func / flash_attn_varlen_func (when installed; CUDA).
+  "xformers"   xformers.ops.memory_efficient_attention with a BlockDiagonal mask (when installed; CUDA).
+  "cuda"       the package's CUDA extension has no attention kernel: runs "triton".
+  "auto"       "triton" on CUDA, "torch" elsewhere.
+
+The Triton path is registered with torch.library (maskdit_fast::varlen_attn_fwd/_bwd and the
+qkv-packed pair), with fake kernels (torch.compile) and FLOP formulas for FlopCounterMode:
+4 * sum_b(Lq_b * Lk_b) * H * D forward and 2.5x that backward (causal masks are not discounted, as in
+torch's own attention formulas).
+"""
+import functools
+import importlib.util
+import inspect
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from maskdit_fast.backend import get_backend, resolve_backend
+
+ATTENTION_BACKENDS = ("torch", "triton", "flash_attn", "xformers", "cuda")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_OPTIONAL = {"flash_attn": "flash-attn (pip install flash-attn)", "xformers": "xformers (pip install xformers)"}
+
+
+def resolve_attention_backend(backend, device):
+    """Concrete attention back-end ("torch", "triton", "flash_attn" or "xformers") for `device`.
+
+    Extends maskdit_fast.backend.resolve_backend with the optional libraries; raises RuntimeError when
+    the requested one is not installed or cannot run on `device`.
+    """
+    name = backend or get_backend()
+    if name in _OPTIONAL:
+        if importlib.util.find_spec(name) is None:
+            raise RuntimeError(f"attention backend {name!r} requested but {_OPTIONAL[name]} is not installed")
+        if torch.device(device).type != "cuda":
+            raise RuntimeError(f"attention backend {name!r} needs CUDA tensors (got {device})")
+        return name
+    if name not in ("auto",) + ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto',) + ATTENTION_BACKENDS}")
+    if name == "cuda":  # no CUDA-extension attention: the Triton kernels are the fast path
+        name = "triton"
+    return resolve_backend(name, device)
+
+
+def _softmax_scale(softmax_scale, head_dim):
+    return float(head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+
+
+def _unit_last(x):
+    """The kernels index the head dim with unit stride; anything else is copied."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --------------------------------------------------------------------------------------- torch.library
+def _kernels():
+    from maskdit_fast.kernels import flash_attn  # imports triton: only when the Triton path runs
+    return flash_attn
+
+
+@torch.library.custom_op("maskdit_fast::varlen_attn_fwd", mutates_args=())
+def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().varlen_fwd(_unit_last(q), _unit_last(k), _unit_last(v), cu_seqlens_q, cu_seqlens_k,
+                                 max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+
+
+@_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("maskdit_fast::varlen_attn_bwd", mutates_args=())
+def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                   max_seqlen_k: int, softmax_scale: float,
+                   causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from maskdit_fast.kernels._common import empty
+    dq, dk, dv = (empty(x.shape, x.dtype, x.device) for x in (q, k, v))
+    _kernels().varlen_bwd(_unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), out, lse, cu_seqlens_q,
+                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_varlen_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
+                                ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+@torch.library.custom_op("maskdit_fast::varlen_attn_qkvpacked_fwd", mutates_args=())
+def _packed_fwd_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
+                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    qkv = _unit_last(qkv)
+    return _kernels().varlen_fwd(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                 softmax_scale, causal)
+
+
+@_packed_fwd_op.register_fake
+def _(qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
+    total, _, n_heads, head_dim = qkv.shape
+    return qkv.new_empty((total, n_heads, head_dim)), qkv.new_empty((n_heads, total), dtype=torch.float32)
+
+
+@torch.library.custom_op("maskdit_fast::varlen_attn_qkvpacked_bwd", mutates_args=())
+def _packed_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float, causal: bool) -> torch.Tensor:
+    qkv = _unit_last(qkv)
+    from maskdit_fast.kernels._common import empty
+    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)  # the kernels write dq, dk, dv straight into its three slices
+    _kernels().varlen_bwd(_unit_last(dout), qkv[:, 0], qkv[:, 1], qkv[:, 2], out, lse, cu_seqlens, cu_seqlens,
+                          max_seqlen, max_seqlen, softmax_scale, causal, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
+    return dqkv
+
+
+@_packed_bwd_op.register_fake
+def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_setup(ctx, inputs, output):
+    qkv, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+
+
+def _packed_backward(ctx, dout, _dlse):
+    qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    dqkv = _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal)
+    return dqkv, None, None, None, None
+
+
+_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+# ------------------------------------------------------------------------------------------ FLOP count
+def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """sum_b Lq_b * Lk_b; without real values (fake/meta tensors) the bound B * max_q * max_k."""
+    from torch._subclasses.fake_tensor import is_fake
+    if cu_seqlens_q.is_meta or is_fake(cu_seqlens_q) or cu_seqlens_k.is_meta or is_fake(cu_seqlens_k):
+        return (cu_seqlens_q.numel() - 1) * max_seqlen_q * max_seqlen_k
+    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    return int((lq * lk).sum())
+
+
+@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_fwd, get_raw=True)
+def _varlen_fwd_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args, out_val=None,
+                      **kwargs):
+    return 4 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) * q.shape[1] * q.shape[2]
+
+
+@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_bwd, get_raw=True)
+def _varlen_bwd_flops(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args,
+                      out_val=None, **kwargs):
+    return 10 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) * q.shape[1] * q.shape[2]
+
+
+@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_qkvpacked_fwd, get_raw=True)
+def _packed_fwd_flops(qkv, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs):
+    return 4 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen) * qkv.shape[2] * qkv.shape[3]
+
+
+@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_qkvpacked_bwd, get_raw=True)
+def _packed_bwd_flops(dout, qkv, out, lse, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs):
+    return 10 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen) * qkv.shape[2] * qkv.shape[3]
+
+
+# ---------------------------------------------------------------------------------------- validation
+_checked_cu = {}  # id -> (weakref, _version, total, max_seqlen): one device sync per cu_seqlens tensor
+
+
+def _check_cu_seqlens(cu, name, total, max_seqlen, device):
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise TypeError(f"{name} must be a 1-D int32 tensor [batch + 1], got {got}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen for {name} must be >= 0, got {max_seqlen}")
+    if torch.compiler.is_compiling():
+        return
+    entry = _checked_cu.get(id(cu))
+    if entry is not None and entry[0]() is cu and entry[1:] == (cu._version, total, max_seqlen):
+        return
+    lengths = cu[1:] - cu[:-1]
+    first, last = cu[0], cu[-1]
+    shortest, longest = (lengths.min(), lengths.max()) if cu.numel() > 1 else (first * 0, first * 0)
+    first, last, shortest, longest = torch.stack([first, last, shortest, longest]).tolist()
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if last != total:
+        raise ValueError(f"{name}[-1] = {last} must equal the number of tokens {total}")
+    if shortest < 0:
+        raise ValueError(f"{name} must be non-decreasing (a sequence has length {shortest})")
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} for {name} is below the longest sequence ({longest})")
+    if len(_checked_cu) > 16:
+        _checked_cu.clear()
+    _checked_cu[id(cu)] = (weakref.ref(cu), cu._version, total, max_seqlen)
+
+
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a [total_tokens, heads, head_dim] tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if q.shape[1:] != k.shape[1:] or k.shape != v.shape:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need "
+                         "equal heads and head_dim, and k, v of the same length)")
+
+
+def _check_triton_head_dim(head_dim):
+    if not _kernels().head_dim_supported(head_dim):
+        raise ValueError(f"triton attention supports head_dim % 8 == 0 in [16, 128], got {head_dim}")
+
+
+# ---------------------------------------------------------------------------------- other back-ends
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10) and whether it takes scale/window_size."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "scale" in params, "window_size" in params
+
+
+def _varlen_torch_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                         return_lse):
+    from torch.nn.attention.varlen import AuxRequest
+    varlen_attn, takes_scale, takes_window = _torch_varlen_attn()
+    kwargs = {"return_aux": AuxRequest(lse=True) if return_lse else None}
+    if takes_scale:
+        kwargs["scale"] = scale
+    else:  # torch 2.10: fixed D**-0.5; fold the requested scale into q
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if takes_window:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)
+
+
+def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, return_lse):
+    """The reference: SDPA per sequence (host loop over cu_seqlens)."""
+    outs, lses = [], []
+    for qs, qe, ks, ke in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
+                              cu_seqlens_k[1:].tolist()):
+        qi, ki, vi = (x.transpose(0, 1).unsqueeze(0) for x in (q[qs:qe], k[ks:ke], v[ks:ke]))  # [1, H, L, D]
+        lq, lk = qe - qs, ke - ks
+        mask = None
+        if causal:  # bottom-right aligned
+            mask = (torch.arange(lk, device=q.device)[None, :]
+                    <= torch.arange(lq, device=q.device)[:, None] + (lk - lq))
+        if lk == 0:
+            out = qi.new_zeros(qi.shape)
+        else:
+            out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+            if mask is not None and lq > lk:  # rows that see no key: 0 (SDPA may give NaN there)
+                out = torch.where(mask.any(-1)[:, None], out, 0.0)
+        outs.append(out[0].transpose(0, 1))
+        if return_lse:
+            with torch.no_grad():
+                s = (qi[0].float() @ ki[0].float().transpose(-1, -2)) * scale
+                if mask is not None:
+                    s = s.masked_fill(~mask, float("-inf"))
+                lse = torch.logsumexp(s, -1) if lk > 0 else s.new_full((q.shape[1], lq), float("-inf"))
+                lses.append(torch.where(lse == float("-inf"), float("inf"), lse))
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    if not return_lse:
+        return out
+    return out, (torch.cat(lses, 1) if lses else q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+def _varlen_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                       return_lse):
+    from flash_attn import flash_attn_varlen_func
+    res = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0,
+                                 softmax_scale=scale, causal=causal, return_attn_probs=return_lse)
+    return (res[0], res[1]) if return_lse else res
+
+
+def _varlen_xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal):
+    from xformers.ops import fmha
+    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    bias_cls = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask if causal else fmha.attn_bias.BlockDiagonalMask
+    bias = bias_cls.from_seqlens(q_seqlen=lq, kv_seqlen=lk)
+    return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)[0]
+
+
+# ----------------------------------------------------------------------------------------- public API
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                     causal=False, *, return_lse=False, backend=None):
+    """Attention over packed variable-length sequences (drop-in for flash-attn's flash_attn_varlen_func).
+
+    Args:
+        q: [total_q, H, D] float16/bfloat16/float32 (unit stride on D; other strides are free, e.g. a
+            slice of a packed qkv).
+        k, v: [total_k, H, D], same dtype and device.
+        cu_seqlens_q, cu_seqlens_k: int32 [B+1], 0 = c[0] <= c[1] <= ... <= c[B] = total; sequence b is
+            tokens c[b]:c[b+1] (zero-length sequences allowed). Checked once per tensor (one device sync;
+            re-checked when modified in place).
+        max_seqlen_q, max_seqlen_k: Python ints >= the longest sequence (size the launch grid only).
+        softmax_scale: defaults to D ** -0.5.
+        causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
+        return_lse: also return the log-sum-exp (natural log, float32) in flash-attn's varlen layout
+            [H, total_q]; +inf for rows that see no key. Not differentiable. Not available with "xformers".
+        backend: see the module docstring; None uses the global default.
+    Returns:
+        out [total_q, H, D] in q's dtype (rows that see no key are 0), or (out, lse).
+    """
+    _check_qkv(q, k, v)
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k hold different batch sizes "
+                         f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})")
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    name = resolve_attention_backend(backend, q.device)
+    if name == "triton":
+        _check_triton_head_dim(q.shape[-1])
+        out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                  scale, bool(causal))
+        return (out, lse) if return_lse else out
+    if name == "flash_attn":
+        return _varlen_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                                  return_lse)
+    if name == "xformers":
+        if return_lse:
+            raise ValueError("return_lse is not supported with the 'xformers' attention backend")
+        return _varlen_xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
+    if q.is_cuda and q.dtype != torch.float32 and _torch_varlen_attn() is not None:
+        return _varlen_torch_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                                    return_lse)
+    return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, return_lse)
+
+
+def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, *,
+                               return_lse=False, backend=None):
+    """Self-attention over packed sequences with q, k, v in one tensor (flash_attn_varlen_qkvpacked_func).
+
+    Args:
+        qkv: [total, 3, H, D] (e.g. the qkv Linear output viewed as [total, 3, H, D]); with "triton" the
+            gradient is written straight into one [total, 3, H, D] tensor (no split/concat copies).
+        cu_seqlens: int32 [B+1]; max_seqlen: int. Others as for varlen_attention.
+    Returns:
+        out [total, H, D], or (out, lse [H, total]) with return_lse.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be [total, 3, heads, head_dim], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    name = resolve_attention_backend(backend, qkv.device)
+    if name != "triton":
+        return varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                softmax_scale, causal, return_lse=return_lse, backend=name)
+    _check_qkv(qkv[:, 0], qkv[:, 1], qkv[:, 2])
+    _check_cu_seqlens(cu_seqlens, "cu_seqlens", qkv.shape[0], max_seqlen, qkv.device)
+    _check_triton_head_dim(qkv.shape[-1])
+    out, lse = _packed_fwd_op(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
+                              bool(causal))
+    return (out, lse) if return_lse else out
 
 
 def attention_ref(q, k, v, softmax_scale=None):
@@ -11,17 +408,61 @@ def attention_ref(q, k, v, softmax_scale=None):
     return out.transpose(1, 2)
 
 
+def _dense_cu_seqlens(batch, length, device):
+    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+
+
 def attention(q, k, v, softmax_scale=None, *, backend=None):
-    """Dense multi-head attention.
+    """Dense multi-head attention (no mask).
 
     Args:
-        q, k, v: [B, L, H, D] (k, v may have another length Lk).
+        q: [B, L, H, D]; k, v: [B, Lk, H, D]. May be non-contiguous views (e.g. slices of a qkv Linear
+            output reshaped [B, L, 3, H, D]): "triton" reads them in place when the batch and token dims
+            merge into one stride (true for such slices), else copies.
         softmax_scale: defaults to D ** -0.5.
-        backend: "torch" | "triton" | "auto" | None (global default).
+        backend: see the module docstring ("torch" is SDPA exactly).
     Returns:
         [B, L, H, D].
     """
-    name = resolve_backend(backend, q.device)
+    name = resolve_attention_backend(backend, q.device)
     if name == "torch":
         return attention_ref(q, k, v, softmax_scale)
-    raise NotImplementedError(f"attention: backend {name!r} not implemented yet")
+    if name == "flash_attn":
+        from flash_attn import flash_attn_func
+        return flash_attn_func(q, k, v, softmax_scale=softmax_scale)
+    if name == "xformers":
+        from xformers.ops import memory_efficient_attention
+        return memory_efficient_attention(q, k, v, scale=softmax_scale)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[0] != q.shape[0]:
+        raise ValueError(f"attention expects q [B, L, H, D], k, v [B, Lk, H, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    (batch, length, n_heads, head_dim), length_k = q.shape, k.shape[1]
+    qf, kf, vf = q.reshape(batch * length, n_heads, head_dim), k.flatten(0, 1), v.flatten(0, 1)
+    _check_qkv(qf, kf, vf)
+    _check_triton_head_dim(head_dim)
+    out, _ = _varlen_fwd_op(qf, kf, vf, _dense_cu_seqlens(batch, length, q.device),
+                            _dense_cu_seqlens(batch, length_k, q.device), length, length_k,
+                            _softmax_scale(softmax_scale, head_dim), False)
+    return out.view(batch, length, n_heads, head_dim)
+
+
+def attention_qkvpacked(qkv, softmax_scale=None, *, backend=None):
+    """Dense self-attention from a packed qkv [B, L, 3, H, D] (the qkv Linear output, reshaped).
+
+    With "triton" the backward writes one [B, L, 3, H, D] gradient directly (no per-slice copies).
+    Returns [B, L, H, D].
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be [B, L, 3, heads, head_dim], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    name = resolve_attention_backend(backend, qkv.device)
+    if name != "triton":
+        q, k, v = qkv.unbind(2)
+        return attention(q, k, v, softmax_scale, backend=name)
+    batch, length, _, n_heads, head_dim = qkv.shape
+    flat = qkv.reshape(batch * length, 3, n_heads, head_dim)
+    _check_qkv(flat[:, 0], flat[:, 1], flat[:, 2])
+    _check_triton_head_dim(head_dim)
+    out, _ = _packed_fwd_op(flat, _dense_cu_seqlens(batch, length, qkv.device), length,
+                            _softmax_scale(softmax_scale, head_dim), False)
+    return out.view(batch, length, n_heads, head_dim)

@@ -1,0 +1,467 @@
+"""Variable-length FlashAttention-2 forward and backward in Triton.
+
+Layout (flash-attn's varlen layout): q [total_q, H, D], k, v [total_k, H, D] with any token/head
+strides and unit stride on D (so the slices of a packed qkv [total, 3, H, D] need no copy); sequence b
+owns tokens cu_seqlens[b]:cu_seqlens[b+1] (int32, [B+1]). Output [total_q, H, D] in q's dtype and
+lse [H, total_q] float32 (natural log). A query row that sees no key (empty key sequence, or causal with
+Lq > Lk) gets output 0 and lse +inf, as in flash-attn.
+
+Causal masking is aligned to the bottom-right corner (flash-attn >= 2.1): query i of a sequence attends
+key j iff j <= i + Lk - Lq.
+
+Kernels: forward with the online softmax (log2 domain, deferred normalisation); backward recomputes P
+from the saved lse: one kernel per key block for dK/dV (iterating over query blocks) and one per query
+block for dQ (iterating over key blocks), so there are no atomics. Both grids are
+(blocks of max_seqlen, H, B); max_seqlen and the lengths are runtime values (no recompiles for new
+lengths). Loops first run the key/query blocks that need no mask, then the few boundary blocks.
+
+Head dim: tl.arange needs powers of two, and tl.dot needs K, N >= 16, so D is split into two
+power-of-two chunks D = DA + DB' with DA the largest power of two <= D and DB' >= 16 the next power of
+two >= D - DA (masked loads fill the gap with zeros); every dot runs once per chunk. The dot products
+then cost (DA + DB') / D: 72 -> 64 + 16 = 80 (1.11x, against 128/72 = 1.78x for padding to the next
+power of two); 64, 80 (64 + 16), 96 (64 + 32) and 128 are exact.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from maskdit_fast.backend import triton_interpreted
+from maskdit_fast.kernels._common import empty
+
+LOG2E = 1.4426950408889634
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+
+
+def split_head_dim(head_dim):
+    """(DA, DB): the two power-of-two chunks the kernels use for `head_dim` (DB = 0: no second chunk)."""
+    da = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - da
+    return da, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
+
+
+def head_dim_supported(head_dim):
+    """The kernels take D % 8 == 0 with 16 <= D <= 128."""
+    return head_dim % 8 == 0 and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM
+
+
+@triton.jit
+def _load_rows(base, offs_row, stride_row, offs_d, row_mask, HEAD_DIM: tl.constexpr, CHUNK_END: tl.constexpr,
+               MASK_ROWS: tl.constexpr, UPCAST: tl.constexpr):
+    """Loads a [rows, chunk] tile; columns >= HEAD_DIM (a padded chunk) and masked rows read as 0."""
+    ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :]
+    if CHUNK_END > HEAD_DIM:
+        mask = offs_d[None, :] < HEAD_DIM
+        if MASK_ROWS:
+            mask = mask & row_mask[:, None]
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    elif MASK_ROWS:
+        x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _seq_bounds(CU, b):
+    start = tl.load(CU + b)
+    return start, tl.load(CU + b + 1) - start
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_kv_block(acc_a, acc_b, l_i, m_i, qa, qb, k_base, v_base, stride_kt, stride_vt, start_n, k_len,
+                  offs_m, shift, qk_scale, offs_n, offs_da, offs_db,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
+                  DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_k = start_n + offs_n
+    k_mask = offs_k < k_len
+    ka = _load_rows(k_base, offs_k, stride_kt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
+    s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+    if DB > 0:
+        kb = _load_rows(k_base, offs_k, stride_kt, offs_db, k_mask, HEAD_DIM, DA + DB, MASK, UPCAST)
+        s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+    s = s * qk_scale
+    if MASK:
+        valid = k_mask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_k[None, :] <= offs_m[:, None] + shift)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = m_new
+    if MASK:  # a row with no valid key so far keeps m = -inf: shift it by 0 instead (no inf - inf NaN)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    va = _load_rows(v_base, offs_k, stride_vt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
+    acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=PRECISION)
+    if DB > 0:
+        vb = _load_rows(v_base, offs_k, stride_vt, offs_db, k_mask, HEAD_DIM, DA + DB, MASK, UPCAST)
+        acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=PRECISION)
+    return acc_a, acc_b, l_i, m_new
+
+
+@triton.jit
+def _causal_ranges(m0, k_len, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For query rows [m0, m0 + BLOCK_M): key blocks [0, n_full) need no mask, [n_full, hi) do."""
+    n_full = k_len // BLOCK_N * BLOCK_N
+    hi = k_len
+    if CAUSAL:
+        # every row of the block sees keys j <= m0 + shift; the last row sees j <= m0 + BLOCK_M - 1 + shift
+        n_full = tl.minimum(n_full, tl.maximum(m0 + shift + 1, 0) // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(hi, tl.maximum(m0 + BLOCK_M + shift, 0))
+    return n_full, hi
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                stride_lse_h, qk_scale, SEQ_BUCKET,
+                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    k_start, k_len = _seq_bounds(CU_K, b)
+    shift = k_len - q_len
+    # int64 sequence offsets: total_tokens * token_stride may exceed 2**31
+    q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
+    k_base = K + k_start.to(tl.int64) * stride_kt + h * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + h * stride_vh
+    o_base = O + q_start.to(tl.int64) * stride_ot + h * stride_oh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_da = tl.arange(0, DA)
+    offs_db = DA + tl.arange(0, 16 if DB == 0 else DB)
+    m_mask = offs_m < q_len
+    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
+    qb = qa
+    if DB > 0:
+        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
+    acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, 16 if DB == 0 else DB], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+
+    n_full, hi = _causal_ranges(m0, k_len, shift, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, n_full, BLOCK_N):
+        acc_a, acc_b, l_i, m_i = _fwd_kv_block(
+            acc_a, acc_b, l_i, m_i, qa, qb, k_base, v_base, stride_kt, stride_vt, start_n, k_len, offs_m, shift,
+            qk_scale, offs_n, offs_da, offs_db, False, CAUSAL, HEAD_DIM, DA, DB, UPCAST, PRECISION)
+    for start_n in range(n_full, hi, BLOCK_N):
+        acc_a, acc_b, l_i, m_i = _fwd_kv_block(
+            acc_a, acc_b, l_i, m_i, qa, qb, k_base, v_base, stride_kt, stride_vt, start_n, k_len, offs_m, shift,
+            qk_scale, offs_n, offs_da, offs_db, True, CAUSAL, HEAD_DIM, DA, DB, UPCAST, PRECISION)
+
+    empty = l_i == 0.0  # row saw no key: output 0, lse +inf
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    tl.store(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_m, lse, mask=m_mask)
+    o_ptrs = o_base + offs_m[:, None] * stride_ot
+    tl.store(o_ptrs + offs_da[None, :], (acc_a * inv_l[:, None]).to(O.dtype.element_ty), mask=m_mask[:, None])
+    if DB > 0:
+        tl.store(o_ptrs + offs_db[None, :], (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_db[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, total_q, stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
+                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (fp32)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t[:, None] < total_q) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_t.to(tl.int64)[:, None]
+    o = tl.load(O + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + h.to(tl.int64) * stride_delta_h + offs_t, tl.sum(o * do, 1), mask=offs_t < total_q)
+
+
+@triton.jit
+def _dkdv_q_block(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base,
+                  stride_qt, stride_dot, start_m, q_len, offs_n, shift, qk_scale, offs_da, offs_db,
+                  MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                  BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    # rows past the sequence read lse = +inf, so their P (and dS) are exactly 0
+    lse2 = tl.load(lse_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
+    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
+    doa = _load_rows(do_base, offs_m, stride_dot, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
+    s_t = tl.dot(ka, tl.trans(qa), input_precision=PRECISION)
+    if DB > 0:
+        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
+        dob = _load_rows(do_base, offs_m, stride_dot, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
+        s_t += tl.dot(kb, tl.trans(qb), input_precision=PRECISION)
+    p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+    if MASK:  # causal (bottom-right): key j is seen by query i iff j <= i + shift
+        p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
+    dv_a = tl.dot(p_t.to(doa.dtype), doa, dv_a, input_precision=PRECISION)
+    dp_t = tl.dot(va, tl.trans(doa), input_precision=PRECISION)
+    if DB > 0:
+        dv_b = tl.dot(p_t.to(dob.dtype), dob, dv_b, input_precision=PRECISION)
+        dp_t += tl.dot(vb, tl.trans(dob), input_precision=PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(qa.dtype)
+    dk_a = tl.dot(ds_t, qa, dk_a, input_precision=PRECISION)
+    if DB > 0:
+        dk_b = tl.dot(ds_t, qb, dk_b, input_precision=PRECISION)
+    return dk_a, dk_b, dv_a, dv_b
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h, qk_scale, sm_scale, SEQ_BUCKET,
+                     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    k_start, k_len = _seq_bounds(CU_K, b)
+    n0 = pid_n * BLOCK_N
+    if n0 >= k_len:
+        return
+    q_start, q_len = _seq_bounds(CU_Q, b)
+    shift = k_len - q_len
+    q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
+    do_base = DO + q_start.to(tl.int64) * stride_dot + h * stride_doh
+    lse_base = LSE + h.to(tl.int64) * stride_lse_h + q_start
+    delta_base = DELTA + h.to(tl.int64) * stride_lse_h + q_start
+    k_base = K + k_start.to(tl.int64) * stride_kt + h * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + h * stride_vh
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_da = tl.arange(0, DA)
+    offs_db = DA + tl.arange(0, 16 if DB == 0 else DB)
+    n_mask = offs_n < k_len
+    # keys past the sequence load as 0; their dK/dV rows are garbage-free of other rows and not stored
+    ka = _load_rows(k_base, offs_n, stride_kt, offs_da, n_mask, HEAD_DIM, DA, True, UPCAST)
+    va = _load_rows(v_base, offs_n, stride_vt, offs_da, n_mask, HEAD_DIM, DA, True, UPCAST)
+    kb = ka
+    vb = va
+    if DB > 0:
+        kb = _load_rows(k_base, offs_n, stride_kt, offs_db, n_mask, HEAD_DIM, DA + DB, True, UPCAST)
+        vb = _load_rows(v_base, offs_n, stride_vt, offs_db, n_mask, HEAD_DIM, DA + DB, True, UPCAST)
+    dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+    dv_a = tl.zeros([BLOCK_N, DA], tl.float32)
+    dk_b = tl.zeros([BLOCK_N, 16 if DB == 0 else DB], tl.float32)
+    dv_b = tl.zeros([BLOCK_N, 16 if DB == 0 else DB], tl.float32)
+
+    m_full = 0
+    if CAUSAL:
+        # queries i >= n0 - shift see some key of the block; i >= n0 + BLOCK_N - 1 - shift see all of them
+        lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
+        m_full = tl.maximum((tl.maximum(n0 + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo)
+        for start_m in range(lo, tl.minimum(m_full, q_len), BLOCK_M):
+            dk_a, dk_b, dv_a, dv_b = _dkdv_q_block(
+                dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base, stride_qt,
+                stride_dot, start_m, q_len, offs_n, shift, qk_scale, offs_da, offs_db,
+                True, HEAD_DIM, DA, DB, BLOCK_M, UPCAST, PRECISION)
+    for start_m in range(m_full, q_len, BLOCK_M):
+        dk_a, dk_b, dv_a, dv_b = _dkdv_q_block(
+            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base, stride_qt,
+            stride_dot, start_m, q_len, offs_n, shift, qk_scale, offs_da, offs_db,
+            False, HEAD_DIM, DA, DB, BLOCK_M, UPCAST, PRECISION)
+
+    dk_ptrs = DK + k_start.to(tl.int64) * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt
+    dv_ptrs = DV + k_start.to(tl.int64) * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt
+    tl.store(dk_ptrs + offs_da[None, :], (dk_a * sm_scale).to(DK.dtype.element_ty), mask=n_mask[:, None])
+    tl.store(dv_ptrs + offs_da[None, :], dv_a.to(DV.dtype.element_ty), mask=n_mask[:, None])
+    if DB > 0:
+        mask_b = n_mask[:, None] & (offs_db[None, :] < HEAD_DIM)
+        tl.store(dk_ptrs + offs_db[None, :], (dk_b * sm_scale).to(DK.dtype.element_ty), mask=mask_b)
+        tl.store(dv_ptrs + offs_db[None, :], dv_b.to(DV.dtype.element_ty), mask=mask_b)
+
+
+@triton.jit
+def _dq_kv_block(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, stride_kt, stride_vt, start_n,
+                 k_len, offs_m, shift, qk_scale, offs_n, offs_da, offs_db,
+                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
+                 DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_k = start_n + offs_n
+    k_mask = offs_k < k_len
+    ka = _load_rows(k_base, offs_k, stride_kt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
+    va = _load_rows(v_base, offs_k, stride_vt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
+    s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+    dp = tl.dot(doa, tl.trans(va), input_precision=PRECISION)
+    if DB > 0:
+        kb = _load_rows(k_base, offs_k, stride_kt, offs_db, k_mask, HEAD_DIM, DA + DB, MASK, UPCAST)
+        vb = _load_rows(v_base, offs_k, stride_vt, offs_db, k_mask, HEAD_DIM, DA + DB, MASK, UPCAST)
+        s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+        dp += tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASK:
+        valid = k_mask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_k[None, :] <= offs_m[:, None] + shift)
+        p = tl.where(valid, p, 0.0)
+    ds = (p * (dp - delta[:, None])).to(ka.dtype)
+    dq_a = tl.dot(ds, ka, dq_a, input_precision=PRECISION)
+    if DB > 0:
+        dq_b = tl.dot(ds, kb, dq_b, input_precision=PRECISION)
+    return dq_a, dq_b
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dqt, stride_dqh, stride_lse_h, qk_scale, sm_scale, SEQ_BUCKET,
+                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    k_start, k_len = _seq_bounds(CU_K, b)
+    shift = k_len - q_len
+    q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
+    do_base = DO + q_start.to(tl.int64) * stride_dot + h * stride_doh
+    k_base = K + k_start.to(tl.int64) * stride_kt + h * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + h * stride_vh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_da = tl.arange(0, DA)
+    offs_db = DA + tl.arange(0, 16 if DB == 0 else DB)
+    m_mask = offs_m < q_len
+    lse2 = tl.load(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_m, mask=m_mask, other=float("inf"))
+    lse2 = lse2 * 1.4426950408889634
+    delta = tl.load(DELTA + h.to(tl.int64) * stride_lse_h + q_start + offs_m, mask=m_mask, other=0.0)
+    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
+    doa = _load_rows(do_base, offs_m, stride_dot, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
+    qb = qa
+    dob = doa
+    if DB > 0:
+        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
+        dob = _load_rows(do_base, offs_m, stride_dot, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
+    dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
+    dq_b = tl.zeros([BLOCK_M, 16 if DB == 0 else DB], tl.float32)
+
+    n_full, hi = _causal_ranges(m0, k_len, shift, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, n_full, BLOCK_N):
+        dq_a, dq_b = _dq_kv_block(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+                                  start_n, k_len, offs_m, shift, qk_scale, offs_n, offs_da, offs_db,
+                                  False, CAUSAL, HEAD_DIM, DA, DB, UPCAST, PRECISION)
+    for start_n in range(n_full, hi, BLOCK_N):
+        dq_a, dq_b = _dq_kv_block(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+                                  start_n, k_len, offs_m, shift, qk_scale, offs_n, offs_da, offs_db,
+                                  True, CAUSAL, HEAD_DIM, DA, DB, UPCAST, PRECISION)
+
+    dq_ptrs = DQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt
+    tl.store(dq_ptrs + offs_da[None, :], (dq_a * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None])
+    if DB > 0:
+        tl.store(dq_ptrs + offs_db[None, :], (dq_b * sm_scale).to(DQ.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_db[None, :] < HEAD_DIM))
+
+
+# ------------------------------------------------------------------------------------------------ launch
+def _configs(pairs):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+# Candidates from the Triton fused-attention tutorial / FA2 on A100-H100 for D <= 128; the autotuner
+# drops configs that do not fit (shared memory) and picks per (D, causal, dtype, power-of-two max_seqlen).
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
+_fwd_tuned = triton.autotune(_configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
+                                       (64, 32, 4, 4)]), key=_TUNE_KEY)(_fwd_kernel)
+_dkdv_tuned = triton.autotune(_configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                                        (16, 64, 4, 4)]), key=_TUNE_KEY)(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+                                      (64, 16, 4, 4)]), key=_TUNE_KEY)(_bwd_dq_kernel)
+# Under the interpreter: the smallest tiles tl.dot allows, M != N to catch mixed-up block roles.
+_INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+def _launch(name, tuned, raw, grid_len, n_batch, n_heads, args, meta):
+    """Runs the autotuned kernel on a GPU, or the raw one with fixed small tiles under the interpreter."""
+    if triton_interpreted():
+        block_m, block_n = _INTERPRETER_BLOCKS[name]
+        tile = block_m if name != "dkdv" else block_n
+        raw[(triton.cdiv(grid_len, tile), n_heads, n_batch)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+        return
+
+    def grid(m):
+        return triton.cdiv(grid_len, m["BLOCK_N" if name == "dkdv" else "BLOCK_M"]), n_heads, n_batch
+    tuned[grid](*args, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(head_dim, dtype, causal, allow_tf32):
+    da, db = split_head_dim(head_dim)
+    interp = triton_interpreted()
+    # fp32 inputs: full-precision dots unless torch allows TF32 matmuls (same switch as torch.matmul)
+    precision = "tf32" if dtype != torch.float32 or allow_tf32 else "ieee"
+    return dict(CAUSAL=causal, HEAD_DIM=head_dim, DA=da, DB=db, UPCAST=interp and dtype == torch.bfloat16,
+                PRECISION=precision)
+
+
+def _common(q, causal):
+    return _meta(q.shape[-1], q.dtype, bool(causal), torch.backends.cuda.matmul.allow_tf32)
+
+
+def _max_grid_batch(cu_seqlens):
+    n_batch = cu_seqlens.numel() - 1
+    if n_batch > 65535:
+        raise ValueError(f"varlen attention: at most 65535 sequences per call, got {n_batch}")
+    return n_batch
+
+
+def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    """Forward. q [Tq, H, D], k, v [Tk, H, D] (unit stride on D), cu_seqlens int32 [B+1] (validated by the
+    caller) -> (out [Tq, H, D] contiguous in q's dtype, lse [H, Tq] fp32)."""
+    total_q, n_heads, _ = q.shape
+    out = empty(q.shape, q.dtype, q.device)
+    lse = empty((n_heads, total_q), torch.float32, q.device)
+    n_batch = _max_grid_batch(cu_seqlens_q)
+    if total_q == 0 or n_batch == 0 or max_seqlen_q == 0:
+        return out, lse
+    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2E,
+            triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k)))
+    _launch("fwd", _fwd_tuned, _fwd_kernel, max_seqlen_q, n_batch, n_heads, args, _common(q, causal))
+    return out, lse
+
+
+def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+               causal, dq, dk, dv):
+    """Backward into preallocated dq [Tq, H, D], dk, dv [Tk, H, D] (any strides with unit stride on D, e.g.
+    slices of one dqkv buffer). Inputs as for varlen_fwd plus dout, out [Tq, H, D] and lse [H, Tq]."""
+    total_q, n_heads, head_dim = q.shape
+    n_batch = _max_grid_batch(cu_seqlens_q)
+    if n_batch == 0 or (total_q == 0 and k.shape[0] == 0):
+        return
+    delta = empty(lse.shape, torch.float32, lse.device)
+    if total_q > 0:
+        block_t = 64
+        _bwd_delta_kernel[(triton.cdiv(total_q, block_t), n_heads)](
+            out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+            HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim))
+    meta = _common(q, causal)
+    bucket = triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k))
+    common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+              dout.stride(0), dout.stride(1))
+    if max_seqlen_k > 0:
+        _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, max_seqlen_k, n_batch, n_heads,
+                (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *common, dk.stride(0),
+                 dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), softmax_scale * LOG2E, softmax_scale,
+                 bucket), meta)
+    if max_seqlen_q > 0:
+        _launch("dq", _dq_tuned, _bwd_dq_kernel, max_seqlen_q, n_batch, n_heads,
+                (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common, dq.stride(0), dq.stride(1),
+                 lse.stride(0), softmax_scale * LOG2E, softmax_scale, bucket), meta)

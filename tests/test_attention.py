@@ -1,0 +1,238 @@
+"""Variable-length FlashAttention (maskdit_fast.ops.varlen_attention & co.) against a float64 reference.
+
+On CPU the Triton kernels run under the interpreter (tests/conftest.py), with tiny shapes."""
+import importlib
+import math
+
+import pytest
+import torch
+
+from maskdit_fast import ops
+from maskdit_fast.kernels._common import poisoned
+attn_mod = importlib.import_module("maskdit_fast.ops.attention")
+
+HEAD_DIMS = (64, 72, 80, 96, 128)
+ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def cu(lengths, device="cpu"):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def ref_varlen(q, k, v, cu_q, cu_k, scale, causal, dtype=torch.float64):
+    """softmax(q k^T * scale) v per sequence computed in `dtype` (bottom-right causal); rows with no key -> 0,
+    lse +inf. float64: the reference; the inputs' dtype: PyTorch's own math in low precision, as SDPA's math
+    back-end does it on a GPU (the CPU SDPA kernel accumulates in fp32 and only rounds its outputs, while
+    FlashAttention also rounds P and O, the latter entering dQ/dK through delta = rowsum(dO * O))."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    outs, lses = [], []
+    for b in range(cu_q.numel() - 1):
+        qs, qe, ks, ke = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
+        s = torch.einsum("ihd,jhd->hij", q[qs:qe], k[ks:ke]) * scale
+        if causal:
+            i = torch.arange(qe - qs)[:, None]
+            j = torch.arange(ke - ks)[None, :]
+            s = s.masked_fill(j > i + (ke - ks) - (qe - qs), -math.inf)
+        lse = torch.logsumexp(s, -1) if ke > ks else s.new_full(s.shape[:2], -math.inf)
+        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: exp(-inf - -inf)
+        outs.append(torch.einsum("hij,jhd->ihd", p, v[ks:ke]))
+        lses.append(torch.where(lse == -math.inf, math.inf, lse))
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def run(fn, inputs, dout):
+    """Calls fn on fresh leaves (NaN-poisoned kernel buffers), returns (out, lse, grads)."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    with poisoned():
+        out, lse = fn(*leaves)
+        out.backward(dout.to(out.dtype))
+    return out.detach(), lse, [x.grad for x in leaves]
+
+
+def check_close(name, got, want, torch_err, dtype):
+    err = max_err(got, want)
+    atol = ATOL[dtype] * max(1.0, want.abs().max().item() if want.numel() else 0.0)
+    assert err <= 2 * torch_err + atol, f"{name}: error {err:.3g} vs torch's own {torch_err:.3g}"
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# every head dim in fp32 and in a low precision; both low precisions at 72 (DiT-XL); causal alternating
+CASES = [(64, F32, False), (72, F32, True), (80, F32, False), (96, F32, True), (128, F32, False),
+         (64, BF16, True), (72, F16, True), (72, BF16, False), (80, F16, False), (96, F16, False),
+         (128, BF16, True)]
+TORCH_TOL = {F32: 1e-4, F16: 1e-2, BF16: 6e-2}  # loose: the "torch" back-end is torch's own kernels
+
+
+@pytest.mark.parametrize("head_dim,dtype,causal", CASES)
+def test_varlen_forward_backward_match_float64(head_dim, dtype, causal):
+    gen = torch.Generator().manual_seed(head_dim)
+    # lengths include 0 and 1, Lq != Lk (bottom-right causal, rows without keys when Lq > Lk), > 1 block
+    lq = [1, 0, 3] + torch.randint(2, 40, (2,), generator=gen).tolist()
+    lk = [1, 4, 0] + torch.randint(2, 40, (2,), generator=gen).tolist()
+    cu_q, cu_k = cu(lq), cu(lk)
+    heads, scale = 1 + causal, 0.37  # the packed and dense tests cover H = 2 too
+    q = torch.randn(sum(lq), heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(sum(lk), heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(sum(lk), heads, head_dim, generator=gen).to(dtype)
+    dout = torch.randn(sum(lq), heads, head_dim, generator=gen).to(dtype)
+
+    def call(backend):
+        return lambda q, k, v: ops.varlen_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal,
+                                                    return_lse=True, backend=backend)
+
+    want_out, want_lse, want_grads = run(lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, scale, causal),
+                                         [q.double(), k.double(), v.double()], dout)
+    out, lse, grads = run(call("triton"), [q, k, v], dout)
+    m_out, _, m_grads = run(lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, scale, causal, dtype), [q, k, v],
+                            dout)
+    t_out, t_lse, t_grads = run(call("torch"), [q, k, v], dout)
+
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (heads, sum(lq))
+    assert torch.equal(lse.isinf(), want_lse.isinf()) and torch.equal(t_lse.isinf(), want_lse.isinf())
+    finite = want_lse.isfinite()
+    assert max_err(lse[finite], want_lse[finite]) <= 1e-4
+    check_close("out", out, want_out, max_err(m_out, want_out), dtype)
+    for name, g, m, w in zip("qkv", grads, m_grads, want_grads):
+        check_close(f"d{name}", g, w, max_err(m, w), dtype)
+    for t, w in zip([t_out, *t_grads], [want_out, *want_grads]):  # the "torch" back-end's masks and layout
+        torch.testing.assert_close(t.double(), w, atol=TORCH_TOL[dtype], rtol=TORCH_TOL[dtype])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_qkvpacked_matches_unpacked(causal):
+    gen = torch.Generator().manual_seed(1)
+    lengths = [17, 0, 1, 33]
+    cu_s, heads, head_dim = cu(lengths), 2, 72
+    # the qkv Linear output [total, 3 * H * D] viewed as [total, 3, H, D]
+    qkv = torch.randn(sum(lengths), 3 * heads * head_dim, generator=gen).view(-1, 3, heads, head_dim)
+    dout = torch.randn(sum(lengths), heads, head_dim, generator=gen)
+    out, lse, (dqkv,) = run(lambda x: ops.varlen_attention_qkvpacked(x, cu_s, max(lengths), causal=causal,
+                                                                     return_lse=True, backend="triton"),
+                            [qkv], dout)
+    want_out, want_lse, (want_dqkv,) = run(
+        lambda x: ref_varlen(x[:, 0], x[:, 1], x[:, 2], cu_s, cu_s, head_dim ** -0.5, causal), [qkv], dout)
+    assert max_err(out, want_out) <= 1e-5 and max_err(dqkv, want_dqkv) <= 1e-4
+    assert dqkv.shape == qkv.shape and torch.equal(lse.isinf(), want_lse.isinf())
+
+
+def test_dense_attention_from_qkv_views():
+    gen = torch.Generator().manual_seed(2)
+    batch, length, heads, head_dim = 2, 19, 2, 80
+    qkv = torch.randn(batch, length, 3 * heads * head_dim, generator=gen).view(batch, length, 3, heads, head_dim)
+
+    def grads(fn):
+        x = qkv.clone().requires_grad_()
+        with poisoned():
+            out = fn(x)
+            out.float().pow(2).sum().backward()
+        return out.detach(), x.grad
+
+    want = grads(lambda x: ops.attention_ref(*x.double().unbind(2)))
+    for fn in (lambda x: ops.attention(*x.unbind(2), backend="triton"),  # strided views, read in place
+               lambda x: ops.attention_qkvpacked(x, backend="triton"),
+               lambda x: ops.attention(*x.unbind(2), backend="torch")):
+        got = grads(fn)
+        assert max_err(got[0], want[0]) <= 1e-5 and max_err(got[1], want[1]) <= 1e-4
+
+
+def test_dense_cross_attention_and_scale():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 9, 1, 64, generator=gen, dtype=torch.float16)
+    k, v = (torch.randn(2, 21, 1, 64, generator=gen, dtype=torch.float16) for _ in range(2))
+    want = ops.attention_ref(q.double(), k.double(), v.double(), 0.2)
+    got = ops.attention(q, k, v, 0.2, backend="triton")
+    assert got.shape == q.shape and max_err(got, want) <= 2e-3
+
+
+def test_expanded_grad_and_empty_batch():
+    q = torch.randn(5, 1, 64, requires_grad=True)
+    out = ops.varlen_attention(q, q, q, cu([5]), cu([5]), 5, 5, backend="triton")
+    out.sum().backward()  # dout is an expanded (stride 0) tensor
+    q2 = q.detach().double().requires_grad_()
+    ref_varlen(q2, q2, q2, cu([5]), cu([5]), 64 ** -0.5, False)[0].sum().backward()
+    assert max_err(q.grad, q2.grad) <= 1e-4
+    empty = torch.zeros(0, 2, 64)
+    assert ops.varlen_attention(empty, empty, empty, cu([0, 0]), cu([0, 0]), 0, 0, backend="triton").shape == (0, 2, 64)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(4)
+    cu_q, cu_k = cu([3, 0, 18]), cu([5, 2, 18])
+    q = torch.randn(21, 2, 72, generator=gen)
+    k, v = (torch.randn(25, 2, 72, generator=gen) for _ in range(2))
+    q.requires_grad_()
+    out, lse = attn_mod._varlen_fwd_op(q, k, v, cu_q, cu_k, 18, 18, 0.3, True)
+    torch.library.opcheck(attn_mod._varlen_fwd_op, (q, k, v, cu_q, cu_k, 18, 18, 0.3, True))
+    torch.library.opcheck(attn_mod._varlen_bwd_op, (torch.randn_like(out), q.detach(), k, v, out.detach(), lse,
+                                                    cu_q, cu_k, 18, 18, 0.3, True))
+    qkv = torch.randn(21, 3, 2, 64, generator=gen, requires_grad=True)
+    torch.library.opcheck(attn_mod._packed_fwd_op, (qkv, cu_q, 18, 0.125, False))
+
+
+def test_flop_counter_sees_attention():
+    from torch.utils.flop_counter import FlopCounterMode
+    lq, lk, heads, head_dim = [3, 0, 7], [2, 5, 9], 2, 64
+    q = torch.randn(sum(lq), heads, head_dim, requires_grad=True)
+    k, v = (torch.randn(sum(lk), heads, head_dim) for _ in range(2))
+    with FlopCounterMode(display=False) as counter:
+        ops.varlen_attention(q, k, v, cu(lq), cu(lk), 7, 9, backend="triton").sum().backward()
+    pairs = sum(a * b for a, b in zip(lq, lk))
+    assert counter.get_total_flops() == 4 * pairs * heads * head_dim * 3.5  # forward + 2.5x backward
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(6, 2, 64)
+    good = cu([2, 4])
+
+    def call(q=q, k=q, v=q, cu_q=good, cu_k=good, max_q=4, backend="triton"):
+        return ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, 4, backend=backend)
+
+    with pytest.raises(TypeError, match="int32"):
+        call(cu_q=good.long())
+    with pytest.raises(ValueError, match="non-decreasing"):
+        call(cu_q=torch.tensor([0, 5, 4, 6], dtype=torch.int32), max_q=8)
+    with pytest.raises(ValueError, match="must equal the number of tokens"):
+        call(cu_q=torch.tensor([0, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[0\] must be 0"):
+        call(cu_q=torch.tensor([1, 2, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="below the longest"):
+        call(max_q=3)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        call(k=torch.randn(6, 2, 72), v=torch.randn(6, 2, 72))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        call(k=q.half(), v=q.half())
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        call(q=q.double(), k=q.double(), v=q.double())
+    with pytest.raises(ValueError, match="devices differ"):
+        call(k=q.to("meta"), v=q.to("meta"))
+    with pytest.raises(ValueError, match="head_dim"):
+        call(q=torch.randn(6, 2, 36), k=torch.randn(6, 2, 36), v=torch.randn(6, 2, 36))
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.attention(*torch.randn(3, 1, 4, 1, 160).unbind(0), backend="triton")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        call(backend="nope")
+    for name in ("flash_attn", "xformers"):
+        if attn_mod.importlib.util.find_spec(name) is None:
+            with pytest.raises(RuntimeError, match="not installed"):
+                call(backend=name)
+    assert attn_mod.resolve_attention_backend("cuda", "cpu") == "triton"  # no CUDA-extension attention
+
+
+def test_cu_seqlens_check_reruns_after_in_place_change():
+    q = torch.randn(6, 1, 64)
+    c = cu([2, 4])
+    ops.varlen_attention(q, q, q, c, c, 4, 4, backend="torch")
+    c[1] = 7  # same tensor object, now invalid
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.varlen_attention(q, q, q, c, c, 7, 7, backend="torch")
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_match_float64():
+    from maskdit_fast.ops import attention_gpu_checks
+    results = attention_gpu_checks.check_correctness()
+    assert results and all(r["ok"] for r in results), [r for r in results if not r["ok"]]
