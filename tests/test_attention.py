@@ -10,6 +10,7 @@ import torch
 from maskdit_fast import ops
 from maskdit_fast.kernels._common import poisoned
 attn_mod = importlib.import_module("maskdit_fast.ops.attention")
+ref = ops.varlen_attention_ref  # explicit math per sequence; float64 by default
 
 HEAD_DIMS = (64, 72, 80, 96, 128)
 ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -17,27 +18,6 @@ ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 def cu(lengths, device="cpu"):
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
-
-
-def ref_varlen(q, k, v, cu_q, cu_k, scale, causal, dtype=torch.float64):
-    """softmax(q k^T * scale) v per sequence computed in `dtype` (bottom-right causal); rows with no key -> 0,
-    lse +inf. float64: the reference; the inputs' dtype: PyTorch's own math in low precision, as SDPA's math
-    back-end does it on a GPU (the CPU SDPA kernel accumulates in fp32 and only rounds its outputs, while
-    FlashAttention also rounds P and O, the latter entering dQ/dK through delta = rowsum(dO * O))."""
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    outs, lses = [], []
-    for b in range(cu_q.numel() - 1):
-        qs, qe, ks, ke = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
-        s = torch.einsum("ihd,jhd->hij", q[qs:qe], k[ks:ke]) * scale
-        if causal:
-            i = torch.arange(qe - qs)[:, None]
-            j = torch.arange(ke - ks)[None, :]
-            s = s.masked_fill(j > i + (ke - ks) - (qe - qs), -math.inf)
-        lse = torch.logsumexp(s, -1) if ke > ks else s.new_full(s.shape[:2], -math.inf)
-        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: exp(-inf - -inf)
-        outs.append(torch.einsum("hij,jhd->ihd", p, v[ks:ke]))
-        lses.append(torch.where(lse == -math.inf, math.inf, lse))
-    return torch.cat(outs), torch.cat(lses, 1)
 
 
 def max_err(a, b):
@@ -84,10 +64,10 @@ def test_varlen_forward_backward_match_float64(head_dim, dtype, causal):
         return lambda q, k, v: ops.varlen_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal,
                                                     return_lse=True, backend=backend)
 
-    want_out, want_lse, want_grads = run(lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, scale, causal),
+    want_out, want_lse, want_grads = run(lambda q, k, v: ref(q, k, v, cu_q, cu_k, scale, causal),
                                          [q.double(), k.double(), v.double()], dout)
     out, lse, grads = run(call("triton"), [q, k, v], dout)
-    m_out, _, m_grads = run(lambda q, k, v: ref_varlen(q, k, v, cu_q, cu_k, scale, causal, dtype), [q, k, v],
+    m_out, _, m_grads = run(lambda q, k, v: ref(q, k, v, cu_q, cu_k, scale, causal, dtype), [q, k, v],
                             dout)
     t_out, t_lse, t_grads = run(call("torch"), [q, k, v], dout)
 
@@ -114,7 +94,7 @@ def test_qkvpacked_matches_unpacked(causal):
                                                                      return_lse=True, backend="triton"),
                             [qkv], dout)
     want_out, want_lse, (want_dqkv,) = run(
-        lambda x: ref_varlen(x[:, 0], x[:, 1], x[:, 2], cu_s, cu_s, head_dim ** -0.5, causal), [qkv], dout)
+        lambda x: ref(x[:, 0], x[:, 1], x[:, 2], cu_s, cu_s, head_dim ** -0.5, causal), [qkv], dout)
     assert max_err(out, want_out) <= 1e-5 and max_err(dqkv, want_dqkv) <= 1e-4
     assert dqkv.shape == qkv.shape and torch.equal(lse.isinf(), want_lse.isinf())
 
@@ -153,7 +133,7 @@ def test_expanded_grad_and_empty_batch():
     out = ops.varlen_attention(q, q, q, cu([5]), cu([5]), 5, 5, backend="triton")
     out.sum().backward()  # dout is an expanded (stride 0) tensor
     q2 = q.detach().double().requires_grad_()
-    ref_varlen(q2, q2, q2, cu([5]), cu([5]), 64 ** -0.5, False)[0].sum().backward()
+    ref(q2, q2, q2, cu([5]), cu([5]), 64 ** -0.5, False)[0].sum().backward()
     assert max_err(q.grad, q2.grad) <= 1e-4
     empty = torch.zeros(0, 2, 64)
     assert ops.varlen_attention(empty, empty, empty, cu([0, 0]), cu([0, 0]), 0, 0, backend="triton").shape == (0, 2, 64)
@@ -161,16 +141,15 @@ def test_expanded_grad_and_empty_batch():
 
 def test_opcheck():
     gen = torch.Generator().manual_seed(4)
-    cu_q, cu_k = cu([3, 0, 18]), cu([5, 2, 18])
-    q = torch.randn(21, 2, 72, generator=gen)
-    k, v = (torch.randn(25, 2, 72, generator=gen) for _ in range(2))
-    q.requires_grad_()
-    out, lse = attn_mod._varlen_fwd_op(q, k, v, cu_q, cu_k, 18, 18, 0.3, True)
-    torch.library.opcheck(attn_mod._varlen_fwd_op, (q, k, v, cu_q, cu_k, 18, 18, 0.3, True))
-    torch.library.opcheck(attn_mod._varlen_bwd_op, (torch.randn_like(out), q.detach(), k, v, out.detach(), lse,
-                                                    cu_q, cu_k, 18, 18, 0.3, True))
-    qkv = torch.randn(21, 3, 2, 64, generator=gen, requires_grad=True)
-    torch.library.opcheck(attn_mod._packed_fwd_op, (qkv, cu_q, 18, 0.125, False))
+    cu_q, cu_k = cu([3, 0, 5]), cu([5, 2, 4])
+    q = torch.randn(8, 2, 72, generator=gen, requires_grad=True)
+    k, v = (torch.randn(11, 2, 72, generator=gen, requires_grad=True) for _ in range(2))
+    out, lse = attn_mod._varlen_fwd_op(q, k, v, cu_q, cu_k, 5, 5, 0.3, True)
+    torch.library.opcheck(attn_mod._varlen_fwd_op, (q, k, v, cu_q, cu_k, 5, 5, 0.3, True))
+    torch.library.opcheck(attn_mod._varlen_bwd_op, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
+                                                    out.detach(), lse, cu_q, cu_k, 5, 5, 0.3, True))
+    qkv = torch.randn(8, 3, 2, 64, generator=gen, requires_grad=True)
+    torch.library.opcheck(attn_mod._packed_fwd_op, (qkv, cu_q, 5, 0.125, False))
 
 
 def test_flop_counter_sees_attention():

@@ -401,6 +401,35 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, 
     return (out, lse) if return_lse else out
 
 
+def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                         compute_dtype=torch.float64):
+    """Reference (the spec): softmax(q k^T * scale) v per sequence, computed in `compute_dtype`.
+
+    Shapes and semantics as varlen_attention (bottom-right causal; rows that see no key give 0 and
+    lse +inf). float64 is the accuracy reference; the inputs' own low-precision dtype gives PyTorch's
+    plain math in that dtype (what SDPA's math back-end does on a GPU), the baseline for the
+    low-precision error of the kernels. Differentiable. Returns (out [total_q, H, D] in compute_dtype,
+    lse [H, total_q] in compute_dtype).
+    """
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    outs, lses = [], []
+    for qs, qe, ks, ke in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
+                              cu_seqlens_k[1:].tolist()):
+        s = torch.einsum("ihd,jhd->hij", q[qs:qe], k[ks:ke]) * scale
+        if causal:
+            i = torch.arange(qe - qs, device=q.device)[:, None]
+            j = torch.arange(ke - ks, device=q.device)[None, :]
+            s = s.masked_fill(j > i + (ke - ks) - (qe - qs), float("-inf"))
+        lse = torch.logsumexp(s, -1) if ke > ks else s.new_full(s.shape[:2], float("-inf"))
+        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: exp(-inf - -inf) -> 0
+        outs.append(torch.einsum("hij,jhd->ihd", p, v[ks:ke]))
+        lses.append(torch.where(lse == float("-inf"), float("inf"), lse))
+    if not outs:
+        return q.new_zeros(q.shape), q.new_zeros((q.shape[1], q.shape[0]))
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
 def attention_ref(q, k, v, softmax_scale=None):
     """Reference: softmax(q k^T * scale) v through torch SDPA. q, k, v [B, L, H, D] -> [B, L, H, D]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
