@@ -12,6 +12,8 @@ MaskDiT-XL/2 at 256 px: 125.8 G unmasked; 65.5 G at mask ratio 0.5 (58.4 encoder
 """
 import inspect
 
+import torch
+
 from maskdit_fast.masking import num_kept
 from maskdit_fast.models import MODEL_CLASSES, MaskDiT, model_config
 
@@ -26,6 +28,9 @@ def _resolve(name_or_model, input_size, in_channels):
         defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
                     if p.default is not inspect.Parameter.empty}
         return cls, {**defaults, **cfg}
+    # torch.compile and DDP wrappers hold the model as `_orig_mod` / `module`
+    while isinstance(getattr(name_or_model, "_orig_mod", getattr(name_or_model, "module", None)), torch.nn.Module):
+        name_or_model = getattr(name_or_model, "_orig_mod", None) or name_or_model.module
     if isinstance(name_or_model, tuple(MODEL_CLASSES.values())):
         cfg = name_or_model.config
         for key, value in (("input_size", input_size), ("in_channels", in_channels)):
@@ -53,7 +58,8 @@ def model_flops(name_or_model, input_size=None, in_channels=None, mask_ratio=0.0
     """Forward multiply-accumulates (DiT's "FLOPs") of DiT / MaskDiT, analytically.
 
     Args:
-        name_or_model: a preset name ("DiT-XL/2", "MaskDiT-B/4", ...) or a built DiT/MaskDiT.
+        name_or_model: a preset name ("DiT-XL/2", "MaskDiT-B/4", ...) or a built DiT/MaskDiT
+            (also inside torch.compile / DDP wrappers).
         input_size: latent size (int or (H, W)); None = the preset's 32 or the model's own.
         in_channels: latent channels; None = the preset's 4 or the model's own.
         mask_ratio: MaskDiT's fraction of masked tokens in [0, 1) (encoder runs on the rest);

@@ -581,7 +581,7 @@ def _unwrap_state_dict(state_dict, which):
 
 
 def _heads_for_width(width, role):
-    for depth, w, heads, dec_depth, dec_w, dec_heads in SIZES.values():
+    for _, w, heads, _, dec_w, dec_heads in SIZES.values():
         if role == "encoder" and w == width:
             return heads
         if role == "decoder" and dec_w == width:

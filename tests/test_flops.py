@@ -50,6 +50,7 @@ def test_model_instance_and_errors():
     with torch.device("meta"):
         model = create_model("MaskDiT-S/2", input_size=16, in_channels=3)
     assert model_flops(model, mask_ratio=0.25) == model_flops("MaskDiT-S/2", 16, 3, mask_ratio=0.25)
+    assert model_flops(torch.compile(model)) == model_flops(model)  # wrapper unwrapped, not compiled
     with pytest.raises(ValueError, match="differs"):
         model_flops(model, input_size=32)
     with pytest.raises(ValueError, match="DiT does not mask"):
