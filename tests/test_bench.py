@@ -1,0 +1,303 @@
+"""Tests of the benchmark report (`python -m maskdit_fast.bench`) and its timing / counting helpers,
+on the CPU: the report's structure end to end (--cpu-quick), the correctness gate (a wrong kernel is
+reported, never timed), byte counts against the tensors actually touched, rotation, batch fitting
+and the check-module plumbing that the GPU run uses."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from maskdit_fast import bench, ops
+from maskdit_fast.bench_utils import (Cost, Rotation, Stats, Timer, achieved, attention_cost, gated_residual_cost,
+                                      gather_tokens_cost, layernorm_modulate_cost, rotation_count,
+                                      scatter_tokens_cost, time_calls)
+
+
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    code = bench.main(["--cpu-quick", "--out", str(out)])
+    return code, out
+
+
+def test_cpu_quick_writes_json_and_markdown(quick_report):
+    code, out = quick_report
+    assert code == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 2 and files[0].endswith("-cpu-quick.json") and files[1].endswith("-cpu-quick.md")
+    report = json.loads((out / files[0]).read_text())
+    assert report["schema"] == bench.SCHEMA and report["mode"] == "cpu-quick"
+    assert report["env"]["device"] == "cpu" and report["env"]["torch"] == torch.__version__
+    assert "CPU subset" in report["note"]
+    assert set(report["sections"]) == set(bench.SECTIONS)
+    assert report["peaks"]["copy_GBps"] > 0 and report["peaks"]["matmul_TFLOPs"] > 0
+
+    # Every op x back-end x pass has a row; torch rows are checked, timed and are their own baseline.
+    names = [c.name for c in bench.op_cases(bench.make_config("cpu-quick", "cpu"))]
+    assert {(r["op"], r["backend"], r["pass"]) for r in report["ops"]} == \
+        {(n, b, p) for n in names for b in bench.OP_BACKENDS for p in bench.PASSES}
+    for row in report["ops"] + report["attention"]:
+        if row["backend"] == "torch":
+            assert row["status"] == "ok" and row["ms"] > 0 and row["GBps"] > 0
+            assert row["vs_baseline"] == pytest.approx(1.0) and row["max_err"] <= row["tol"]
+        elif row["backend"] in bench.GPU_ONLY_BACKENDS:
+            assert row["status"] == "unavailable" and "CUDA" in row["reason"] and "ms" not in row
+    assert all("pct_of_floor" in r for r in report["attention"] if r["status"] == "ok")
+    checks = [c for c in report["checks"] if c["source"] == "bench"]
+    assert checks and all(c["passed"] for c in checks)
+    assert {c["source"] for c in report["checks"]} >= set(bench.EXTERNAL_CHECK_MODULES)
+
+    train = {r["variant"]: r for r in report["train_step"]}
+    assert train["MaskDiT-S/2 fused"]["status"] == "skipped"
+    ref, dit = train["MaskDiT-S/2 reference"], train["DiT-S/2"]
+    assert ref["status"] == dit["status"] == "ok" and ref["vs_baseline"] == pytest.approx(1.0)
+    assert dit["vs_baseline"] == pytest.approx(dit["images_per_s"] / ref["images_per_s"])
+    assert ref["TFLOPs"] > 0 and ref["batch"] == 4 and ref["mask_ratio"] == 0.5
+    fig = report["cpu_figure"]
+    assert fig["speedup"] == pytest.approx(fig["dit_ms"] / fig["maskdit_ms"])
+    assert fig["flops_ratio"] > 1  # the masked encoder does less work
+
+    md = (out / files[1]).read_text()
+    for heading in ("# maskdit_fast benchmark", "## Checks", "## Ops", "## Attention", "## Train step",
+                    "## CPU figure", "## Sections"):
+        assert heading in md
+    assert f"torch {torch.__version__}" in md
+
+
+def test_config_and_section_errors():
+    with pytest.raises(ValueError, match="unknown mode"):
+        bench.make_config("tpu", "cpu")
+    with pytest.raises(ValueError, match="unknown sections"):
+        bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks", "nope"])
+    with pytest.raises(SystemExit):
+        bench.main(["--cpu-quick", "--device", "cuda"])
+
+
+def test_every_mode_budget_covers_its_sections():
+    for mode in ("gpu", "gpu-quick", "cpu", "cpu-quick"):
+        cfg = bench.make_config(mode, "cpu")
+        assert set(cfg.sections) <= set(cfg.budgets)
+    gpu = bench.make_config("gpu", "cpu")
+    assert sum(gpu.budgets.values()) < 8 * 60  # the GPU report must end within 8 minutes
+    assert [v[0] for v in bench.train_variants(gpu)] == ["MaskDiT-XL/2 fused", "MaskDiT-XL/2 reference", "DiT-XL/2"]
+    assert bench.train_baseline(gpu) == "MaskDiT-XL/2 reference"
+
+
+# ------------------------------------------------------------------------------ correctness gate
+
+def _residual_case(op):
+    cfg = bench.make_config("cpu-quick", "cpu")
+    case = next(c for c in bench.op_cases(cfg) if c.name == "gated_residual")
+    return bench.OpCase("fake_residual", case.shape, op, ops.gated_residual_ref, case.make_args, case.grad_argnums,
+                        case.cost, "memory", ("torch", "wrong_fwd", "wrong_bwd", "crash", "missing")), cfg
+
+
+class _WrongBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, gate):
+        ctx.save_for_backward(y, gate)
+        return ops.gated_residual_ref(x, y, gate)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, gate = ctx.saved_tensors
+        return g, g * gate[:, None], (g * y).sum(1) * 1.5  # grad of gate off by 50 %
+
+
+def _fake_op(x, y, gate, *, backend):
+    if backend == "torch":
+        return ops.gated_residual(x, y, gate, backend="torch")
+    if backend == "wrong_fwd":
+        return ops.gated_residual_ref(x, y, gate) + 1e-3
+    if backend == "wrong_bwd":
+        return _WrongBackward.apply(x, y, gate)
+    if backend == "crash":
+        raise RuntimeError("illegal memory access")
+    raise NotImplementedError("no kernel yet")
+
+
+class CountingTimer(Timer):
+    """CPU stand-in for the CUDA-event timer that counts the timed calls."""
+    calls = 0
+
+    def __call__(self, fn, *args, **kwargs):
+        CountingTimer.calls += 1
+        return super().__call__(fn, *args, **kwargs)
+
+
+def test_failing_kernel_is_reported_not_timed():
+    case, cfg = _residual_case(_fake_op)
+    checks = []
+    CountingTimer.calls = 0
+    rows = bench.run_op_section([case], cfg, bench.Budget(60), None, CountingTimer, checks)
+    status = {(r["backend"], r["pass"]): r for r in rows}
+    assert status[("torch", "fwd")]["status"] == status[("torch", "fwd+bwd")]["status"] == "ok"
+    assert status[("wrong_fwd", "fwd")]["status"] == "failed check" and "ms" not in status[("wrong_fwd", "fwd")]
+    assert status[("wrong_fwd", "fwd")]["max_err"] > status[("wrong_fwd", "fwd")]["tol"]
+    # A wrong backward leaves the forward timed and stops the fwd+bwd timing.
+    assert status[("wrong_bwd", "fwd")]["status"] == "ok"
+    assert status[("wrong_bwd", "fwd+bwd")]["status"] == "failed check"
+    assert status[("crash", "fwd")]["status"] == "failed check"
+    assert "illegal memory access" in status[("crash", "fwd")]["reason"]
+    assert status[("missing", "fwd")]["status"] == "unavailable"
+    assert CountingTimer.calls == 3 * cfg.reps  # torch fwd, torch fwd+bwd, wrong_bwd fwd
+    failed = {c["name"] for c in checks if not c["passed"]}
+    assert failed == {"fake_residual/wrong_fwd/fwd", "fake_residual/wrong_fwd/fwd+bwd",
+                      "fake_residual/wrong_bwd/fwd+bwd", "fake_residual/crash/fwd", "fake_residual/crash/fwd+bwd"}
+
+
+def test_spent_budget_skips_instead_of_timing():
+    case, cfg = _residual_case(_fake_op)
+    budget = bench.Budget(0)
+    rows = bench.run_op_section([case], cfg, budget, None)
+    assert rows and all(r["status"] == "skipped" and "budget" in r["reason"] for r in rows)
+
+
+def test_markdown_lists_failed_checks_and_main_exit_code(tmp_path, monkeypatch):
+    report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks"], log=lambda *a: None)
+    report["checks"].append(dict(source="bench", name="op/triton/fwd", max_err=1.0, tol=0.1, passed=False,
+                                 status="FAILED"))
+    md = bench.to_markdown(report)
+    assert "0 passed, 1 failed" in md and "op/triton/fwd" in md
+    monkeypatch.setattr(bench, "run_report", lambda cfg, sections=None: report)
+    assert bench.main(["--cpu-quick", "--out", str(tmp_path)]) == 1
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+# ------------------------------------------------------------------------------ check modules
+
+def test_external_check_rows_are_normalised(monkeypatch):
+    good = types.ModuleType("fake_checks_good")
+    good.run_checks = lambda device: [("gather fwd", 0.0, 1e-3, True), ("scatter bwd", 0.5, 1e-3, False),
+                                      {"name": "attention timing", "ms": 1.0}]
+    broken = types.ModuleType("fake_checks_broken")
+
+    def crash(device):
+        raise RuntimeError("kernel launch failed")
+    broken.run_checks = crash
+    no_entry = types.ModuleType("fake_checks_no_entry")
+    for module in (good, broken, no_entry):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    names = ("fake_checks_good", "fake_checks_broken", "fake_checks_no_entry", "fake_checks_missing")
+    rows = [r for name in names for r in bench.module_check_rows(name, "cpu")]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["gather fwd"]["status"] == "ok" and by_name["scatter bwd"]["status"] == "FAILED"
+    assert by_name["attention timing"]["status"] == "info" and by_name["attention timing"]["ms"] == 1.0
+    assert by_name["fake_checks_broken"]["status"] == "error"
+    assert "kernel launch failed" in by_name["fake_checks_broken"]["reason"]
+    assert by_name["fake_checks_no_entry"]["status"] == "not available"
+    assert by_name["fake_checks_missing"]["status"] == "not available"
+    assert all(r["status"] == "skipped" for r in bench.external_checks("cpu"))
+
+
+# ------------------------------------------------------------------------------ timing helpers
+
+def test_stats_and_time_calls_with_a_stand_in_timer():
+    stats = Stats.from_times([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (stats.median_ms, stats.p10_ms, stats.p90_ms, stats.n) == (3.0, 1.0, 5.0, 5)
+    with pytest.raises(ValueError):
+        Stats.from_times([])
+
+    class FixedTimer:
+        def __init__(self):
+            self.n = 0
+
+        def reset(self):
+            self.n = 0
+
+        def __call__(self, fn):
+            self.n += 1
+            return fn()
+
+        def times_ms(self):
+            return [float(i) for i in range(1, self.n + 1)]
+
+    calls = []
+    stats = time_calls(lambda: calls.append(1), "cpu", warmup=3, reps=5, timer=FixedTimer())
+    assert len(calls) == 8 and stats.median_ms == 3.0 and stats.n == 5
+    with pytest.raises(ValueError):
+        time_calls(lambda: None, "cpu", reps=0)
+
+
+def test_rotation_sets_exceed_twice_the_cache(monkeypatch):
+    assert rotation_count(10, 0) == 1
+    assert rotation_count(30 * 2**20, 50 * 2**20) == 4
+    assert rotation_count(1, 50 * 2**20, max_sets=64) == 64
+    with pytest.raises(ValueError):
+        rotation_count(0, 1)
+    cfg = bench.make_config("cpu-quick", "cpu")
+    case = next(c for c in bench.op_cases(cfg) if c.name == "layernorm_modulate")
+    set_bytes = _nbytes(*case.make_args("cpu", cfg.dtype, torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(bench, "cache_bytes", lambda device: 3 * set_bytes)
+    sets = bench.input_sets(case, cfg)
+    assert len(sets) == rotation_count(set_bytes + _nbytes(sets[0][1]), 3 * set_bytes) > 1
+    assert not torch.equal(sets[0][0][0], sets[1][0][0])  # distinct inputs, not copies
+    seen = []
+    rotation = Rotation(lambda args, grad_out: seen.append(args[0].data_ptr()), sets)
+    for _ in range(2 * len(sets)):
+        rotation()
+    assert seen[:len(sets)] == seen[len(sets):] and len(set(seen)) == len(sets)
+
+
+def test_fit_batch_solves_the_linear_memory_model():
+    peak = lambda b: 10e9 + 0.5e9 * b  # noqa: E731
+    assert bench.fit_batch(peak, 80e9, max_batch=512) == 120  # (0.88 * 80 - 10) / 0.5 = 120.8
+    assert bench.fit_batch(peak, 80e9, max_batch=64) == 64
+    assert bench.fit_batch(peak, 12e9, max_batch=512) == 8  # never below one multiple
+
+
+# ------------------------------------------------------------------------------ byte / FLOP counts
+
+def test_glue_op_byte_counts_match_the_tensors_touched():
+    B, L, K, D = 3, 10, 4, 8
+    x, pos, ids = torch.randn(B, L, D), torch.randn(L, D), torch.zeros(B, K, dtype=torch.int64)
+    kept, out_k, out_l = torch.randn(B, K, D), torch.randn(B, K, D), torch.randn(B, L, D)
+    fwd, bwd = gather_tokens_cost(B, L, K, D, 4)
+    assert fwd.bytes == _nbytes(kept, pos, ids, out_k)                 # kept rows of x + pos + ids -> out
+    assert bwd.bytes == _nbytes(out_k, ids, x)                         # grad_out + ids -> grad_x
+    fwd, bwd = scatter_tokens_cost(B, L, K, D, 4)
+    mask_token = torch.randn(D)
+    assert fwd.bytes == _nbytes(kept, ids, mask_token, pos, out_l)
+    assert bwd.bytes == _nbytes(out_l, ids, kept, mask_token)          # grad_out -> grad_kept, grad_mask_token
+    shift = torch.randn(B, D)
+    fwd, bwd = layernorm_modulate_cost(B, K, D, 4)
+    assert fwd.bytes == _nbytes(kept, shift, shift, out_k)
+    assert bwd.bytes == _nbytes(kept, out_k, shift, out_k, shift, shift)  # x, grad_out, scale -> 3 grads
+    fwd, bwd = gated_residual_cost(B, K, D, 4)
+    assert fwd.bytes == _nbytes(kept, kept, shift, out_k)
+    assert bwd.bytes == _nbytes(out_k, kept, shift, kept, shift)       # grad_out, y, gate -> grad_y, grad_gate
+
+
+def test_attention_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    B, H, L, Dh = 2, 3, 16, 8
+    q, k, v = (torch.randn(B, H, L, Dh, requires_grad=True) for _ in range(3))
+    fwd, bwd = attention_cost(B, H, L, L, Dh, 4)
+    with FlopCounterMode(display=False) as counter:  # the math form: two batched matmuls
+        out = torch.softmax(q @ k.transpose(-1, -2) * Dh ** -0.5, dim=-1) @ v
+    assert counter.get_total_flops() == fwd.flops
+    with FlopCounterMode(display=False) as counter:
+        out.backward(torch.randn_like(out))
+    # Four matmul gradients, plus FlashAttention's recomputation of q k^T (half the forward).
+    assert counter.get_total_flops() + fwd.flops // 2 == bwd.flops
+    assert fwd.bytes == 4 * _nbytes(q) and bwd.bytes == 8 * _nbytes(q)
+
+
+def test_achieved_figures():
+    cost = Cost(bytes=3_000_000, flops=2_000_000_000)
+    fig = achieved(cost, 1.0, {"copy_GBps": 6.0, "matmul_TFLOPs": 4.0}, "memory")
+    assert fig["GBps"] == pytest.approx(3.0) and fig["TFLOPs"] == pytest.approx(2.0)
+    assert fig["pct_of_floor"] == pytest.approx(50.0)
+    fig = achieved(cost, 1.0, {"copy_GBps": 6.0, "matmul_TFLOPs": 4.0}, "compute")
+    assert fig["pct_of_floor"] == pytest.approx(50.0)
+    assert "pct_of_floor" not in achieved(cost, 1.0, None, "memory")
+    with pytest.raises(ValueError):
+        achieved(cost, 1.0, None, "latency")
