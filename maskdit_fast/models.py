@@ -405,6 +405,7 @@ class MaskDiT(_DiffusionTransformer):
     Args (beyond DiT's):
         decoder_depth, decoder_hidden_size, decoder_num_heads: the decoder (official XL: 8, 512, 16).
         learn_sigma: default False (EDM needs a single output).
+        check_inputs: as DiT's, and also the ids_keep values (range, duplicates).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
@@ -465,6 +466,8 @@ class MaskDiT(_DiffusionTransformer):
         mask = None
         if ids_keep is not None:
             check_ids_keep(ids_keep, B, L, check_values=self.check_inputs and not torch.compiler.is_compiling())
+            if ids_keep.device != x.device:
+                raise ValueError(f"ids_keep is on {ids_keep.device} but x is on {x.device}")
             if mask_ratio != 0 and ids_keep.shape[1] != len_keep:
                 raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} tokens but mask_ratio={mask_ratio} "
                                  f"keeps {len_keep} of {L}")

@@ -544,6 +544,8 @@ def test_clear_errors_for_bad_inputs():
     quiet(x, t, y, ids_keep=ids)
     with pytest.raises(ValueError, match="shape"):
         quiet(x, t, y, ids_keep=ids[:2])
+    with pytest.raises(ValueError, match="is on meta"):
+        quiet(x, t, y, ids_keep=ids.to("meta"))
 
 
 def test_clear_errors_for_bad_configs():
