@@ -23,6 +23,7 @@ import datetime
 import functools
 import gc
 import importlib
+import inspect
 import json
 import math
 import os
@@ -33,10 +34,11 @@ import time
 import torch
 
 from maskdit_fast import ops
+from maskdit_fast.ops.gather_scatter import VALIDATE_ENV_VAR
 from maskdit_fast.bench_utils import (Rotation, Stats, Timer, achieved, attention_cost, cache_bytes, env_info,
                                       gated_residual_cost, gather_tokens_cost, layernorm_modulate_cost,
                                       measure_copy_bandwidth, measure_matmul_peak, rotation_count,
-                                      scatter_tokens_cost, time_calls)
+                                      scatter_tokens_cost, time_calls, varlen_attention_cost)
 
 SCHEMA = 1
 PASSES = ("fwd", "fwd+bwd")
@@ -46,10 +48,17 @@ GPU_ONLY_BACKENDS = ("triton", "cuda", "flash_attn", "xformers", "sdpa_flash", "
                      "torch_varlen")
 # In priority order: a spent section budget drops the last ones first.
 OP_BACKENDS = ("torch", "triton", "cuda", "compile")
-ATTENTION_BACKENDS = ("torch", "triton", "cuda", "sdpa_flash", "sdpa_cudnn", "torch_varlen", "flash_attn",
-                      "xformers", "sdpa_efficient")
-EXTERNAL_CHECK_MODULES = ("maskdit_fast.ops.gpu_checks", "maskdit_fast.ops.attention_gpu_checks",
-                          "maskdit_fast.ops.cuda_gpu_checks")
+# ("cuda" has no attention kernel of its own: it runs "triton".)
+ATTENTION_BACKENDS = ("torch", "triton", "sdpa_flash", "sdpa_cudnn", "torch_varlen", "flash_attn", "xformers",
+                      "sdpa_efficient")
+# "torch" is torch's varlen_attn on CUDA (bf16/fp16), SDPA per sequence elsewhere.
+VARLEN_ATTENTION_BACKENDS = ("torch", "triton", "flash_attn", "xformers")
+# The kernel workers' GPU check modules: (module, entry point); entry(device) returns check rows
+# (name, max_err, tol, passed) / dicts with max_err and ok|passed, or timing dicts.
+EXTERNAL_CHECKS = (("maskdit_fast.ops.gpu_checks", "run_checks"),
+                   ("maskdit_fast.ops.attention_gpu_checks", "check_correctness"),
+                   ("maskdit_fast.ops.cuda_gpu_checks", "run_checks"))
+EXTERNAL_TIMINGS = (("maskdit_fast.ops.attention_gpu_checks", "benchmark"),)
 # Nominal dense bf16 tensor-core peaks (TFLOP/s, SXM parts) for the conventional MFU figure.
 NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -84,6 +93,7 @@ class Config:
     cpu_figure: dict              # preset, overrides, batch, warm-up and repetitions of the CPU figure
     budgets: dict
     sections: tuple               # sections run by default
+    external_timings: bool = False  # also run the check modules' own timings (EXTERNAL_TIMINGS)
 
 
 SECTIONS = ("peaks", "checks", "ops", "attention", "train_step", "cpu_figure")
@@ -123,7 +133,8 @@ def make_config(mode, device):
                       train_overrides=dict(input_size=32), train_warmup=2 if quick else 3,
                       train_reps=4 if quick else 10, max_batch=512, fixed_batch=0, cpu_figure=CPU_FIGURE,
                       budgets=dict(peaks=15, checks=45, ops=70 if quick else 100, attention=30 if quick else 45,
-                                   train_step=120 if quick else 150, cpu_figure=30), sections=SECTIONS)
+                                   train_step=120 if quick else 150, cpu_figure=30), sections=SECTIONS,
+                      external_timings=not quick)
     if mode == "cpu":
         # The train-step section would repeat the CPU figure (same models): not run by default.
         return Config(mode, device, torch.float32, **CPU_SMALL, warmup=2, reps=10, compile=True,
@@ -186,16 +197,46 @@ def _ids_keep(B, L, K, device, gen):
     return torch.rand(B, L, device=device, generator=gen).argsort(dim=1)[:, :K].contiguous()
 
 
+def _varlen_layout(B, L, K, seed=0):
+    """Per-sample keep counts around K (in [K/2, 3K/2], paired so that they sum to B*K: the cost
+    equals the dense layout's), on the CPU and fixed for a config."""
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.randint(-(K // 2), K // 2 + 1, (B // 2,), generator=gen)
+    delta = torch.cat([half, -half, torch.zeros(B % 2, dtype=half.dtype)])
+    return (K + delta).clamp(0, L)
+
+
+def _packed_ids(counts, L, device, gen):
+    """ids_packed [T] int64 (the first counts[b] of a random permutation of each sample's L
+    positions, sample by sample) and cu_seqlens [B+1] int32."""
+    counts = counts.to(device)
+    order = torch.rand(counts.numel(), L, device=device, generator=gen).argsort(dim=1)
+    ids = order[torch.arange(L, device=device)[None] < counts[:, None]]
+    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=device)
+    cu[1:] = counts.cumsum(0)
+    return ids, cu
+
+
 def op_cases(cfg):
-    """The op benchmark cases at the config's shapes (the MaskDiT encoder/decoder glue)."""
+    """The op benchmark cases at the config's shapes: MaskDiT's glue between the matmuls (encoder
+    width D on K kept tokens, decoder width Dd on all L tokens), dense and varlen (packed) layouts."""
     B, L, K, D, Dd = cfg.B, cfg.L, cfg.K, cfg.D, cfg.Dd
     elem = torch.empty((), dtype=cfg.dtype).element_size()
+    counts = _varlen_layout(B, L, K)
+    T = int(counts.sum())
 
     def gather_args(dev, dt, g):
         return (_randn((B, L, D), dev, dt, g, True), _ids_keep(B, L, K, dev, g), _randn((L, D), dev, dt, g))
 
     def scatter_args(dev, dt, g):
         return (_randn((B, K, Dd), dev, dt, g, True), _ids_keep(B, L, K, dev, g),
+                _randn((Dd,), dev, dt, g, True, 0.02), L, _randn((L, Dd), dev, dt, g))
+
+    def gather_varlen_args(dev, dt, g):
+        return (_randn((B, L, D), dev, dt, g, True), *_packed_ids(counts, L, dev, g), _randn((L, D), dev, dt, g))
+
+    def scatter_varlen_args(dev, dt, g):
+        return (_randn((T, Dd), dev, dt, g, True), *_packed_ids(counts, L, dev, g),
                 _randn((Dd,), dev, dt, g, True, 0.02), L, _randn((L, Dd), dev, dt, g))
 
     def modulate_args(dev, dt, g):
@@ -206,12 +247,19 @@ def op_cases(cfg):
         return (_randn((B, K, D), dev, dt, g, True), _randn((B, K, D), dev, dt, g, True),
                 _randn((B, D), dev, dt, g, True, 0.1))
 
+    varlen = f"T={T} ({K}+-{K // 2} per sample)"
     return [
         OpCase("gather_tokens", f"[{B},{L},{D}] -> [{B},{K},{D}] +pos", ops.gather_tokens, ops.gather_tokens_ref,
                gather_args, (0,), gather_tokens_cost(B, L, K, D, elem), "memory", OP_BACKENDS),
         OpCase("scatter_tokens", f"[{B},{K},{Dd}] -> [{B},{L},{Dd}] +mask +pos", ops.scatter_tokens,
                ops.scatter_tokens_ref, scatter_args, (0, 2), scatter_tokens_cost(B, L, K, Dd, elem), "memory",
                OP_BACKENDS),
+        OpCase("gather_tokens_varlen", f"[{B},{L},{D}] -> [{T},{D}] +pos, {varlen}", ops.gather_tokens_varlen,
+               ops.gather_tokens_varlen_ref, gather_varlen_args, (0,), gather_tokens_cost(B, L, K, D, elem),
+               "memory", OP_BACKENDS),
+        OpCase("scatter_tokens_varlen", f"[{T},{Dd}] -> [{B},{L},{Dd}] +mask +pos, {varlen}",
+               ops.scatter_tokens_varlen, ops.scatter_tokens_varlen_ref, scatter_varlen_args, (0, 3),
+               scatter_tokens_cost(B, L, K, Dd, elem), "memory", OP_BACKENDS),
         OpCase("layernorm_modulate", f"[{B},{K},{D}]", ops.layernorm_modulate, ops.layernorm_modulate_ref,
                modulate_args, (0, 1, 2), layernorm_modulate_cost(B, K, D, elem), "memory", OP_BACKENDS),
         OpCase("gated_residual", f"[{B},{K},{D}]", ops.gated_residual, ops.gated_residual_ref, residual_args,
@@ -219,8 +267,15 @@ def op_cases(cfg):
     ]
 
 
+def _varlen_attention_ref(q, k, v, cu_q, cu_k, max_q, max_k):
+    """varlen_attention's reference in the inputs' dtype (the op's positional signature)."""
+    return ops.varlen_attention_ref(q, k, v, cu_q, cu_k, compute_dtype=q.dtype)[0]
+
+
 def attention_cases(cfg):
-    """Attention at the three MaskDiT/DiT shapes: encoder on kept tokens, decoder, DiT (all tokens)."""
+    """Attention at MaskDiT/DiT shapes: the encoder on the kept tokens, the decoder and DiT on all
+    tokens (q, k, v are views of one [B, L, 3, H, Dh] tensor, as the qkv Linear gives them), and
+    varlen attention over per-sample keep counts around K."""
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     cases = []
     for label, n, heads, width in (("encoder", cfg.K, cfg.H, cfg.D), ("decoder", cfg.L, cfg.Hd, cfg.Dd),
@@ -228,11 +283,23 @@ def attention_cases(cfg):
         dh = width // heads
 
         def args(dev, dt, g, n=n, heads=heads, dh=dh):
-            return tuple(_randn((cfg.B, n, heads, dh), dev, dt, g, True) for _ in range(3))
+            return _randn((cfg.B, n, 3, heads, dh), dev, dt, g, True).unbind(2)
 
         cases.append(OpCase(f"attention[{label}]", f"B={cfg.B} L={n} H={heads} Dh={dh}", ops.attention,
                             ops.attention_ref, args, (0, 1, 2), attention_cost(cfg.B, heads, n, n, dh, elem),
                             "compute", ATTENTION_BACKENDS))
+    counts = _varlen_layout(cfg.B, cfg.L, cfg.K)
+    T, max_len, dh = int(counts.sum()), int(counts.max()), cfg.D // cfg.H
+
+    def varlen_args(dev, dt, g):
+        _, cu = _packed_ids(counts, cfg.L, dev, g)
+        q, k, v = _randn((T, 3, cfg.H, dh), dev, dt, g, True).unbind(1)
+        return q, k, v, cu, cu, max_len, max_len
+
+    cases.append(OpCase("varlen_attention[encoder]", f"T={T} ({cfg.K}+-{cfg.K // 2} per sample) H={cfg.H} Dh={dh}",
+                        ops.varlen_attention, _varlen_attention_ref, varlen_args, (0, 1, 2),
+                        varlen_attention_cost(counts.tolist(), counts.tolist(), cfg.H, dh, elem), "compute",
+                        VARLEN_ATTENTION_BACKENDS))
     return cases
 
 
@@ -286,6 +353,8 @@ def backend_fn(case, backend, device):
                            "sdpa_efficient": "EFFICIENT_ATTENTION"}[backend])
     if backend == "torch_varlen":
         return _torch_varlen
+    if "validate" in inspect.signature(case.op).parameters:  # index checks sync with the host: off
+        return functools.partial(case.op, backend=backend, validate=False)
     return functools.partial(case.op, backend=backend)
 
 
@@ -366,37 +435,45 @@ def check_case(case, fn, device, dtype, seed=0):
     return {"fwd": (*fwd, fwd[0] <= fwd[1]), "fwd+bwd": (*worst, worst[0] <= worst[1])}
 
 
-def module_check_rows(name, device):
-    """Rows from one check module: it exposes `run_checks(device)` returning rows
-    (name, max_err, tol, passed) or dicts (timings, extra figures). A missing module, a missing entry
-    point or a crash becomes one clear row instead of ending the report."""
+def _normalise_row(source, row):
+    """A check module's row as a report row: check rows get status ok / FAILED, others "info"."""
+    if isinstance(row, dict):
+        passed = row.get("ok", row.get("passed"))
+        if passed is None or "max_err" not in row:
+            return dict(source=source, status="info", **row)
+        name, err, tol = row.get("name"), row["max_err"], row.get("tol", row.get("tolerance"))
+    else:
+        name, err, tol, passed = row
+    return dict(source=source, name=name, max_err=float(err), tol=None if tol is None else float(tol),
+                passed=bool(passed), status="ok" if passed else "FAILED")
+
+
+def module_check_rows(name, device, entry="run_checks"):
+    """Rows from one check module's `entry(device)` (see EXTERNAL_CHECKS). A missing module, a
+    missing entry point or a crash becomes one clear row instead of ending the report."""
+    source = f"{name}.{entry}"
     try:
         module = importlib.import_module(name)
     except ImportError as err:
-        return [dict(source=name, name=name, status="not available", reason=str(err)[:200])]
-    runner = getattr(module, "run_checks", None)
+        return [dict(source=source, name=name, status="not available", reason=str(err)[:200])]
+    runner = getattr(module, entry, None)
     if runner is None:
-        return [dict(source=name, name=name, status="not available", reason="module has no run_checks(device)")]
+        return [dict(source=source, name=name, status="not available", reason=f"module has no {entry}(device)")]
     rows = []
     try:
         for row in runner(device):
-            if isinstance(row, dict):
-                rows.append(dict(source=name, status="info", **row))
-            else:
-                check, err, tol, passed = row
-                rows.append(dict(source=name, name=check, max_err=float(err), tol=float(tol), passed=bool(passed),
-                                 status="ok" if passed else "FAILED"))
+            rows.append(_normalise_row(source, row))
     except Exception as err:  # noqa: BLE001 - one broken module must not end the report
-        rows.append(dict(source=name, name=name, status="error", reason=f"{type(err).__name__}: {err}"[:300]))
+        rows.append(dict(source=source, name=name, status="error", reason=f"{type(err).__name__}: {err}"[:300]))
     return rows
 
 
-def external_checks(device):
-    """Rows of the kernel workers' GPU check modules (EXTERNAL_CHECK_MODULES); skipped off CUDA."""
+def external_checks(device, entries=EXTERNAL_CHECKS):
+    """Rows of the kernel workers' GPU check modules; skipped off CUDA."""
     if torch.device(device).type != "cuda":
-        return [dict(source=name, name=name, status="skipped", reason="needs a CUDA GPU")
-                for name in EXTERNAL_CHECK_MODULES]
-    return [row for name in EXTERNAL_CHECK_MODULES for row in module_check_rows(name, device)]
+        return [dict(source=f"{name}.{entry}", name=name, status="skipped", reason="needs a CUDA GPU")
+                for name, entry in entries]
+    return [row for name, entry in entries for row in module_check_rows(name, device, entry)]
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -776,13 +853,27 @@ def to_markdown(report):
         rows = report.get(key) or []
         if not rows:
             continue
+        shown = [r for r in rows if r["status"] in ("ok", "failed check", "error")]
         out.append(f"## {title} ({rows[0]['dtype']}; vs torch = speed-up over torch eager)\n")
         out.append(_table(["op", "shape", "pass", "backend", "status", "ms", "GB/s", "TFLOP/s", "% floor",
                            "vs torch"],
                           [[r["op"], r["shape"], r["pass"], r["backend"],
                             r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"[:80],
                             r.get("ms"), r.get("GBps"), r.get("TFLOPs"), r.get("pct_of_floor"),
-                            r.get("vs_baseline")] for r in rows]) + "\n")
+                            r.get("vs_baseline")] for r in shown]) + "\n")
+        skipped = {}
+        for r in rows:
+            if r not in shown:
+                skipped.setdefault((r["backend"], r["status"], r.get("reason", "")), set()).add(r["op"])
+        for (backend, status, reason), names in skipped.items():
+            out.append(f"- {backend}: {status} ({reason}) for {len(names)} case(s)")
+        out.append("")
+    timings = [r for r in report.get("external_timings") or [] if r.get("status") == "info"]
+    if timings:
+        out.append("## Check modules' own timings\n")
+        out.append(_table(["source", "name", "pass", "shape", "ms", "TFLOP/s", "error"],
+                          [[r["source"], r.get("name"), r.get("pass"), r.get("shape"), r.get("ms"), r.get("tflops"),
+                            r.get("error", "")] for r in timings]) + "\n")
     rows = report.get("train_step") or []
     if rows:
         base = next((r.get("baseline") for r in rows if r.get("baseline")), "the baseline")
@@ -816,11 +907,14 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print):
         raise ValueError(f"unknown sections {sorted(unknown)}; expected some of {SECTIONS}")
     t0 = time.monotonic()
     device = torch.device(cfg.device)
+    # Index-value checks of the gather/scatter ops wait for the device: off, as in a training loop.
+    os.environ.setdefault(VALIDATE_ENV_VAR, "0")
     report = dict(schema=SCHEMA, date=datetime.datetime.now().isoformat(timespec="seconds"), mode=cfg.mode,
                   env=env_info(device), config=dict(B=cfg.B, L=cfg.L, K=cfg.K, D=cfg.D, H=cfg.H, Dd=cfg.Dd,
                                                     Hd=cfg.Hd, dtype=str(cfg.dtype), warmup=cfg.warmup,
-                                                    reps=cfg.reps),
-                  peaks=None, checks=[], ops=[], attention=[], train_step=[], cpu_figure=None, sections={})
+                                                    reps=cfg.reps, validate=os.environ[VALIDATE_ENV_VAR]),
+                  peaks=None, checks=[], external_timings=[], ops=[], attention=[], train_step=[], cpu_figure=None,
+                  sections={})
     if device.type != "cuda":
         report["note"] = ("CPU subset: no CUDA device. Torch back-ends at small shapes and the CPU train-step "
                           "figure only; Triton/CUDA/SDPA-kernel rows are skipped (interpreter timings are "
@@ -840,6 +934,8 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print):
 
     def checks(budget):
         report["checks"] += external_checks(cfg.device)
+        if cfg.external_timings:
+            report["external_timings"] = external_checks(cfg.device, EXTERNAL_TIMINGS)
 
     def op_rows(budget):
         report["ops"] = run_op_section(op_cases(cfg), cfg, budget, report["peaks"], timer_factory,

@@ -44,6 +44,8 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
     names = [c.name for c in bench.op_cases(bench.make_config("cpu-quick", "cpu"))]
     assert {(r["op"], r["backend"], r["pass"]) for r in report["ops"]} == \
         {(n, b, p) for n in names for b in bench.OP_BACKENDS for p in bench.PASSES}
+    assert {"gather_tokens_varlen", "scatter_tokens_varlen"} <= set(names)
+    assert "varlen_attention[encoder]" in {r["op"] for r in report["attention"]}
     for row in report["ops"] + report["attention"]:
         if row["backend"] == "torch":
             assert row["status"] == "ok" and row["ms"] > 0 and row["GBps"] > 0
@@ -53,7 +55,7 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
     assert all("pct_of_floor" in r for r in report["attention"] if r["status"] == "ok")
     checks = [c for c in report["checks"] if c["source"] == "bench"]
     assert checks and all(c["passed"] for c in checks)
-    assert {c["source"] for c in report["checks"]} >= set(bench.EXTERNAL_CHECK_MODULES)
+    assert {c["source"] for c in report["checks"]} >= {f"{m}.{e}" for m, e in bench.EXTERNAL_CHECKS}
 
     train = {r["variant"]: r for r in report["train_step"]}
     assert train["MaskDiT-S/2 fused"]["status"] == "skipped"
