@@ -120,7 +120,7 @@ def _causal_ranges(m0, k_len, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                stride_lse_h, qk_scale, SEQ_BUCKET,
+                stride_lse_h, qk_scale,
                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -223,7 +223,7 @@ def _dkdv_q_block(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_b
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h, qk_scale, sm_scale, SEQ_BUCKET,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h, qk_scale, sm_scale,
                      CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr):
@@ -318,7 +318,7 @@ def _dq_kv_block(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, stri
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_dqt, stride_dqh, stride_lse_h, qk_scale, sm_scale, SEQ_BUCKET,
+                   stride_dqt, stride_dqh, stride_lse_h, qk_scale, sm_scale,
                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -371,34 +371,35 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 
 
 # ------------------------------------------------------------------------------------------------ launch
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
-# Candidates from the Triton fused-attention tutorial / FA2 on A100-H100 for D <= 128; the autotuner
-# drops configs that do not fit (shared memory) and picks per (D, causal, dtype, power-of-two max_seqlen).
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
-_fwd_tuned = triton.autotune(_configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
-                                       (64, 32, 4, 4)]), key=_TUNE_KEY)(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                                        (16, 64, 4, 4)]), key=_TUNE_KEY)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-                                      (64, 16, 4, 4)]), key=_TUNE_KEY)(_bwd_dq_kernel)
 # Under the interpreter: the smallest tiles tl.dot allows, M != N to catch mixed-up block roles.
 _INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
-def _launch(name, tuned, raw, grid_len, n_batch, n_heads, args, meta):
-    """Runs the autotuned kernel on a GPU, or the raw one with fixed small tiles under the interpreter."""
-    if triton_interpreted():
-        block_m, block_n = _INTERPRETER_BLOCKS[name]
-        tile = block_m if name != "dkdv" else block_n
-        raw[(triton.cdiv(grid_len, tile), n_heads, n_batch)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-        return
+def _config(kind, chunk_dim, max_len):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU: the Triton fused-attention tutorial's / FA2's
+    H100 tiles (fwd 128x64, dK/dV 32x128, dQ 128x32), halved along the sequence for short sequences so
+    the grid keeps enough programs; 8 warps past 64 columns. Fixed rather than autotuned: no
+    compile-time blow-up, and no tuning runs that a CUDA graph capture or the first step would pay for."""
+    long = max_len > 64
+    warps = 4 if chunk_dim <= 64 else 8
+    if kind == "fwd":
+        return (128 if long else 64), 64, warps, 3
+    if kind == "dkdv":
+        return 32, (128 if long else 64), warps, 3
+    return (128 if long else 64), 32, warps, 3
 
-    def grid(m):
-        return triton.cdiv(grid_len, m["BLOCK_N" if name == "dkdv" else "BLOCK_M"]), n_heads, n_batch
-    tuned[grid](*args, **meta)
+
+def _launch(kind, kernel, grid_len, n_batch, n_heads, args, meta):
+    """Grid: (blocks of the max sequence length along the kernel's own axis, H, B)."""
+    if triton_interpreted():
+        block_m, block_n = _INTERPRETER_BLOCKS[kind]
+        extra = {}
+    else:
+        block_m, block_n, warps, stages = _config(kind, meta["DA"] + meta["DB"], grid_len)
+        extra = dict(num_warps=warps, num_stages=stages)
+    tile = block_n if kind == "dkdv" else block_m
+    kernel[(triton.cdiv(grid_len, tile), n_heads, n_batch)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                            **extra)
 
 
 @functools.lru_cache(maxsize=None)
@@ -432,9 +433,8 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if total_q == 0 or n_batch == 0 or max_seqlen_q == 0:
         return out, lse
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2E,
-            triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k)))
-    _launch("fwd", _fwd_tuned, _fwd_kernel, max_seqlen_q, n_batch, n_heads, args, _common(q, causal))
+            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2E)
+    _launch("fwd", _fwd_kernel, max_seqlen_q, n_batch, n_heads, args, _common(q, causal))
     return out, lse
 
 
@@ -453,15 +453,14 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim))
     meta = _common(q, causal)
-    bucket = triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k))
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               dout.stride(0), dout.stride(1))
     if max_seqlen_k > 0:
-        _launch("dkdv", _dkdv_tuned, _bwd_dkdv_kernel, max_seqlen_k, n_batch, n_heads,
+        _launch("dkdv", _bwd_dkdv_kernel, max_seqlen_k, n_batch, n_heads,
                 (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *common, dk.stride(0),
-                 dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), softmax_scale * LOG2E, softmax_scale,
-                 bucket), meta)
+                 dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), softmax_scale * LOG2E, softmax_scale),
+                meta)
     if max_seqlen_q > 0:
-        _launch("dq", _dq_tuned, _bwd_dq_kernel, max_seqlen_q, n_batch, n_heads,
+        _launch("dq", _bwd_dq_kernel, max_seqlen_q, n_batch, n_heads,
                 (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common, dq.stride(0), dq.stride(1),
-                 lse.stride(0), softmax_scale * LOG2E, softmax_scale, bucket), meta)
+                 lse.stride(0), softmax_scale * LOG2E, softmax_scale), meta)

@@ -210,6 +210,17 @@ def test_cu_seqlens_check_reruns_after_in_place_change():
         ops.varlen_attention(q, q, q, c, c, 7, 7, backend="torch")
 
 
+def test_gpu_check_and_benchmark_code_paths_on_cpu():
+    from maskdit_fast.ops import attention_gpu_checks as gc
+    checks = gc.check_correctness("cpu", dtypes=(torch.bfloat16,), batch=2, heads=1, head_dims=(72,), max_len=9,
+                                  dense_lengths=(9,))
+    assert len(checks) == 2 * 2 + 2 * 4 + 2 and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    rows = gc.benchmark("cpu", dtype=torch.float32, shapes=((2, 16),), heads=1, head_dim=64, warmup=0, reps=1)
+    timed = [r for r in rows if "ms" in r]
+    assert {r["name"] for r in timed} == {"triton attention(q,k,v views)", "triton attention_qkvpacked"}
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in timed) and len(rows) == 8
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_match_float64():
     from maskdit_fast.ops import attention_gpu_checks
