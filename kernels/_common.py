@@ -11,10 +11,12 @@ import triton.language as tl
 
 _poison = False
 
-# Programs a reduction launch aims for: enough to fill a GPU, few enough that the fp32 partial-sum
-# buffers stay small. A constant (not the SM count) so the split, and hence the rounding of the
-# deterministic reductions, depends on the shapes only.
-TARGET_PROGRAMS = 4096
+# Reductions are split into chunks, each summed by one program into a row of an fp32 partial-sum
+# buffer that torch then sums: aim for TARGET_PROGRAMS programs in all, with at most MAX_CHUNKS
+# chunks so the buffers stay small next to the reduced tensor. Constants (not the SM count), so the
+# split, and hence the rounding of the deterministic reductions, depends on the shapes only.
+TARGET_PROGRAMS = 2048
+MAX_CHUNKS = 32
 
 
 @contextlib.contextmanager
@@ -50,15 +52,25 @@ def block_d(d, cap):
     return max(16, min(triton.next_power_of_2(max(d, 1)), cap))
 
 
-def num_warps(block):
-    """4 warps up to 1024 elements per row block, 8 above (keeps <= 8 fp32 values per thread per operand)."""
-    return 4 if block <= 1024 else 8
+# Elements per program tile: a [rows, BLOCK_D] tile holds about this many (rows = TILE // BLOCK_D), so
+# narrow rows are batched and wide rows (D = 1152 -> 2048 columns) take 2 rows per program.
+TILE = 4096
+
+
+def rows_per_tile(block):
+    """Rows of a [rows, block] tile (a power of two since block is)."""
+    return max(1, TILE // block)
+
+
+def num_warps(elements):
+    """4 warps up to 2048 tile elements, 8 above (<= 16 values per thread per operand at TILE)."""
+    return 4 if elements <= 2048 else 8
 
 
 def split(total, other_programs):
-    """Splits a reduction over `total` items into chunks: returns (items_per_chunk, n_chunks) so that
-    other_programs * n_chunks is about TARGET_PROGRAMS. Depends on the shapes only (deterministic)."""
-    want = max(1, min(total, triton.cdiv(TARGET_PROGRAMS, max(other_programs, 1))))
+    """Splits a reduction over `total` items into chunks: returns (items_per_chunk, n_chunks) with
+    other_programs * n_chunks about TARGET_PROGRAMS and n_chunks <= MAX_CHUNKS."""
+    want = max(1, min(total, MAX_CHUNKS, triton.cdiv(TARGET_PROGRAMS, max(other_programs, 1))))
     per = max(1, triton.cdiv(total, want))
     return per, triton.cdiv(total, per)
 

@@ -1,0 +1,210 @@
+"""Triton layernorm_modulate and gated_residual against the float64 references; registration
+(opcheck, torch.compile); bad input. On CPU the kernels run under the Triton interpreter
+(tests/conftest.py): every width and dtype at short sequences, the long sequences at width 72."""
+import functools
+
+import pytest
+import torch
+
+from maskdit_fast.ops import modulate as md
+from maskdit_fast.ops.gpu_checks import check_op
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SMALL = [(3, 7, 72), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72)]
+CASES = ([(shape, dtype) for shape in SMALL for dtype in DTYPES]
+         + [((1, 128, 72), torch.float16), ((1, 256, 72), torch.bfloat16), ((3, 256, 72), torch.float32)])
+TRITON = dict(backend="triton")
+LN = functools.partial(md.layernorm_modulate, **TRITON)
+GATE = functools.partial(md.gated_residual, **TRITON)
+
+
+def _randn(*shape, dtype, gen, scale=1.0, grad=True):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).requires_grad_(grad)
+
+
+def _assert_checks(checks):
+    failed = [c for c in checks if not c.passed]
+    assert not failed, "\n".join(map(str, failed))
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("shape,dtype", CASES, ids=str)
+def test_match_reference(shape, dtype, per_token):
+    B, L, D = shape
+    gen = torch.Generator().manual_seed(hash((shape, per_token)) % 2**31)
+    cond = (B, L, D) if per_token else (B, D)
+    # a non-zero mean and unequal scales exercise the fp32 statistics
+    x = (_randn(B, L, D, dtype=torch.float32, gen=gen, grad=False) * 3 + 1).to(dtype).requires_grad_()
+    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref,
+                            (x, _randn(*cond, dtype=dtype, gen=gen), _randn(*cond, dtype=dtype, gen=gen, scale=0.5)),
+                            gen))
+    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref,
+                            (x, _randn(B, L, D, dtype=dtype, gen=gen), _randn(*cond, dtype=dtype, gen=gen)), gen))
+
+
+def test_cond_with_singleton_token_dim_and_eps():
+    gen = torch.Generator().manual_seed(1)
+    B, L, D = 3, 7, 72
+    x = _randn(B, L, D, dtype=torch.float32, gen=gen, scale=1e-3)  # eps matters at this scale
+    _assert_checks(check_op("layernorm_modulate", functools.partial(LN, eps=1e-5),
+                            functools.partial(md.layernorm_modulate_ref, eps=1e-5),
+                            (x, _randn(B, 1, D, dtype=torch.float32, gen=gen),
+                             _randn(B, 1, D, dtype=torch.float32, gen=gen)), gen))
+    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref,
+                            (x, _randn(B, L, D, dtype=torch.float32, gen=gen),
+                             _randn(B, 1, D, dtype=torch.float32, gen=gen)), gen))
+
+
+def test_mixed_dtypes_promote_like_reference():
+    """fp32 residual stream with bf16 branch output and conditioning (the model under autocast)."""
+    gen = torch.Generator().manual_seed(2)
+    B, L, D = 3, 7, 72
+    x = _randn(B, L, D, dtype=torch.float32, gen=gen)
+    bf = functools.partial(_randn, dtype=torch.bfloat16, gen=gen)
+    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, (x, bf(B, D), bf(B, D)), gen))
+    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, bf(B, L, D), bf(B, D)), gen))
+
+
+def test_packed_layout_matches_per_sample_conditioning():
+    """The documented packed call: x [1, T, D] with per-token conditioning gathered by sample index."""
+    from maskdit_fast.ops.gather_scatter import sample_index
+    gen = torch.Generator().manual_seed(3)
+    D = 72
+    cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32)
+    x, shift, scale = torch.randn(7, D, generator=gen), torch.randn(3, D, generator=gen), torch.randn(3, D, generator=gen)
+    seg = sample_index(torch.zeros(7, dtype=torch.int64), cu)
+    packed = md.layernorm_modulate(x[None], shift[seg][None], scale[seg][None], **TRITON)[0]
+    for b in range(3):
+        rows = slice(cu[b], cu[b + 1])
+        want = md.layernorm_modulate_ref(x[None, rows], shift[b:b + 1], scale[b:b + 1])[0]
+        torch.testing.assert_close(packed[rows], want)
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 72), (3, 0, 72), (2, 3, 0)], ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_empty(shape, per_token):
+    gen = torch.Generator().manual_seed(4)
+    B, L, D = shape
+    cond = (B, L, D) if per_token else (B, D)
+    args = [_randn(B, L, D, dtype=torch.float32, gen=gen)] + [_randn(*cond, dtype=torch.float32, gen=gen)] * 2
+    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, tuple(args), gen))
+    args[1] = _randn(B, L, D, dtype=torch.float32, gen=gen)
+    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, tuple(args), gen))
+
+
+def test_non_contiguous_inputs():
+    """adaLN chunks are strided [B, D] views; x may be a transposed view."""
+    gen = torch.Generator().manual_seed(5)
+    B, L, D = 2, 5, 72
+    x = torch.randn(B, D, L, generator=gen).transpose(1, 2)
+    mod = torch.randn(B, 3 * D, generator=gen)
+    shift, scale, gate = mod.chunk(3, dim=1)
+    torch.testing.assert_close(md.layernorm_modulate(x, shift, scale, **TRITON),
+                               md.layernorm_modulate_ref(x, shift, scale))
+    torch.testing.assert_close(md.gated_residual(x, x * 2, gate, **TRITON), md.gated_residual_ref(x, x * 2, gate))
+
+
+def test_backward_is_deterministic():
+    gen = torch.Generator().manual_seed(6)
+    B, L, D = 2, 64, 72
+    x, shift, scale = (torch.randn(*s, generator=gen, requires_grad=True) for s in ((B, L, D), (B, D), (B, D)))
+    dy = torch.randn(B, L, D, generator=gen)
+    first, second = [torch.autograd.grad(md.layernorm_modulate(x, shift, scale, **TRITON), [x, shift, scale], dy)
+                     for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_torch_backend_is_the_reference():
+    gen = torch.Generator().manual_seed(7)
+    x, shift, scale = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 16, generator=gen), torch.randn(2, 16)
+    assert torch.equal(md.layernorm_modulate(x, shift, scale, backend="torch"), md.layernorm_modulate_ref(x, shift, scale))
+    assert torch.equal(md.gated_residual(x, x, scale, backend="torch"), md.gated_residual_ref(x, x, scale))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------
+
+def _opcheck_samples():
+    gen = torch.Generator().manual_seed(8)
+    B, L, D = 2, 5, 16
+
+    def r(*s, grad=False, dtype=torch.float32):
+        return torch.randn(*s, generator=gen).to(dtype).requires_grad_(grad)
+
+    ops = torch.ops.maskdit_fast
+    return [
+        (ops.layernorm_modulate.default, (r(B, L, D, grad=True), r(B, D, grad=True), r(B, D, grad=True), 1e-6)),
+        (ops.layernorm_modulate.default, (r(B, L, D, grad=True), r(B, L, D, grad=True), r(B, L, D, grad=True), 1e-5)),
+        (ops.layernorm_modulate_backward.default, (r(B, L, D), r(B, L, D), r(B, D, dtype=torch.bfloat16), r(B, D), 1e-6)),
+        (ops.gated_residual.default, (r(B, L, D, grad=True), r(B, L, D, grad=True), r(B, D, grad=True))),
+        (ops.gated_residual.default, (r(B, L, D, grad=True), r(B, L, D, dtype=torch.bfloat16, grad=True),
+                                      r(B, L, D, grad=True))),
+        (ops.gated_residual_backward.default, (r(B, L, D), r(B, L, D), r(B, D))),
+    ]
+
+
+@pytest.mark.parametrize("sample", range(6))
+def test_opcheck(sample):
+    op, args = _opcheck_samples()[sample]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    gen = torch.Generator().manual_seed(9)
+    B, L, D = 2, 5, 16
+    x, mod, w = (torch.randn(*s, generator=gen, requires_grad=True) for s in ((B, L, D), (B, 3 * D), (D, D)))
+
+    def block(x, mod):
+        shift, scale, gate = mod.chunk(3, dim=1)
+        return md.gated_residual(x, md.layernorm_modulate(x, shift, scale, **TRITON) @ w, gate, **TRITON).sum()
+
+    eager = torch.autograd.grad(block(x, mod), [x, mod, w])
+    got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(x, mod), [x, mod, w])
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case,error,match", [
+    (lambda x, s, c: (x.long(), s, c), TypeError, "floating-point"),
+    (lambda x, s, c: (x[0], s, c), ValueError, r"\[B, L, D\]"),
+    (lambda x, s, c: (x, s.long(), c), TypeError, "shift"),
+    (lambda x, s, c: (x, s[:, :4], c), ValueError, "shift must have shape"),
+    (lambda x, s, c: (x, s[:1], c), ValueError, "shift must have shape"),
+    (lambda x, s, c: (x, s, c.to("meta")), ValueError, "is on meta"),
+    (lambda x, s, c: (x, s, c[:, None].expand(2, 5, 8)), ValueError, "same shape"),
+])
+def test_layernorm_modulate_bad_input(case, error, match, backend):
+    args = (torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 8))
+    with pytest.raises(error, match=match):
+        md.layernorm_modulate(*case(*args), backend=backend)
+
+
+@pytest.mark.parametrize("case,error,match", [
+    (lambda x, y, g: (x, y[:, :4], g), ValueError, "must match"),
+    (lambda x, y, g: (x, y.int(), g), TypeError, "y must be a floating-point"),
+    (lambda x, y, g: (x, y, g[:, :3]), ValueError, "gate must have shape"),
+    (lambda x, y, g: (x, y.to("meta"), g), ValueError, "must match"),
+])
+def test_gated_residual_bad_input(case, error, match):
+    args = (torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 8))
+    with pytest.raises(error, match=match):
+        md.gated_residual(*case(*args), **TRITON)
+
+
+def test_launchers_reject_non_contiguous():
+    from maskdit_fast.kernels import modulate as kmd
+    x = torch.randn(2, 8, 5).transpose(1, 2)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        kmd.layernorm_modulate_fwd(x, torch.randn(2, 8), torch.randn(2, 8), 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_checks_dit_xl_sizes():
+    from maskdit_fast.ops.gpu_checks import run_checks
+    _assert_checks(run_checks(device="cuda", families=("modulate",)))
