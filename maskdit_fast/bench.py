@@ -137,7 +137,7 @@ def make_config(mode, device):
                       external_timings=not quick)
     if mode == "cpu":
         # The train-step section would repeat the CPU figure (same models): not run by default.
-        return Config(mode, device, torch.float32, **CPU_SMALL, warmup=2, reps=10, compile=True,
+        return Config(mode, device, torch.float32, **CPU_SMALL, warmup=3, reps=30, compile=True,
                       copy_bytes=64 << 20, matmul_n=512, train_size=CPU_FIGURE["preset"],
                       train_overrides=CPU_FIGURE["overrides"], train_warmup=1, train_reps=3,
                       max_batch=CPU_FIGURE["batch"], fixed_batch=CPU_FIGURE["batch"], cpu_figure=CPU_FIGURE,
@@ -646,7 +646,7 @@ def fit_batch(peak_bytes_at, capacity, max_batch, multiple=8, probes=(8, 16), sa
 
 
 def _is_oom(err):
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def _free_cuda():
@@ -690,9 +690,10 @@ def prepare_train_variant(preset, overrides, backend, mask_ratio, cfg):
         except Exception as err:  # noqa: BLE001
             if not _is_oom(err) or batch <= 8:
                 raise
-            step = model = None
-            _free_cuda()
-            batch = max(8, int(batch * 0.8) // 8 * 8)
+        # Outside the except block: its traceback keeps the failed attempt's tensors alive.
+        step = model = None
+        _free_cuda()
+        batch = max(8, int(batch * 0.8) // 8 * 8)
     raise RuntimeError(f"{preset}: out of memory down to batch {batch}")
 
 
@@ -756,7 +757,7 @@ def run_train_section(cfg, budget, peaks, timer_factory=Timer):
             rows.append(dict(variant=label, model=preset, status="unavailable", reason=str(err)[:200]))
         except Exception as err:  # noqa: BLE001 - reported, the report goes on
             rows.append(dict(variant=label, model=preset, status="error", reason=f"{type(err).__name__}: {err}"[:300]))
-            _free_cuda()
+        _free_cuda()
     base = next((r for r in rows if r["variant"] == train_baseline(cfg) and r["status"] == "ok"), None)
     for r in rows:
         if base and r["status"] == "ok":
@@ -767,9 +768,17 @@ def run_train_section(cfg, budget, peaks, timer_factory=Timer):
 
 def run_cpu_figure(cfg, timer_factory=Timer):
     """Item 3: MaskDiT (mask ratio 0.5) vs DiT train-step time on the CPU: same width and depth, pure
-    PyTorch, fp32. The two steps alternate call by call so that load changes on a shared CPU hit
-    both alike; each figure is the median of its calls."""
-    fig = cfg.cpu_figure
+    PyTorch, fp32, one thread. The two steps alternate call by call so that load changes on a
+    shared CPU hit both alike; each figure is the median of its calls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # comparable across machines, and immune to oversubscribed cores
+    try:
+        return _cpu_figure(cfg.cpu_figure, timer_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cpu_figure(fig, timer_factory):
     size, batch = fig["preset"], fig["batch"]
     variants = (("maskdit", f"MaskDiT-{size}", 0.5), ("dit", f"DiT-{size}", 0.0))
     steps, timers, rows = {}, {}, {}

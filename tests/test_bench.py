@@ -64,7 +64,7 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
     assert dit["vs_baseline"] == pytest.approx(dit["images_per_s"] / ref["images_per_s"])
     assert ref["TFLOPs"] > 0 and ref["batch"] == 4 and ref["mask_ratio"] == 0.5
     fig = report["cpu_figure"]
-    assert fig["speedup"] == pytest.approx(fig["dit_ms"] / fig["maskdit_ms"])
+    assert fig["speedup"] == pytest.approx(fig["dit_ms"] / fig["maskdit_ms"]) and fig["config"]["threads"] == 1
     assert fig["flops_ratio"] > 1  # the masked encoder does less work
 
     md = (out / files[1]).read_text()
@@ -179,7 +179,8 @@ def test_markdown_lists_failed_checks_and_main_exit_code(tmp_path, monkeypatch):
 def test_external_check_rows_are_normalised(monkeypatch):
     good = types.ModuleType("fake_checks_good")
     good.run_checks = lambda device: [("gather fwd", 0.0, 1e-3, True), ("scatter bwd", 0.5, 1e-3, False),
-                                      {"name": "attention timing", "ms": 1.0}]
+                                      {"name": "attention timing", "ms": 1.0},
+                                      {"name": "varlen D=72", "max_err": 2e-3, "tolerance": 1e-3, "ok": False}]
     broken = types.ModuleType("fake_checks_broken")
 
     def crash(device):
@@ -193,6 +194,7 @@ def test_external_check_rows_are_normalised(monkeypatch):
     by_name = {r["name"]: r for r in rows}
     assert by_name["gather fwd"]["status"] == "ok" and by_name["scatter bwd"]["status"] == "FAILED"
     assert by_name["attention timing"]["status"] == "info" and by_name["attention timing"]["ms"] == 1.0
+    assert by_name["varlen D=72"]["status"] == "FAILED" and by_name["varlen D=72"]["tol"] == 1e-3
     assert by_name["fake_checks_broken"]["status"] == "error"
     assert "kernel launch failed" in by_name["fake_checks_broken"]["reason"]
     assert by_name["fake_checks_no_entry"]["status"] == "not available"
