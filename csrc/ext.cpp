@@ -1,24 +1,70 @@
-// Minimal extension proving the csrc/ build path; the real kernels register their schemas here.
+// maskdit_fast._C: CUDA kernels for the memory-bound ops. Every schema lives here; the Python
+// side (maskdit_fast/ops/cuda_backend.py) registers the fake (meta) impls and the autograd wiring.
+// Only torch/library.h and Python.h: torch/extension.h (all of libtorch + pybind11) would triple
+// the compile time for an empty module.
+#include <Python.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
-#include <torch/extension.h>
 
-at::Tensor axpby_cuda(const at::Tensor& x, const at::Tensor& y, double a, double b);
+#include <optional>
+#include <tuple>
 
-namespace {
-at::Tensor axpby(const at::Tensor& x, const at::Tensor& y, double a, double b) {
-  TORCH_CHECK(x.is_cuda() && y.is_cuda(), "axpby: tensors must be on CUDA");
-  TORCH_CHECK(x.sizes() == y.sizes(), "axpby: shape mismatch ", x.sizes(), " vs ", y.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat, "axpby: float32 only");
-  return axpby_cuda(x.contiguous(), y.contiguous(), a, b);
-}
-}  // namespace
+namespace maskdit {
+at::Tensor gather_tokens_fwd(const at::Tensor& x, const at::Tensor& ids, const std::optional<at::Tensor>& pos);
+std::tuple<at::Tensor, at::Tensor> gather_tokens_bwd(const at::Tensor& grad_out, const at::Tensor& ids,
+                                                     int64_t length, bool pos_grad);
+at::Tensor scatter_tokens_fwd(const at::Tensor& x_kept, const at::Tensor& ids, const at::Tensor& mask_token,
+                              int64_t length, const std::optional<at::Tensor>& pos);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_bwd(const at::Tensor& grad_out, const at::Tensor& ids,
+                                                                  bool mask_grad, bool pos_grad);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_fwd(const at::Tensor& x, const at::Tensor& shift,
+                                                                      const at::Tensor& scale, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                      const at::Tensor& scale, const at::Tensor& mean,
+                                                                      const at::Tensor& rstd, bool cond_grad);
+at::Tensor gated_residual_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate);
+std::tuple<at::Tensor, at::Tensor> gated_residual_bwd(const at::Tensor& grad_out, const at::Tensor& y,
+                                                      const at::Tensor& gate, bool y_grad, bool gate_grad);
+}  // namespace maskdit
 
+// Backward ops return an empty [0] tensor for a gradient that was not requested.
 TORCH_LIBRARY(maskdit_fast_C, m) {
-  m.def("axpby(Tensor x, Tensor y, float a, float b) -> Tensor");
+  m.set_python_module("maskdit_fast.ops.cuda_backend");
+  // [B, L, D], [B, K] int64, [L, D]? -> [B, K, D]
+  m.def("gather_tokens(Tensor x, Tensor ids_keep, Tensor? pos_embed) -> Tensor");
+  // [B, K, D] -> (grad_x [B, L, D], grad_pos_embed [L, D] | [0])
+  m.def("gather_tokens_backward(Tensor grad_out, Tensor ids_keep, int length, bool pos_grad) -> (Tensor, Tensor)");
+  // [B, K, D], [B, K] int64, [D], L, [L, D]? -> [B, L, D]
+  m.def("scatter_tokens(Tensor x_kept, Tensor ids_keep, Tensor mask_token, int length, Tensor? pos_embed) -> Tensor");
+  // [B, L, D] -> (grad_x_kept [B, K, D], grad_mask_token [D] | [0], grad_pos_embed [L, D] | [0])
+  m.def("scatter_tokens_backward(Tensor grad_out, Tensor ids_keep, bool mask_grad, bool pos_grad) "
+        "-> (Tensor, Tensor, Tensor)");
+  // x [B, L, D], shift/scale [B, D] | [B, L, D] -> (out [B, L, D], mean [B, L] fp32, rstd [B, L] fp32)
+  m.def("layernorm_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_x [B, L, D], grad_shift, grad_scale: shaped like scale | [0])
+  m.def("layernorm_modulate_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor mean, Tensor rstd, "
+        "bool cond_grad) -> (Tensor, Tensor, Tensor)");
+  // x, y [B, L, D], gate [B, D] | [B, L, D] -> [B, L, D]
+  m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");
+  // -> (grad_y [B, L, D] | [0], grad_gate shaped like gate | [0]); grad_x is grad_out itself
+  m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate, bool y_grad, bool gate_grad) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(maskdit_fast_C, CUDA, m) {
-  m.impl("axpby", &axpby);
+  m.impl("gather_tokens", &maskdit::gather_tokens_fwd);
+  m.impl("gather_tokens_backward", &maskdit::gather_tokens_bwd);
+  m.impl("scatter_tokens", &maskdit::scatter_tokens_fwd);
+  m.impl("scatter_tokens_backward", &maskdit::scatter_tokens_bwd);
+  m.impl("layernorm_modulate", &maskdit::layernorm_modulate_fwd);
+  m.impl("layernorm_modulate_backward", &maskdit::layernorm_modulate_bwd);
+  m.impl("gated_residual", &maskdit::gated_residual_fwd);
+  m.impl("gated_residual_backward", &maskdit::gated_residual_bwd);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+// `import maskdit_fast._C` loads this library, which runs the registrations above; the Python
+// module itself is empty.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
