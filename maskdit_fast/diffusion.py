@@ -2,9 +2,12 @@
 Diffusion-Based Generative Models"; MaskDiT's loss from Zheng et al. 2023).
 
 - `EDMPrecond`: wraps a network `net(x, t, y, mask_ratio=, ids_keep=) -> ModelOutput(sample, mask)`
-  into the EDM denoiser D(x; sigma) with the standard c_skip / c_out / c_in / c_noise scalings.
+  into the EDM denoiser D(x; sigma) with the standard c_skip / c_out / c_in / c_noise scalings;
+  `forward_packed` does the same for MaskDiT's packed forward over groups of resolutions.
 - `MaskDiTLoss` (alias `EDMLoss`): EDM denoising score matching on the kept patches plus an
-  MAE-style reconstruction of the masked patches; at mask ratio 0 the plain EDM loss.
+  MAE-style reconstruction of the masked patches; at mask ratio 0 the plain EDM loss. Mask ratios
+  may be per sample (MaskDiT's packed path), and `MaskDiTLoss.grouped` takes a mixed-resolution
+  batch (a list of groups) in one packed encoder pass.
 - `mask_ratio_schedule`: constant / linear / cosine mask ratio over training steps.
 - `edm_sampler` / `sample`: EDM's Algorithm 2 (Heun or Euler) with classifier-free guidance on all
   channels, seeded (per-sample seeds via `StackedRandomGenerator`).
@@ -19,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from maskdit_fast.masking import per_sample_ratios
 from maskdit_fast.models import ModelOutput
 
 
@@ -136,19 +140,52 @@ class EDMPrecond(nn.Module):
             x: [B, C, H, W] noisy input (any float dtype; computed in fp32).
             sigma: python number, 0-d / [1] / [B] tensor of noise levels (> 0).
             y: [B] int64 class labels in [0, num_classes] (num_classes = null class).
-            mask_ratio: fraction of patches the network drops (0 at inference).
-            ids_keep: optional [B, K] int64 kept patch positions (overrides random masking).
+            mask_ratio: fraction of patches the network drops (0 at inference), or B per-sample
+                ratios (MaskDiT's packed path).
+            ids_keep: optional kept patch positions (overrides random masking): [B, K] int64, or
+                per-sample (a PackedMask / list of B 1-D int64 tensors, MaskDiT's packed path).
         Returns:
             ModelOutput(sample=D_x [B, C, H, W] fp32, mask=[B, L] or None, as the network returned).
         """
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
-        B, C = x.shape[:2]
+        x, c_skip, c_out, c_in, c_noise = self._scalings(x, sigma)
+        out = self.net(c_in * x, c_noise, y, mask_ratio=mask_ratio, ids_keep=ids_keep)
+        return self._denoised(x, out, c_skip, c_out)
+
+    def forward_packed(self, x, sigma, y=None, mask_ratio=0.0, ids_keep=None):
+        """Denoises G groups of samples (one resolution per group) in one packed network pass
+        (`net.forward_packed`, e.g. MaskDiT's).
+
+        Args:
+            x: list of G noisy inputs [B_g, C, H_g, W_g].
+            sigma: list of G noise levels (number or [B_g] tensor each).
+            y: list of G [B_g] int64 labels (None entries: null class), or None.
+            mask_ratio, ids_keep: per group, as MaskDiT.forward_packed.
+        Returns:
+            list of G ModelOutput(sample=D_x [B_g, C, H_g, W_g] fp32, mask [B_g, L_g]).
+        """
+        if not isinstance(x, (list, tuple)) or not isinstance(sigma, (list, tuple)) or len(sigma) != len(x):
+            raise ValueError("forward_packed takes lists x and sigma with one entry per group")
+        scaled = [self._scalings(xg, sg) for xg, sg in zip(x, sigma)]
+        outs = self.net.forward_packed([c_in * xg for xg, _, _, c_in, _ in scaled],
+                                       [c_noise for *_, c_noise in scaled], y, mask_ratio=mask_ratio,
+                                       ids_keep=ids_keep)
+        return [self._denoised(xg, out, c_skip, c_out) for (xg, c_skip, c_out, _, _), out in zip(scaled, outs)]
+
+    def _scalings(self, x, sigma):
+        """Checks x and returns (x fp32, c_skip, c_out, c_in [B, 1, 1, 1], c_noise [B])."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [B, {self.in_channels}, H, W], got shape {tuple(getattr(x, 'shape', ()))}")
         x = x.float()
-        sigma = _sigma_per_sample(sigma, B, x.device)
-        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in edm_coefficients(sigma, self.sigma_data))
-        out = self.net(c_in * x, c_noise.reshape(-1), y, mask_ratio=mask_ratio, ids_keep=ids_keep)
+        sigma = _sigma_per_sample(sigma, x.shape[0], x.device)
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in (c_skip, c_out, c_in))
+        return x, c_skip, c_out, c_in, c_noise
+
+    @staticmethod
+    def _denoised(x, out, c_skip, c_out):
+        """D_x = c_skip * x + c_out * F_x (first C channels of the network output)."""
         F_x = out.sample
+        B, C = x.shape[:2]
         if F_x.shape[0] != B or F_x.shape[1] not in (C, 2 * C) or F_x.shape[2:] != x.shape[2:]:
             raise RuntimeError(f"network returned shape {tuple(F_x.shape)} for input {tuple(x.shape)}")
         return ModelOutput(c_skip * x + c_out * F_x[:, :C].float(), out.mask)
@@ -167,12 +204,16 @@ class MaskDiTLoss:
 
     sigma = exp(P_mean + P_std * N(0, 1)); noisy input x + sigma * n; the network masks patches of
     the noisy input. Per sample:
-      dsm_i = mean over KEPT patches of [mean over the patch's values of w(sigma) * (D - x)^2],
+      dsm_i = mean over sample i's KEPT patches of [mean over the patch's values of w(sigma) * (D - x)^2],
               w(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2 (all patches when nothing is masked);
-      mae_i = mean over MASKED patches of [mean over the patch of (D - norm(x + sigma*n))^2], norm =
-              per-patch (v - mean) / sqrt(var + 1e-6) with the unbiased variance (as the official
-              code's torch.var); only when mae_coef > 0 and patches were masked.
+      mae_i = mean over sample i's MASKED patches of [mean over the patch of (D - norm(x + sigma*n))^2],
+              norm = per-patch (v - mean) / sqrt(var + 1e-6) with the unbiased variance (as the
+              official code's torch.var); 0 when mae_coef == 0 or the sample has no masked patch.
     loss = mean_i(dsm_i + mae_coef * mae_i), computed in fp32 (also under autocast).
+
+    Each sample is averaged over its own kept and masked counts, so per-sample mask ratios (MaskDiT's
+    packed path) and mixed-resolution batches (`grouped`) need no other change: with equal counts the
+    per-sample terms are the official ones, and a batch's loss is the plain mean over its samples.
     """
 
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, mae_coef=0.1):
@@ -195,54 +236,109 @@ class MaskDiTLoss:
             precond: EDMPrecond (or a module with the same call and sigma_data / patch_size).
             x: [B, C, H, W] clean data (latents).
             y: [B] int64 labels in [0, num_classes] (label dropout is the caller's business).
-            mask_ratio: in [0, 1); the network masks that fraction of patches.
-            ids_keep: optional [B, K] int64 kept patches (fixed mask instead of a random one).
+            mask_ratio: in [0, 1); the network masks that fraction of patches. Or B per-sample
+                ratios (1-D float tensor, list or tuple, e.g. `masking.sample_mask_ratios`): MaskDiT
+                then runs its packed encoder.
+            ids_keep: optional kept patches (fixed mask instead of a random one): [B, K] int64, or a
+                PackedMask / list of B 1-D int64 tensors (per-sample counts, packed encoder).
             generator: torch.Generator for sigma and noise (drawn in that order).
             sigma: optional override: number or [B] tensor of noise levels.
             noise: optional override: [B, C, H, W] standard-normal noise (scaled by sigma here).
         Returns:
             LossOutput(loss, dsm, mae, per_sample).
         """
-        _check_mask_ratio(mask_ratio)
+        self._check_precond(precond)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be [B, C, H, W], got shape {tuple(getattr(x, 'shape', ()))}")
+        masked = any(per_sample_ratios(mask_ratio, x.shape[0])) or ids_keep is not None
+        sigma = self._sigma(sigma, x.shape[0], x.device, generator)
+        x, x_noisy = self._noised(x, sigma, noise, generator)
+        out = precond(x_noisy, sigma, y, mask_ratio=mask_ratio, ids_keep=ids_keep)
+        if out.mask is None and masked:
+            raise RuntimeError("the network was asked to mask patches but returned no mask")
+        return self._output(*self._terms(out.sample, x, x_noisy, sigma, out.mask, precond.patch_size))
+
+    def grouped(self, precond, x, y, mask_ratio=0.0, ids_keep=None, generator=None, sigma=None, noise=None):
+        """The loss of a mixed-resolution batch: G groups of samples, one resolution per group, all
+        through one packed encoder pass (`precond.forward_packed`, MaskDiT only).
+
+        The per-sample terms are those of `__call__` on each group; loss, dsm and mae are means over
+        all B = sum_g B_g samples (each sample weighs the same whatever its resolution).
+
+        Args:
+            precond: EDMPrecond wrapping a MaskDiT.
+            x: list of G clean inputs [B_g, C, H_g, W_g].
+            y: list of G [B_g] int64 labels (None entries: null class), or None.
+            mask_ratio: a number for every sample, or a list of G entries (number or B_g per-sample
+                ratios each).
+            ids_keep: None or a list of G entries (None, PackedMask, [B_g, K] tensor or list of 1-D
+                tensors), as MaskDiT.forward_packed.
+            generator: torch.Generator: sigma for all B samples first, then each group's noise.
+            sigma: optional override: number or [B] tensor (groups in order).
+            noise: optional override: list of G [B_g, C, H_g, W_g] standard-normal tensors.
+        Returns:
+            LossOutput(loss, dsm, mae, per_sample [B], groups in order).
+        """
+        self._check_precond(precond)
+        if not isinstance(x, (list, tuple)) or not x or not all(isinstance(xg, torch.Tensor) and xg.dim() == 4
+                                                                for xg in x):
+            raise ValueError("grouped: x must be a non-empty list of [B_g, C, H_g, W_g] tensors")
+        if noise is not None and (not isinstance(noise, (list, tuple)) or len(noise) != len(x)):
+            raise ValueError("grouped: noise must be a list with one tensor per group")
+        sizes = [xg.shape[0] for xg in x]
+        sigma = self._sigma(sigma, sum(sizes), x[0].device, generator).split(sizes)
+        noised = [self._noised(xg, sg, None if noise is None else noise[g], generator)
+                  for g, (xg, sg) in enumerate(zip(x, sigma))]
+        outs = precond.forward_packed([xn for _, xn in noised], list(sigma), y, mask_ratio=mask_ratio,
+                                      ids_keep=ids_keep)
+        terms = [self._terms(out.sample, xc, xn, sg, out.mask, precond.patch_size)
+                 for out, (xc, xn), sg in zip(outs, noised, sigma)]
+        return self._output(torch.cat([dsm for dsm, _ in terms]), torch.cat([mae for _, mae in terms]))
+
+    def _check_precond(self, precond):
         precond_sd = getattr(precond, "sigma_data", self.sigma_data)
         if precond_sd != self.sigma_data:
             raise ValueError(f"loss sigma_data {self.sigma_data} != preconditioner sigma_data {precond_sd}")
-        if x.dim() != 4:
-            raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
-        B = x.shape[0]
-        x = x.float()
+
+    def _sigma(self, sigma, batch, device, generator):
+        """[batch] fp32 noise levels: drawn, or the override checked."""
         if sigma is None:
-            sigma = self.sample_sigma(B, x.device, generator)
-        sigma = _sigma_per_sample(sigma, B, x.device).reshape(-1, 1, 1, 1)
+            sigma = self.sample_sigma(batch, device, generator)
+        return _sigma_per_sample(sigma, batch, device)
+
+    @staticmethod
+    def _noised(x, sigma, noise, generator):
+        """(x fp32, x + sigma * noise) for [B] sigma; noise drawn when None."""
+        x = x.float()
         if noise is None:
             noise = torch.randn(x.shape, device=x.device, generator=generator)
         elif noise.shape != x.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x shape {tuple(x.shape)}")
-        x_noisy = x + noise.float() * sigma
+        return x, x + noise.float() * sigma.reshape(-1, 1, 1, 1)
 
-        out = precond(x_noisy, sigma.reshape(-1), y, mask_ratio=mask_ratio, ids_keep=ids_keep)
-        mask = out.mask
-        if mask is None and (mask_ratio > 0 or ids_keep is not None):
-            raise RuntimeError("the network was asked to mask patches but returned no mask")
+    def _terms(self, D, x, x_noisy, sigma, mask, p):
+        """Per-sample (dsm [B], mae [B]) in fp32 for the denoiser output D (mask [B, L] or None)."""
         # Reductions in fp32 even when the caller runs the network under autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            D = out.sample.float()
+            D = D.float()
+            sigma = sigma.reshape(-1, 1, 1, 1)
             weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
             dsm_pixel = weight * (D - x) ** 2
             if mask is None:
                 dsm = dsm_pixel.mean(dim=(1, 2, 3))
-                mae = torch.zeros_like(dsm)
-            else:
-                p = precond.patch_size
-                dsm_patch = patchify(dsm_pixel, p).mean(dim=-1)  # [B, L]
-                mask = mask.float()
-                if mask.shape != dsm_patch.shape:
-                    raise RuntimeError(f"mask shape {tuple(mask.shape)} != patch grid {tuple(dsm_patch.shape)}")
-                keep = 1.0 - mask
-                dsm = (dsm_patch * keep).sum(1) / keep.sum(1)
-                mae = self._mae(x_noisy, D, mask, p) if self.mae_coef > 0 else torch.zeros_like(dsm)
-            per_sample = dsm + self.mae_coef * mae
-            return LossOutput(per_sample.mean(), dsm.mean(), mae.mean(), per_sample)
+                return dsm, torch.zeros_like(dsm)
+            dsm_patch = patchify(dsm_pixel, p).mean(dim=-1)  # [B, L]
+            mask = mask.float()
+            if mask.shape != dsm_patch.shape:
+                raise RuntimeError(f"mask shape {tuple(mask.shape)} != patch grid {tuple(dsm_patch.shape)}")
+            keep = 1.0 - mask
+            dsm = (dsm_patch * keep).sum(1) / keep.sum(1)
+            mae = self._mae(x_noisy, D, mask, p) if self.mae_coef > 0 else torch.zeros_like(dsm)
+            return dsm, mae
+
+    def _output(self, dsm, mae):
+        per_sample = dsm + self.mae_coef * mae
+        return LossOutput(per_sample.mean(), dsm.mean(), mae.mean(), per_sample)
 
     @staticmethod
     def _mae(x_noisy, D, mask, p):

@@ -36,6 +36,7 @@ parameters; MaskDiT-XL/2 730M (see `maskdit_fast.flops` for the forward cost).
 """
 import inspect
 import math
+import numbers
 import re
 from typing import NamedTuple, Optional
 
@@ -44,13 +45,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskdit_fast import ops
-from maskdit_fast.masking import check_ids_keep, mask_from_ids_keep, num_kept, random_masking_ids
+from maskdit_fast.masking import (PackedMask, check_ids_keep, check_packed_mask, is_per_sample, keep_counts,
+                                  mask_from_ids_keep, mask_from_packed, num_kept, pack_ids_keep, per_sample_ratios,
+                                  random_masking_ids, random_masking_packed)
 
 
 class ModelOutput(NamedTuple):
     """sample: [B, C_out, H, W] network output; mask: [B, L] float (1 = masked) or None."""
     sample: torch.Tensor
     mask: Optional[torch.Tensor]
+
+
+class VarlenLayout(NamedTuple):
+    """Where the rows of a packed token stream [1, T, D] belong (the varlen attention layout).
+
+    cu_seqlens: [B+1] int32, sample b owning rows cu_seqlens[b]:cu_seqlens[b+1];
+    max_seqlen: Python int, the longest sample; sample: [T] int64, the sample of each row.
+    """
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    sample: torch.Tensor
+
+
+def _modulation(adaLN_modulation, c, chunks, varlen=None):
+    """adaLN_modulation(c) [B, chunks * D] split into `chunks` per-sample [B, D] vectors, or with a
+    VarlenLayout per-token [1, T, D] ones (row t = its sample's vector; the Linear runs on B rows)."""
+    mod = adaLN_modulation(c)
+    if varlen is not None:
+        mod = mod[varlen.sample].unsqueeze(0)
+    return mod.chunk(chunks, dim=-1)
 
 
 #################################################################################
@@ -169,8 +192,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x, backend=None):
+    def forward(self, x, backend=None, varlen=None):
+        """x [B, L, D] -> [B, L, D]; with a VarlenLayout, x is the packed stream [1, T, D] and each
+        sample attends only within its own rows."""
         B, L, D = x.shape
+        if varlen is not None:
+            qkv = self.qkv(x).reshape(L, 3, self.num_heads, D // self.num_heads)
+            out = ops.varlen_attention_qkvpacked(qkv, varlen.cu_seqlens, varlen.max_seqlen, backend=backend)
+            return self.proj(out.reshape(B, L, D))
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
         out = ops.attention(q, k, v, backend=backend)  # [B, L, H, Dh], scale Dh ** -0.5
         return self.proj(out.reshape(B, L, D))
@@ -190,7 +219,8 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """A DiT block with adaLN-Zero conditioning. x [B, L, D], c [B, D_c] -> [B, L, D].
+    """A DiT block with adaLN-Zero conditioning. x [B, L, D], c [B, D_c] -> [B, L, D]; with a
+    VarlenLayout, x is a packed stream [1, T, D] (per-token conditioning, varlen attention).
 
     D_c (the conditioning width) differs from D in MaskDiT's decoder blocks, which are still
     conditioned on the encoder-width vector c.
@@ -202,25 +232,26 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c, backend=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    def forward(self, x, c, backend=None, varlen=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.adaLN_modulation, c, 6,
+                                                                                      varlen)
         h = ops.layernorm_modulate(x, shift_msa, scale_msa, backend=backend)
-        x = ops.gated_residual(x, self.attn(h, backend=backend), gate_msa, backend=backend)
+        x = ops.gated_residual(x, self.attn(h, backend=backend, varlen=varlen), gate_msa, backend=backend)
         h = ops.layernorm_modulate(x, shift_mlp, scale_mlp, backend=backend)
         return ops.gated_residual(x, self.mlp(h), gate_mlp, backend=backend)
 
 
 class DecoderLayer(nn.Module):
     """MaskDiT's bridge from encoder to decoder width: LayerNorm + adaLN shift/scale (encoder
-    width) + Linear. x [B, K, D] -> [B, K, D_dec]."""
+    width) + Linear. x [B, K, D] -> [B, K, D_dec] (or packed [1, T, D] with a VarlenLayout)."""
 
     def __init__(self, hidden_size, decoder_hidden_size):
         super().__init__()
         self.linear = nn.Linear(hidden_size, decoder_hidden_size, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c, backend=None):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x, c, backend=None, varlen=None):
+        shift, scale = _modulation(self.adaLN_modulation, c, 2, varlen)
         return self.linear(ops.layernorm_modulate(x, shift, scale, backend=backend))
 
 
@@ -314,16 +345,20 @@ class _DiffusionTransformer(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def _checked_inputs(self, x, t, y):
+    def _checked_inputs(self, x, t, y, any_size=False):
         """Validates x [B, C, H, W], t [B] or scalar, y int [B] (None = null class) and returns
-        (t [B], y [B]). Value checks on y need a host sync and are skipped under torch.compile
-        or with check_inputs=False."""
+        (t [B], y [B]). H, W must be the model's input_size, or with any_size multiples of the patch
+        size. Value checks on y need a host sync and are skipped under torch.compile or with
+        check_inputs=False."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"x must be a [B, C, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
         B, C, H, W = x.shape
         if C != self.in_channels:
             raise ValueError(f"x has {C} channels, the model expects in_channels={self.in_channels}")
-        if (H, W) != self.input_size:
+        if any_size:
+            if H % self.patch_size or W % self.patch_size or not H or not W:
+                raise ValueError(f"x is {H}x{W}, not a positive multiple of patch_size={self.patch_size}")
+        elif (H, W) != self.input_size:
             raise ValueError(f"x is {H}x{W}, the model expects input_size={self.input_size} (H, W)")
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
@@ -347,15 +382,17 @@ class _DiffusionTransformer(nn.Module):
         c = self.t_embedder(t)
         return c if self.y_embedder is None else c + self.y_embedder(y)
 
-    def unpatchify(self, x):
-        """[B, L, p*p*C_out] -> [B, C_out, H, W] (inverse of the patch embedding's layout)."""
-        p, (h, w), c = self.patch_size, self.grid_size, self.out_channels
+    def unpatchify(self, x, grid_size=None):
+        """[B, L, p*p*C_out] -> [B, C_out, H, W] (inverse of the patch embedding's layout), on the
+        (h, w) token grid `grid_size` (default: the model's own)."""
+        p, c = self.patch_size, self.out_channels
+        h, w = grid_size or self.grid_size
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, w * p)
 
-    def _encode(self, tokens, c):
+    def _encode(self, tokens, c, varlen=None):
         for block in self.blocks:
-            tokens = block(tokens, c, backend=self.backend)
+            tokens = block(tokens, c, backend=self.backend, varlen=varlen)
         return tokens
 
 
@@ -390,7 +427,7 @@ class DiT(_DiffusionTransformer):
         """x [B, C, H, W], t [B] timesteps, y int64 [B] in [0, num_classes] (None = null) ->
         ModelOutput(sample [B, C_out, H, W], mask None). DiT does not mask: mask_ratio must be 0
         and ids_keep None."""
-        if ids_keep is not None or mask_ratio != 0:
+        if ids_keep is not None or not isinstance(mask_ratio, numbers.Real) or mask_ratio != 0:
             raise ValueError("DiT processes all tokens: use MaskDiT for mask_ratio > 0 / ids_keep")
         t, y = self._checked_inputs(x, t, y)
         c = self._condition(t, y)
@@ -401,6 +438,16 @@ class DiT(_DiffusionTransformer):
 class MaskDiT(_DiffusionTransformer):
     """MaskDiT (Zheng et al., Anima-Lab/MaskDiT): a DiT encoder on the kept tokens only, then a
     light DiT decoder on all tokens, masked ones filled with a learned mask token.
+
+    Two encoder layouts:
+      dense   (the official one) every sample keeps the same count K: the encoder runs on [B, K, D];
+      packed  (varlen) per-sample keep counts: the kept tokens of all samples form one stream
+              [1, T, D] with cu_seqlens, the adaLN vectors are indexed by each token's sample and
+              attention is varlen (no padding). Used by `forward` when mask_ratio holds per-sample
+              ratios or ids_keep is a PackedMask / list of per-sample positions, and by
+              `forward_packed`, which also takes batches of several resolutions at once. The decoder
+              always runs dense on each sample's full grid. With equal keep counts both layouts
+              compute the same function (up to float rounding).
 
     Args (beyond DiT's):
         decoder_depth, decoder_hidden_size, decoder_num_heads: the decoder (official XL: 8, 512, 16).
@@ -428,7 +475,26 @@ class MaskDiT(_DiffusionTransformer):
             DiTBlock(decoder_hidden_size, hidden_size, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)
         ])
         self.final_layer = FinalLayer(decoder_hidden_size, hidden_size, patch_size, self.out_channels)
+        self._pos_embed_cache = {}  # (h, w) token grid -> (pos_embed, decoder_pos_embed) for other grids
         self._init_weights()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pos_embed_cache.clear()  # .to() / .half() etc.: rebuild on the new device and dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def pos_embeds(self, grid_size):
+        """Fixed sin-cos position embeddings (encoder [L, D], decoder [L, D_dec]) for an (h, w) token
+        grid, in the buffers' device and dtype: the buffers themselves for the model's own grid,
+        otherwise computed once per grid and cached."""
+        grid_size = tuple(grid_size)
+        if grid_size == self.grid_size:
+            return self.pos_embed[0], self.decoder_pos_embed[0]
+        if grid_size not in self._pos_embed_cache:
+            self._pos_embed_cache[grid_size] = tuple(
+                get_2d_sincos_pos_embed(width, grid_size).to(buffer)
+                for width, buffer in ((self.hidden_size, self.pos_embed), (self.decoder_hidden_size,
+                                                                           self.decoder_pos_embed)))
+        return self._pos_embed_cache[grid_size]
 
     def _init_weights(self):
         """Official init plus the decoder's: N(0, 0.02) mask token, zero decoder input linear."""
@@ -450,16 +516,21 @@ class MaskDiT(_DiffusionTransformer):
         """MaskDiT forward.
 
         Args:
-            x: [B, C, H, W] (EDM: c_in * noisy latent).
+            x: [B, C, H, W] (EDM: c_in * noisy latent), H, W = input_size.
             t: [B] or scalar, the EDM c_noise.
             y: int64 [B] class ids in [0, num_classes] (num_classes = null), or None (all null).
-            mask_ratio: fraction of tokens masked at random, in [0, 1); ignored when ids_keep is
-                given (it must then be 0 or match K).
-            ids_keep: optional [B, K] int64 distinct kept positions (fixes the mask).
+            mask_ratio: fraction of tokens masked at random, in [0, 1); or B per-sample ratios
+                (1-D float tensor, list or tuple: the packed path, sample b keeping
+                int(L * (1 - mask_ratio[b])) tokens). Ignored when ids_keep is given (it must then
+                be 0 or give the same keep counts).
+            ids_keep: optional kept positions (fixes the mask): [B, K] int64 (dense path), or a
+                PackedMask / list of B 1-D int64 tensors (per-sample counts; the packed path).
         Returns:
-            ModelOutput(sample [B, C_out, H, W] for all tokens, mask [B, L] float 1 = masked,
-            or None when nothing was masked).
+            ModelOutput(sample [B, C_out, H, W] for all tokens, mask [B, L] float 1 = masked, or
+            None when the dense path masked nothing; the packed path always returns the mask).
         """
+        if is_per_sample(mask_ratio) or isinstance(ids_keep, (PackedMask, list, tuple)):
+            return self._forward_packed([x], [t], [y], [mask_ratio], [ids_keep], any_size=False)[0]
         t, y = self._checked_inputs(x, t, y)
         B, L = x.shape[0], self.num_patches
         len_keep = num_kept(L, mask_ratio)
@@ -494,6 +565,116 @@ class MaskDiT(_DiffusionTransformer):
             tokens = block(tokens, c, backend=self.backend)
         sample = self.unpatchify(self.final_layer(tokens, c, backend=self.backend))
         return ModelOutput(sample, mask)
+
+    def forward_packed(self, x, t, y=None, mask_ratio=0.0, ids_keep=None):
+        """Packed (varlen) forward over G groups of samples, each group of one resolution.
+
+        The encoder runs once on the kept tokens of all groups packed into one stream [1, T, D]
+        (per-sample keep counts, per-resolution position embeddings, attention within each sample);
+        the decoder then runs dense on each group's full grid. Samples of any resolution (multiples
+        of patch_size; see `pos_embeds`) can share one encoder pass.
+
+        Args:
+            x: list of G tensors [B_g, C, H_g, W_g].
+            t: list of G noise-level inputs, [B_g] or scalars.
+            y: list of G int64 label tensors [B_g] (or None entries: null class), or None.
+            mask_ratio: a number for every sample, or a list of G entries, each a number or B_g
+                per-sample ratios (1-D float tensor, list or tuple), in [0, 1). Sample b of a group
+                with L_g tokens keeps int(L_g * (1 - ratio_b)) of them, drawn at random (global RNG,
+                the same draw as the dense path); all-kept groups draw nothing.
+            ids_keep: None, or a list of G entries, each None (random, from mask_ratio), a
+                PackedMask, a [B_g, K] int64 tensor or a list of B_g 1-D int64 tensors of kept
+                positions. With ids_keep given, the group's mask_ratio must be 0 or give the same
+                keep counts.
+        Returns:
+            list of G ModelOutput(sample [B_g, C_out, H_g, W_g], mask [B_g, L_g] float, 1 = masked).
+        """
+        return self._forward_packed(x, t, y, mask_ratio, ids_keep, any_size=True)
+
+    def _forward_packed(self, x, t, y, mask_ratio, ids_keep, any_size):
+        x = self._group_list("x", x, None)
+        G = len(x)
+        t = self._group_list("t", t, G)
+        y = [None] * G if y is None else self._group_list("y", y, G)
+        ratios = self._group_list("mask_ratio", mask_ratio, G) if isinstance(mask_ratio, (list, tuple)) \
+            else [mask_ratio] * G
+        ids_keep = [None] * G if ids_keep is None else self._group_list("ids_keep", ids_keep, G)
+        check_values = self.check_inputs and not torch.compiler.is_compiling()
+
+        groups, streams, cond_t, cond_y = [], [], [], []
+        for g in range(G):
+            if x[g].device != x[0].device:
+                raise ValueError(f"x[{g}] is on {x[g].device} but x[0] on {x[0].device}")
+            tg, yg = self._checked_inputs(x[g], t[g], y[g], any_size)
+            B, (H, W) = x[g].shape[0], x[g].shape[2:]
+            grid = (H // self.patch_size, W // self.patch_size)
+            L = grid[0] * grid[1]
+            packed = self._group_mask(ids_keep[g], ratios[g], B, L, x[g].device, check_values, g)
+            pos, dec_pos = self.pos_embeds(grid)
+            streams.append(ops.gather_tokens_varlen(self.x_embedder(x[g]), packed.ids, packed.cu_seqlens, pos,
+                                                    backend=self.backend, validate=False))
+            groups.append((packed, grid, dec_pos))
+            cond_t.append(tg)
+            cond_y.append(yg)
+
+        c = self._condition(torch.cat(cond_t), torch.cat(cond_y))
+        varlen = self._varlen_layout([packed for packed, _, _ in groups])
+        tokens = streams[0] if G == 1 else torch.cat(streams)
+        tokens = self._encode(tokens.unsqueeze(0), c, varlen)
+        tokens = self.decoder_layer(tokens, c, backend=self.backend, varlen=varlen)[0]
+
+        outputs, row, first = [], 0, 0
+        for packed, grid, dec_pos in groups:
+            B, T = packed.batch_size, packed.ids.numel()
+            h = ops.scatter_tokens_varlen(tokens[row:row + T], packed.ids, packed.cu_seqlens, self.mask_token,
+                                          grid[0] * grid[1], dec_pos, backend=self.backend, validate=False)
+            cg = c[first:first + B]
+            for block in self.decoder_blocks:
+                h = block(h, cg, backend=self.backend)
+            sample = self.unpatchify(self.final_layer(h, cg, backend=self.backend), grid)
+            outputs.append(ModelOutput(sample, mask_from_packed(packed, grid[0] * grid[1])))
+            row, first = row + T, first + B
+        return outputs
+
+    @staticmethod
+    def _group_list(name, value, groups):
+        if not isinstance(value, (list, tuple)) or not value:
+            raise TypeError(f"forward_packed: {name} must be a non-empty list (one entry per group), "
+                            f"got {type(value).__name__}")
+        if groups is not None and len(value) != groups:
+            raise ValueError(f"forward_packed: {name} has {len(value)} entries for {groups} groups")
+        return list(value)
+
+    def _group_mask(self, ids_keep, mask_ratio, batch, length, device, check_values, g):
+        """The PackedMask of group g: explicit (checked against mask_ratio), or drawn from mask_ratio."""
+        ratios = per_sample_ratios(mask_ratio, batch)
+        counts = keep_counts(length, ratios)
+        if ids_keep is None:
+            if min(counts) == length:  # nothing masked: keep every token in order, no random draw
+                return pack_ids_keep(torch.arange(length, device=device).expand(batch, length))
+            return random_masking_packed(ratios, length, device=device)[0]
+        packed = ids_keep if isinstance(ids_keep, PackedMask) else pack_ids_keep(ids_keep)
+        check_packed_mask(packed, batch, length, check_values)
+        if packed.ids.device != device:
+            raise ValueError(f"ids_keep[{g}] is on {packed.ids.device} but x[{g}] is on {device}")
+        if any(ratios) and packed.counts != counts:
+            raise ValueError(f"ids_keep[{g}] keeps {list(packed.counts)} tokens per sample but mask_ratio "
+                             f"keeps {list(counts)} of {length}")
+        return packed
+
+    @staticmethod
+    def _varlen_layout(packs):
+        """VarlenLayout of the groups' PackedMasks concatenated (cu_seqlens offset on the device)."""
+        if len(packs) == 1:
+            cu = packs[0].cu_seqlens
+        else:
+            parts, offset = [packs[0].cu_seqlens], packs[0].ids.numel()
+            for packed in packs[1:]:
+                parts.append(packed.cu_seqlens[1:] + offset)
+                offset += packed.ids.numel()
+            cu = torch.cat(parts)
+        ids = packs[0].ids if len(packs) == 1 else torch.cat([packed.ids for packed in packs])
+        return VarlenLayout(cu, max(packed.max_seqlen for packed in packs), ops.sample_index(ids, cu))
 
 
 #################################################################################
