@@ -2,7 +2,7 @@
 
 On CPU the Triton kernels run under the interpreter (tests/conftest.py), with tiny shapes."""
 import importlib
-import math
+import importlib.util
 
 import pytest
 import torch
@@ -12,7 +12,6 @@ from maskdit_fast.kernels._common import poisoned
 attn_mod = importlib.import_module("maskdit_fast.ops.attention")
 ref = ops.varlen_attention_ref  # explicit math per sequence; float64 by default
 
-HEAD_DIMS = (64, 72, 80, 96, 128)
 ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
@@ -195,7 +194,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown attention backend"):
         call(backend="nope")
     for name in ("flash_attn", "xformers"):
-        if attn_mod.importlib.util.find_spec(name) is None:
+        if importlib.util.find_spec(name) is None:
             with pytest.raises(RuntimeError, match="not installed"):
                 call(backend=name)
     assert attn_mod.resolve_attention_backend("cuda", "cpu") == "triton"  # no CUDA-extension attention

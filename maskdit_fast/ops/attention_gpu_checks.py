@@ -12,6 +12,8 @@ flash back-end and torch's varlen_attn, forward and forward+backward, q, k, v be
 [B, L, 3, H, D] qkv tensor as in the model (maskdit_fast.bench_utils.time_calls: CUDA events,
 warm-up, median).
 """
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -123,11 +125,10 @@ def _implementations(device):
     impls = {"triton attention(q,k,v views)": triton_views, "triton attention_qkvpacked": triton_packed}
     cuda = torch.device(device).type == "cuda"
     impls["sdpa flash"] = sdpa_flash if cuda else "needs CUDA"
-    try:
-        from torch.nn.attention import varlen  # noqa: F401
-        impls["torch varlen_attn"] = torch_varlen if cuda else "needs CUDA"
-    except ImportError:
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
         impls["torch varlen_attn"] = f"not in torch {torch.__version__}"
+    else:
+        impls["torch varlen_attn"] = torch_varlen if cuda else "needs CUDA"
     return impls
 
 
