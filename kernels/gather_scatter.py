@@ -23,7 +23,7 @@ from maskdit_fast.ops.gather_scatter import batch_size, sample_index
 BLOCK_CAP = 1024  # widest column block; D = 1152 runs as two blocks per row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _gather_fwd_kernel(
     out_ptr,      # [N, D] output rows, contiguous, dtype = promote(x, pos_embed)
     x_ptr,        # [B, L, D] source tokens, any strides (the patch embedding is often transposed)
@@ -51,7 +51,7 @@ def _gather_fwd_kernel(
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "L", "B_PER_PROG"])
 def _scatter_fwd_kernel(
     out_ptr,      # [B, L, D] output grid, contiguous, dtype = promote(src, pos_embed)
     src_ptr,      # [N, D] kept rows (x_kept / x_packed), contiguous
@@ -89,7 +89,7 @@ def _scatter_fwd_kernel(
         tl.store(out_ptr + grid_rows[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "L", "B_PER_PROG"])
 def _gather_bwd_kernel(
     dx_ptr,       # [B, L, D] grad of x, contiguous (zeros at masked positions)
     dpos_ptr,     # [chunks, L, D] ACC-dtype partial sums of grad pos_embed (written when POS_GRAD)
@@ -123,7 +123,7 @@ def _gather_bwd_kernel(
         tl.store(dpos_ptr + (pos + chunk.to(tl.int64) * L)[:, None] * D + cols[None, :], acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "L", "B_PER_PROG"])
 def _scatter_bwd_kernel(
     dsrc_ptr,     # [N, D] grad of the kept rows, contiguous
     dfill_ptr,    # [chunks, L, D] ACC-dtype partial sums of grad mask_token (written when FILL_GRAD)

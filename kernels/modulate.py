@@ -20,7 +20,7 @@ LN_BLOCK_CAP = 65536   # LayerNorm keeps whole rows in registers: D up to this w
 GATE_BLOCK_CAP = 1024  # gated residual is elementwise over columns
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "L"])
 def _ln_modulate_fwd_kernel(
     out_ptr,      # [B*L, D] output, contiguous, dtype promote(x, shift, scale)
     x_ptr,        # [B*L, D] input rows, contiguous
@@ -49,7 +49,7 @@ def _ln_modulate_fwd_kernel(
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "ROWS_PER_PROG", "n_chunks"])
 def _ln_modulate_bwd_kernel(
     dx_ptr,       # [B*L, D] grad of x, contiguous
     dshift_ptr,   # PER_TOKEN: [B*L, D] grad of shift; else [B, chunks, D] ACC-dtype partial sums
@@ -108,7 +108,7 @@ def _ln_modulate_bwd_kernel(
         tl.store(dscale_ptr + part, tl.sum(acc_scale, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "L"])
 def _gated_residual_fwd_kernel(
     out_ptr,      # [B*L, D] output, contiguous, dtype promote(x, y, gate)
     x_ptr,        # [B*L, D] residual stream, contiguous
@@ -132,7 +132,7 @@ def _gated_residual_fwd_kernel(
     tl.store(out_ptr + offs, (x + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "ROWS_PER_PROG", "n_chunks"])
 def _gated_residual_bwd_kernel(
     dy_ptr,       # [B*L, D] grad of the branch output y (= gate * grad), contiguous
     dgate_ptr,    # PER_TOKEN: [B*L, D] grad of gate; else [B, chunks, D] ACC-dtype partial sums
