@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from maskdit_fast import bench, ops
+from maskdit_fast.backend import triton_interpreted
 from maskdit_fast.bench_utils import (Cost, Rotation, Stats, Timer, achieved, attention_cost, gated_residual_cost,
                                       gather_tokens_cost, layernorm_modulate_cost, rotation_count,
                                       scatter_tokens_cost, time_calls)
@@ -154,6 +155,17 @@ def test_failing_kernel_is_reported_not_timed():
     failed = {c["name"] for c in checks if not c["passed"]}
     assert failed == {"fake_residual/wrong_fwd/fwd", "fake_residual/wrong_fwd/fwd+bwd",
                       "fake_residual/wrong_bwd/fwd+bwd", "fake_residual/crash/fwd", "fake_residual/crash/fwd+bwd"}
+
+
+@pytest.mark.skipif(not triton_interpreted(), reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")
+def test_triton_backends_pass_the_report_checks_under_the_interpreter(monkeypatch):
+    """The report's cases and argument layouts drive the Triton kernels correctly (the GPU path, run
+    by the interpreter at tiny sizes; the report itself never times the interpreter)."""
+    monkeypatch.setattr(bench, "GPU_ONLY_BACKENDS", tuple(b for b in bench.GPU_ONLY_BACKENDS if b != "triton"))
+    cfg = bench.make_config("cpu-quick", "cpu")
+    for case in bench.op_cases(cfg) + bench.attention_cases(cfg):
+        verdict = bench.check_case(case, bench.backend_fn(case, "triton", "cpu"), "cpu", cfg.dtype)
+        assert all(passed for _, _, passed in verdict.values()), (case.name, verdict)
 
 
 def test_spent_budget_skips_instead_of_timing():
