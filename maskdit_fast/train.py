@@ -354,9 +354,9 @@ def train(cfg, stop_at=None, progress=True):
                           f"{ckpts.latest()}; run the same command again to resume", flush=True)
                     result.update(interrupted=True, step=state.step)
                     return result
-            bar.close()
-            result["step"] = state.step
-            finish(cfg, state, meta, run_dir, device, latent, log, result)
+        bar.close()
+        result["step"] = state.step
+        finish(cfg, state, meta, run_dir, device, latent, log, result)
     finally:
         bar.close()
         log.close()

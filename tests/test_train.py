@@ -134,6 +134,11 @@ def test_latent_training_and_finetune(tmp_path):
         torch.testing.assert_close(tuned["model"][name], value, atol=1e-6, rtol=0)
 
 
+def test_bf16_autocast(tmp_path):
+    T.train(tiny(tmp_path / "bf16", steps=2, precision="bf16", sample_per_class=0), progress=False)
+    assert all(r["finite"] == 1.0 for r in metrics(tmp_path / "bf16"))
+
+
 def test_config_precedence(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('lr = 3e-3\nsteps = 7\n[model_kwargs]\ndepth = 2\n')
