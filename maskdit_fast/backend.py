@@ -5,7 +5,6 @@ variable MASKDIT_FAST_BACKEND, then "auto". "auto" picks the fastest back-end th
 tensor's device: "triton" on CUDA, the "torch" reference elsewhere.
 """
 import contextlib
-import functools
 import importlib.util
 import os
 
@@ -48,9 +47,11 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON = importlib.util.find_spec("triton") is not None  # fixed per process; a plain bool traces under dynamo
+
+
 def triton_available():
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def resolve_backend(backend, device):
