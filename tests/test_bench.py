@@ -2,6 +2,7 @@
 on the CPU: the report's structure end to end (--cpu-quick), the correctness gate (a wrong kernel is
 reported, never timed), byte counts against the tensors actually touched, rotation, batch fitting
 and the check-module plumbing that the GPU run uses."""
+import dataclasses
 import json
 import sys
 import types
@@ -82,6 +83,21 @@ def test_config_and_section_errors():
         bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks", "nope"])
     with pytest.raises(SystemExit):
         bench.main(["--cpu-quick", "--device", "cuda"])
+
+
+def test_gpu_mode_logic_runs_on_a_cpu_stand_in(tmp_path):
+    """The GPU mode's configuration and report path, at tiny sizes on the CPU."""
+    tiny = bench.make_config("cpu-quick", "cpu")
+    cfg = dataclasses.replace(bench.make_config("gpu-quick", "cpu"), **bench.CPU_TINY, dtype=torch.float32,
+                              copy_bytes=tiny.copy_bytes, matmul_n=tiny.matmul_n, train_size=tiny.train_size,
+                              train_overrides=tiny.train_overrides, fixed_batch=tiny.fixed_batch,
+                              cpu_figure=tiny.cpu_figure, external_timings=True)
+    report = bench.run_report(cfg, log=lambda *a: None)
+    assert report["mode"] == "gpu-quick" and set(report["sections"]) == set(bench.SECTIONS)
+    assert [r["status"] for r in report["external_timings"]] == ["skipped"]
+    assert {r["backend"] for r in report["ops"] if r["status"] == "skipped"} == {"compile"}  # off in quick mode
+    json_path, md_path = bench.write_report(report, tmp_path)
+    assert json_path.endswith("-cpu-quick.json") and json.loads(open(json_path).read())["mode"] == "gpu-quick"
 
 
 def test_every_mode_budget_covers_its_sections():
@@ -179,8 +195,11 @@ def test_markdown_lists_failed_checks_and_main_exit_code(tmp_path, monkeypatch):
     report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks"], log=lambda *a: None)
     report["checks"].append(dict(source="bench", name="op/triton/fwd", max_err=1.0, tol=0.1, passed=False,
                                  status="FAILED"))
+    report["external_timings"] = [dict(source="m.benchmark", status="info", name="sdpa flash", shape="B=2",
+                                       ms=0.5, tflops=123.0, **{"pass": "fwd"})]
     md = bench.to_markdown(report)
     assert "0 passed, 1 failed" in md and "op/triton/fwd" in md
+    assert "## Check modules' own timings" in md and "| m.benchmark | sdpa flash | fwd | B=2 | 0.5 | 123 |" in md
     monkeypatch.setattr(bench, "run_report", lambda cfg, sections=None: report)
     assert bench.main(["--cpu-quick", "--out", str(tmp_path)]) == 1
     assert len(list(tmp_path.glob("*.json"))) == 1
