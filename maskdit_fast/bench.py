@@ -490,7 +490,7 @@ def input_sets(case, cfg, seed=1):
     """Rotating input sets for timing `case`: [(args, grad_out), ...], enough sets that together they
     exceed twice the device's L2 (one set on CPU)."""
     gen = torch.Generator(cfg.device).manual_seed(seed)
-    sets, total, n = [], 0, 1
+    sets, n = [], 1
     while len(sets) < n:
         args = case.make_args(cfg.device, cfg.dtype, gen)
         with torch.no_grad():
