@@ -250,25 +250,16 @@ def sample_images(cfg, ema, labels, device):
                     num_steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, solver=cfg.sample_solver)
 
 
-def write_grid(cfg, ema, run_dir, step, device, per_class, latent):
-    """Samples the fixed-label grid; a PNG for pixel data, an .npz of latents otherwise. Returns the path."""
-    labels = grid_labels(cfg, per_class)
-    x = sample_images(cfg, ema, labels, device)
-    if latent:  # decoding needs the VAE; `python -m maskdit_fast.sample --vae` makes the PNG
+def write_grid(run_dir, step, x, per_class, latent):
+    """Saves samples x [N, C, H, W] (class-major, `per_class` each) as grid_<step>.png, or as an
+    .npz for latents (decoding needs the VAE: `python -m maskdit_fast.sample --vae`). Returns the path."""
+    if latent:
         path = os.path.join(run_dir, f"grid_{step:08d}.npz")
-        np.savez(path, samples=x.numpy(), labels=labels.numpy())
+        np.savez(path, samples=x.numpy())
         return path
     path = os.path.join(run_dir, f"grid_{step:08d}.png")
     save_grid(x, path, nrow=per_class)
     return path
-
-
-def evaluate_digits(cfg, ema, device):
-    """Class accuracy of eval_per_class EMA samples per class, judged by the MNIST-5k classifier."""
-    from maskdit_fast.classifier import class_accuracy, load_classifier
-    classifier, real_acc = load_classifier()
-    labels = grid_labels(cfg, cfg.eval_per_class)
-    return class_accuracy(sample_images(cfg, ema, labels, device), labels, classifier), real_acc
 
 
 def train(cfg, stop_at=None, progress=True):
@@ -314,7 +305,6 @@ def train(cfg, stop_at=None, progress=True):
     log = MetricsLog(run_dir, resume_step=state.step if resume_path else None)
     loss_fn, ratio_at = build_loss(cfg), mask_ratio_fn(cfg)
     latent = isinstance(dataset, LatentShards)
-    save = lambda: ckpts.save(state.step, state_dict(cfg, state, meta))  # noqa: E731
     result = {"run_dir": run_dir, "interrupted": False}
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, dynamic_ncols=True)
@@ -345,10 +335,12 @@ def train(cfg, stop_at=None, progress=True):
                     window_start, window_images = time.perf_counter(), 0
                 result["metrics"] = m
                 if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < cfg.steps:
-                    write_grid(cfg, state.ema, run_dir, state.step, device, cfg.sample_per_class or 4, latent)
+                    per_class = cfg.sample_per_class or 4
+                    x = sample_images(cfg, state.ema, grid_labels(cfg, per_class), device)
+                    write_grid(run_dir, state.step, x, per_class, latent)
                 stopping = stop["signal"] or (stop_at is not None and state.step >= stop_at)
                 if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps or stopping:
-                    save()
+                    ckpts.save(state.step, state_dict(cfg, state, meta))
                 if stopping:
                     print(f"\nstopped at step {state.step} ({stop['signal'] or 'stop_at'}); checkpoint "
                           f"{ckpts.latest()}; run the same command again to resume", flush=True)
@@ -364,19 +356,28 @@ def train(cfg, stop_at=None, progress=True):
 
 
 def finish(cfg, state, meta, run_dir, device, latent, log, result):
-    """End of training: export EMA weights, final sample grid, digit class accuracy (MNIST-5k)."""
+    """End of training: export EMA weights, final sample grid and, on MNIST-5k, the class accuracy
+    of eval_per_class samples per class judged by the digit classifier (the grid shows the first
+    sample_per_class of them, so nothing is sampled twice)."""
     export_safetensors(state.ema.state_dict(), os.path.join(run_dir, "ema.safetensors"),
                        metadata={"maskdit_fast": json.dumps(meta)})
-    if cfg.sample_per_class and cfg.num_classes:
-        result["grid"] = write_grid(cfg, state.ema, run_dir, state.step, device, cfg.sample_per_class, latent)
-        print(f"sample grid: {result['grid']}")
-    if cfg.data == "mnist5k" and cfg.eval_per_class:
+    evaluate = cfg.data == "mnist5k" and cfg.eval_per_class > 0
+    per_class = max(cfg.sample_per_class, cfg.eval_per_class if evaluate else 0)
+    if per_class and cfg.num_classes:
         t0 = time.perf_counter()
-        acc, real_acc = evaluate_digits(cfg, state.ema, device)
-        result["sample_accuracy"] = acc
-        log.write(state.step, sample_accuracy=acc, classifier_test_accuracy=real_acc)
-        print(f"class accuracy of {10 * cfg.eval_per_class} samples: {acc:.1%} (the classifier scores "
-              f"{real_acc:.1%} on held-out real digits; chance 10%) [{time.perf_counter() - t0:.0f} s]")
+        labels = grid_labels(cfg, per_class)
+        x = sample_images(cfg, state.ema, labels, device)
+        if cfg.sample_per_class:
+            shown = x.reshape(-1, per_class, *x.shape[1:])[:, :cfg.sample_per_class].flatten(0, 1)
+            result["grid"] = write_grid(run_dir, state.step, shown, cfg.sample_per_class, latent)
+            print(f"sample grid: {result['grid']}")
+        if evaluate:
+            from maskdit_fast.classifier import class_accuracy, load_classifier
+            classifier, real_acc = load_classifier()
+            acc = result["sample_accuracy"] = class_accuracy(x, labels, classifier)
+            log.write(state.step, sample_accuracy=acc, classifier_test_accuracy=real_acc)
+            print(f"class accuracy of {len(labels)} samples: {acc:.1%} (the classifier scores {real_acc:.1%} "
+                  f"on held-out real digits; chance 10%) [sampling {time.perf_counter() - t0:.0f} s]")
     print(f"EMA weights: {os.path.join(run_dir, 'ema.safetensors')}")
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,9 +118,12 @@ def test_bad_data_fails_before_training(tmp_path):
 
 def test_latent_training_and_finetune(tmp_path):
     data = write_latents(tmp_path / "lat", n=12, shape=(4, 4, 4), num_classes=3)
-    pre = tiny(tmp_path / "pre", data=data, num_classes=3, batch_size=4, steps=3, sample_per_class=1)
+    pre = tiny(tmp_path / "pre", data=data, num_classes=3, batch_size=4, steps=3, sample_per_class=1,
+               sample_every=2)
     result = T.train(pre, progress=False)
     assert os.path.isfile(result["grid"]) and result["grid"].endswith(".npz")  # latents: no VAE to decode
+    periodic = np.load(tmp_path / "pre" / "grid_00000002.npz")["samples"]
+    assert periodic.shape == (3, 4, 4, 4) and np.isfinite(periodic).all()
     assert load_checkpoint(os.path.join(result["run_dir"], "checkpoints", "step_00000003.pt"))["meta"]["data"][
         "latent"]
     # Unmasked fine-tuning stage: weights from the checkpoint, fresh optimizer and step counter.
