@@ -24,7 +24,7 @@ Fréchet distance. Computed in float64 with symmetric eigendecompositions:
 the eigenvalues of a symmetric matrix; eigenvalues under the solver's round-off floor count as 0.
 This is the same quantity as the usual `scipy.linalg.sqrtm(S1 @ S2)` formula (tests check both
 agree) but needs no eps regularisation for singular covariances (few samples), has no spurious
-imaginary parts and is ~4x faster at 2048-d on CPU (3 s vs 13 s, one thread).
+imaginary parts and is faster (2048-d, one CPU thread: ~6 s vs ~13 s for scipy's sqrtm).
 """
 import contextlib
 import importlib.metadata
@@ -207,34 +207,68 @@ def _sqrt_eigenvalues(w):
     """sqrt of the eigenvalues `w` of a symmetric PSD matrix; those below the round-off floor of the
     eigensolver (D * eps * max|w|) count as 0, else sqrt turns ~1e-17 noise into ~3e-9 per
     eigenvalue, which adds up to ~1e-3 over the null space of a rank-deficient 2048-d covariance."""
-    floor = w.shape[0] * np.finfo(np.float64).eps * np.abs(w).max(initial=0.0)
-    return np.sqrt(np.where(w > floor, w, 0.0))
+    floor = w.shape[0] * torch.finfo(torch.float64).eps * w.abs().max()
+    return torch.where(w > floor, w, torch.zeros_like(w)).sqrt()
 
 
-def _psd_sqrt(sigma):
-    w, v = np.linalg.eigh(sigma)
-    return (v * _sqrt_eigenvalues(w)) @ v.T
+def _float64(arrays, device):
+    return [torch.as_tensor(np.asarray(a), dtype=torch.float64, device=device) for a in arrays]
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): mu [D], sigma [D, D] (float64 used).
+def _check_finite(*tensors):
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError("statistics contain NaN or Inf")
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): mu [D], sigma [D, D] arrays or
+    tensors, computed in float64 on `device`.
 
     ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1^(1/2) S2 S1^(1/2)); see the module docstring.
     Returns a Python float (may be ~-1e-10 instead of 0 for identical inputs through round-off).
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2, s1, s2 = _float64((mu1, mu2, sigma1, sigma2), device)
+    mu1, mu2, s1, s2 = torch.atleast_1d(mu1), torch.atleast_1d(mu2), torch.atleast_2d(s1), torch.atleast_2d(s2)
     d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 {mu2.shape}, "
-                         f"sigma2 {s2.shape}; expected mu [D] and sigma [D, D]")
-    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
-        raise ValueError("statistics contain NaN or Inf")
-    a = _psd_sqrt((s1 + s1.T) / 2)
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, mu2 "
+                         f"{tuple(mu2.shape)}, sigma2 {tuple(s2.shape)}; expected mu [D] and sigma [D, D]")
+    _check_finite(mu1, mu2, s1, s2)
+    # torch's LAPACK eigh is ~3x faster than numpy's here and runs on GPUs too.
+    w, v = torch.linalg.eigh((s1 + s1.T) / 2)
+    a = (v * _sqrt_eigenvalues(w)) @ v.T
     m = a @ s2 @ a
-    tr_sqrt = _sqrt_eigenvalues(np.linalg.eigvalsh((m + m.T) / 2)).sum()
+    tr_sqrt = _sqrt_eigenvalues(torch.linalg.eigvalsh((m + m.T) / 2)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    return float(diff @ diff + s1.trace() + s2.trace() - 2 * tr_sqrt)
+
+
+def frechet_distance_to_features(feats, mu, sigma, device="cpu"):
+    """Fréchet distance between the Gaussian fitted to `feats` [N, D] (as `feature_stats`) and
+    N(mu [D], sigma [D, D]); equals frechet_distance(*feature_stats(feats), mu, sigma).
+
+    With fewer samples than dimensions (N <= D) the features' covariance is X^T X with the centred,
+    1/sqrt(N-1)-scaled X [N, D], and S_f S has the nonzero eigenvalues of the N x N matrix X S X^T, so
+    the trace term costs O(N D^2) instead of two D x D eigendecompositions (FID of a few hundred
+    samples, tests). Otherwise it defers to `frechet_distance`.
+    """
+    (x,) = _float64((feats,), device)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need features [N >= 2, D], got shape {tuple(x.shape)}")
+    n, d = x.shape
+    if n > d:
+        return frechet_distance(*feature_stats(x.cpu().numpy()), mu, sigma, device)
+    mu, sigma = _float64((mu, sigma), device)
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise ValueError(f"shape mismatch: features {tuple(x.shape)}, mu {tuple(mu.shape)}, sigma "
+                         f"{tuple(sigma.shape)}; expected mu [D] and sigma [D, D]")
+    _check_finite(x, mu, sigma)
+    mean = x.mean(0)
+    xc = (x - mean) / (n - 1) ** 0.5
+    m = xc @ sigma @ xc.T
+    tr_sqrt = _sqrt_eigenvalues(torch.linalg.eigvalsh((m + m.T) / 2)).sum()
+    diff = mean - mu
+    return float(diff @ diff + (xc * xc).sum() + sigma.trace() - 2 * tr_sqrt)
 
 
 class RefStats(NamedTuple):

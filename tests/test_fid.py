@@ -71,6 +71,21 @@ def test_frechet_self_is_zero_and_noise_is_large():
     assert fid.frechet_distance(mu, sigma, mu_n, sigma_n) > 100
 
 
+@pytest.mark.parametrize("n", [5, 24, 25, 60])  # fewer, as many as and more samples than dimensions
+def test_frechet_to_features_matches_general_formula(n):
+    rng = np.random.default_rng(n)
+    d = 24
+    feats = rng.standard_normal((n, d)) * rng.uniform(0.2, 3, d) + 1
+    ref = rng.standard_normal((100, d)) @ rng.standard_normal((d, d))
+    mu, sigma = fid.feature_stats(ref)
+    expected = fid.frechet_distance(*fid.feature_stats(feats), mu, sigma)
+    assert fid.frechet_distance_to_features(feats, mu, sigma) == pytest.approx(expected, rel=1e-9)
+    # Self-distance of a rank-deficient (n <= d) set is 0 up to round-off.
+    assert abs(fid.frechet_distance_to_features(feats, *fid.feature_stats(feats))) < 1e-9
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fid.frechet_distance_to_features(feats, mu[:-1], sigma)
+
+
 def test_frechet_and_stats_reject_bad_input():
     with pytest.raises(ValueError, match="shape mismatch"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -238,25 +253,25 @@ def test_nvlabs_calling_convention_is_detected_and_agrees(inception, fixed_feats
     path = str(tmp_path / "nvlabs_style.pt")
     scripted.save(path)
     model = fid.load_inception(path)
-    imgs = fixed_images()
+    imgs = fixed_images()[:1]
     direct = scripted(torch.from_numpy(imgs), return_features=True).double().numpy()
-    np.testing.assert_allclose(direct, fixed_feats, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(fid.inception_features(imgs, model), fixed_feats, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(direct, fixed_feats[:1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fid.inception_features(imgs, model), fixed_feats[:1], rtol=0, atol=1e-5)
 
 
 def test_inception_fid_self_zero_noise_large(inception, fixed_feats):
+    # frechet_distance_to_features avoids 2048 x 2048 eigendecompositions for these 3-sample sets.
     mu, sigma = fid.feature_stats(fixed_feats)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert abs(fid.frechet_distance_to_features(fixed_feats, mu, sigma)) < 1e-6
     noise = np.random.default_rng(5).integers(0, 256, (3, 3, 61, 83), dtype=np.uint8)
-    mu_n, sigma_n = fid.feature_stats(fid.inception_features(noise, inception))
-    assert fid.frechet_distance(mu, sigma, mu_n, sigma_n) > 100
+    assert fid.frechet_distance_to_features(fid.inception_features(noise, inception), mu, sigma) > 100
 
 
 # ---------------------------------------------------------------- reference statistics
 
 def test_load_ref_stats_formats(inception, fixed_feats, tmp_path):
     from PIL import Image
-    imgs = fixed_images()
+    imgs, fixed_feats = fixed_images()[:2], fixed_feats[:2]
     mu, sigma = fid.feature_stats(fixed_feats)
     # ADM reference batch without statistics: uint8 NHWC images under 'arr_0'.
     adm = tmp_path / "adm.npz"
