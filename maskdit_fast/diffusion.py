@@ -250,7 +250,10 @@ class MaskDiTLoss:
         self._check_precond(precond)
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"x must be [B, C, H, W], got shape {tuple(getattr(x, 'shape', ()))}")
-        masked = any(per_sample_ratios(mask_ratio, x.shape[0])) or ids_keep is not None
+        # ids_keep [B, L] keeps every patch: the network then rightly returns no mask
+        p = precond.patch_size
+        full = isinstance(ids_keep, torch.Tensor) and ids_keep.shape[-1] == (x.shape[2] // p) * (x.shape[3] // p)
+        masked = any(per_sample_ratios(mask_ratio, x.shape[0])) or (ids_keep is not None and not full)
         sigma = self._sigma(sigma, x.shape[0], x.device, generator)
         x, x_noisy = self._noised(x, sigma, noise, generator)
         out = precond(x_noisy, sigma, y, mask_ratio=mask_ratio, ids_keep=ids_keep)

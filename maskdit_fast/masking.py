@@ -132,7 +132,10 @@ def per_sample_ratios(mask_ratio, batch=None):
 
     Args:
         mask_ratio: a number (the same for every sample) or B per-sample ratios (1-D float tensor on
-            any device, list or tuple), each in [0, 1). A CUDA tensor costs one device sync.
+            any device, list or tuple), each in [0, 1). A CUDA tensor costs one device sync. Values
+            are taken at their tensor's precision: float32 0.3 is 0.30000001, which keeps
+            int(20 * 0.69999999) = 13 of 20 tokens where the Python float 0.3 keeps 14, so prefer
+            float64 tensors (as `sample_mask_ratios` returns).
         batch: B; None takes it from the per-sample ratios.
     Returns:
         list of B floats.
@@ -271,15 +274,16 @@ def check_packed_mask(packed, batch, length, check_values=True):
     if not isinstance(packed, PackedMask):
         raise TypeError(f"expected a PackedMask, got {type(packed).__name__}")
     ids, cu, counts = packed
-    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
-        raise TypeError(f"PackedMask.ids must be a 1-D int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
-    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.shape != (len(counts) + 1,):
-        raise TypeError(f"PackedMask.cu_seqlens must be int32 [B+1] = [{len(counts) + 1}], got "
-                        f"{getattr(cu, 'dtype', type(cu).__name__)} {list(getattr(cu, 'shape', []))}")
-    if cu.device != ids.device:
-        raise ValueError(f"PackedMask.cu_seqlens is on {cu.device} but ids on {ids.device}")
     if len(counts) != batch:
         raise ValueError(f"PackedMask holds {len(counts)} samples for a batch of {batch}")
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+        raise TypeError(f"PackedMask.ids must be a 1-D int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32:
+        raise TypeError(f"PackedMask.cu_seqlens must be an int32 tensor, got {getattr(cu, 'dtype', type(cu).__name__)}")
+    if cu.shape != (batch + 1,):
+        raise ValueError(f"PackedMask.cu_seqlens must have shape [B+1] = [{batch + 1}], got {list(cu.shape)}")
+    if cu.device != ids.device:
+        raise ValueError(f"PackedMask.cu_seqlens is on {cu.device} but ids on {ids.device}")
     if any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= length for n in counts):
         raise ValueError(f"PackedMask.counts must be ints in [1, L={length}], got {list(counts)}")
     if sum(counts) != ids.numel():

@@ -18,6 +18,9 @@ Label dropout is the trainer's job (replace labels by `model.null_class`). MaskD
 int(L * (1 - mask_ratio)) random tokens per sample, or exactly the complement of `ids_keep`
 [B, K]; `mask` [B, L] float is 1 for masked tokens, None when nothing was masked. Unlike the
 official code, masking does not depend on train/eval mode: it happens whenever it is asked for.
+Per-sample ratios (mask_ratio a [B] float tensor or list) or per-sample kept positions (ids_keep a
+`maskdit_fast.masking.PackedMask` or a list of B 1-D tensors) run MaskDiT's packed (varlen) encoder,
+and `MaskDiT.forward_packed` takes mixed-resolution batches as a list of groups (see MaskDiT).
 
 Presets, by name `"{DiT|MaskDiT}-{S|B|L|XL}/{2|4|8}"` (`create_model`):
 
@@ -654,9 +657,9 @@ class MaskDiT(_DiffusionTransformer):
                 return pack_ids_keep(torch.arange(length, device=device).expand(batch, length))
             return random_masking_packed(ratios, length, device=device)[0]
         packed = ids_keep if isinstance(ids_keep, PackedMask) else pack_ids_keep(ids_keep)
-        check_packed_mask(packed, batch, length, check_values)
-        if packed.ids.device != device:
+        if isinstance(packed.ids, torch.Tensor) and packed.ids.device != device:
             raise ValueError(f"ids_keep[{g}] is on {packed.ids.device} but x[{g}] is on {device}")
+        check_packed_mask(packed, batch, length, check_values)
         if any(ratios) and packed.counts != counts:
             raise ValueError(f"ids_keep[{g}] keeps {list(packed.counts)} tokens per sample but mask_ratio "
                              f"keeps {list(counts)} of {length}")
