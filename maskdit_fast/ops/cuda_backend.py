@@ -20,14 +20,15 @@ from maskdit_fast import _extension
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NS = "maskdit_fast_C"
-_fakes_registered = False
+_ready = False  # library loaded and fakes registered (a plain flag: torch.compile traces through it)
 
 
 def _ops():
     """torch.ops.maskdit_fast_C, loading the extension (and registering fakes) on first use."""
-    if _extension.load(warn=False) is None:
-        raise RuntimeError(f"backend 'cuda' unavailable: {_extension.unavailable_reason()}")
-    _ensure_fakes()
+    if not _ready:
+        if _extension.load(warn=False) is None:
+            raise RuntimeError(f"backend 'cuda' unavailable: {_extension.unavailable_reason()}")
+        _register_fakes()
     return getattr(torch.ops, _NS)
 
 
@@ -35,11 +36,9 @@ def _ops_defined():
     return hasattr(getattr(torch.ops, _NS), "gather_tokens")
 
 
-def _ensure_fakes():
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
+def _register_fakes():
+    """Fake (meta) impls: output shapes and dtypes of each op, for torch.compile and meta tensors."""
+    global _ready
 
     @torch.library.register_fake(f"{_NS}::gather_tokens")
     def _(x, ids_keep, pos_embed):
@@ -77,6 +76,8 @@ def _ensure_fakes():
     @torch.library.register_fake(f"{_NS}::gated_residual_backward")
     def _(grad_out, y, gate, y_grad, gate_grad):
         return y.new_empty(y.shape if y_grad else (0,)), y.new_empty(gate.shape if gate_grad else (0,))
+
+    _ready = True
 
 
 # ---- input validation ----
@@ -275,7 +276,10 @@ def layernorm_modulate(x, shift, scale, eps=1e-6):
     _check_cond("shift", shift, B, L, D, x.device)
     _check_cond("scale", scale, B, L, D, x.device)
     if shift.dim() != scale.dim():  # mixed per-sample / per-token: broadcast the per-sample one
-        shift, scale = (t.unsqueeze(1).expand(B, L, D) if t.dim() == 2 else t for t in (shift, scale))
+        if shift.dim() == 2:
+            shift = shift.unsqueeze(1).expand(B, L, D)
+        else:
+            scale = scale.unsqueeze(1).expand(B, L, D)
     dtype = _result_dtype(x, shift, scale)
     return _LayerNormModulate.apply(_prep(x, dtype), _prep(shift, dtype), _prep(scale, dtype), float(eps))
 
@@ -302,4 +306,4 @@ def gated_residual(x, y, gate):
 
 # torch imports this module to find the fake impls of ops loaded by other means (set_python_module).
 if _ops_defined():
-    _ensure_fakes()
+    _register_fakes()
