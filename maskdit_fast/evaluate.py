@@ -19,8 +19,8 @@ mu/sigma, ADM's reference batch, or a folder of images). Reference statistics co
 are saved as <out>/ref_stats.npz for reuse. --pr adds improved precision/recall (k=3) and needs
 reference images. Latent models are decoded with --vae (a diffusers AutoencoderKL).
 --metric classifier: features of `maskdit_fast.classifier` (128-d) against all 5,000 real MNIST-5k
-digits (or --ref-stats, a .npz with mu/sigma of those features), plus the fraction of samples the
-classifier assigns to their intended class.
+digits (saved as <out>/ref_stats.npz; or --ref-stats, a .npz with mu/sigma of those features), plus
+the fraction of samples the classifier assigns to their intended class.
 
 Writes <out>/metrics.json (also printed), <out>/sample_stats.npz (mu, sigma of the samples'
 features; for --metric fid usable as --ref-stats), and with --save-images <out>/samples/NNNNNN.png.
@@ -93,6 +93,12 @@ def gather_rows(local, num_samples, world_size, device):
     return out
 
 
+def _save_ref_stats(ref, out_dir):
+    path = os.path.join(out_dir, "ref_stats.npz")
+    np.savez(path, mu=ref.mu, sigma=ref.sigma)
+    print(f"saved reference statistics to {path} (reusable as --ref-stats)", flush=True)
+
+
 class InceptionScorer:
     """--metric fid: Inception pool3 features of images in [-1, 1]."""
 
@@ -112,9 +118,7 @@ class InceptionScorer:
             with np.load(args.ref_stats) as data:
                 from_images = "mu" not in data.files
         if from_images:
-            path = os.path.join(out_dir, "ref_stats.npz")
-            np.savez(path, mu=ref.mu, sigma=ref.sigma)
-            print(f"saved reference statistics to {path} (reusable as --ref-stats)", flush=True)
+            _save_ref_stats(ref, out_dir)
         return ref
 
     @staticmethod
@@ -155,7 +159,9 @@ class ClassifierScorer:
         x, y = mnist_to_tensor(images), torch.from_numpy(labels)
         feats = np.concatenate([self.features(x[i:i + 500], y[i:i + 500])[:, :-1]
                                 for i in range(0, len(y), 500)])
-        return fid.RefStats(*fid.feature_stats(feats), feats)
+        ref = fid.RefStats(*fid.feature_stats(feats), feats)
+        _save_ref_stats(ref, out_dir)
+        return ref
 
     def summarize(self, feats, labels):
         pred = feats[:, -1]
@@ -195,6 +201,9 @@ def evaluate(args):
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     # Reference first: a bad --ref-stats fails before any sampling.
     ref = scorer.reference(args, args.out) if rank == 0 else None
+    if args.pr and rank == 0 and ref.features is None:
+        raise ValueError("--pr needs reference images (ADM's 'arr_0', a folder, or the default MNIST-5k "
+                         "digits), not only mu/sigma")
 
     indices = shard_indices(args.num_samples, rank, world_size)
     labels = balanced_labels(indices, precond.num_classes)
@@ -225,8 +234,6 @@ def evaluate(args):
         metrics[args.metric if args.metric == "fid" else "fid_classifier"] = \
             fid.frechet_distance_to_features(feats, ref.mu, ref.sigma, device)
         if args.pr:
-            if ref.features is None:
-                raise ValueError("--pr needs reference images (ADM's 'arr_0' or a folder), not only mu/sigma")
             metrics["precision"], metrics["recall"] = fid.precision_recall(ref.features, feats, device=device)
         metrics.update(num_samples=args.num_samples, ckpt=args.ckpt, ref_stats=args.ref_stats,
                        cfg_scale=args.cfg_scale, steps=args.steps, solver=args.solver, seed=args.seed,

