@@ -106,7 +106,7 @@ class InceptionScorer:
         self.model = fid.load_inception(args.inception, device=device)
         self.batch_size = args.fid_batch_size
 
-    def features(self, images, labels):
+    def features(self, images):
         """images [n, C, H, W] float in [-1, 1] -> float64 [n, 2048]."""
         return fid.inception_features(images, self.model, self.batch_size)
 
@@ -123,6 +123,7 @@ class InceptionScorer:
 
     @staticmethod
     def summarize(feats, labels):
+        """No extra metrics for Inception features."""
         return {}
 
 
@@ -136,7 +137,7 @@ class ClassifierScorer:
         self.device = device
 
     @torch.no_grad()
-    def features(self, images, labels):
+    def features(self, images):
         """images [n, 1, 32, 32] in [-1, 1] -> float64 [n, D + 1]: features, then the predicted class."""
         f = self.model.features(images.to(self.device).clamp(-1, 1))
         pred = self.model.head(f).argmax(1, keepdim=True)
@@ -155,15 +156,14 @@ class ClassifierScorer:
                                  f"statistics of the {dim}-d digit-classifier features")
             return fid.RefStats(mu, sigma, None)
         from maskdit_fast.data import load_mnist5k, mnist_to_tensor
-        images, labels = load_mnist5k()
-        x, y = mnist_to_tensor(images), torch.from_numpy(labels)
-        feats = np.concatenate([self.features(x[i:i + 500], y[i:i + 500])[:, :-1]
-                                for i in range(0, len(y), 500)])
+        x = mnist_to_tensor(load_mnist5k()[0])
+        feats = np.concatenate([self.features(x[i:i + 500])[:, :-1] for i in range(0, len(x), 500)])
         ref = fid.RefStats(*fid.feature_stats(feats), feats)
         _save_ref_stats(ref, out_dir)
         return ref
 
     def summarize(self, feats, labels):
+        """Class accuracy from the predicted-class column of `feats` [N, D + 1] and `labels` [N]."""
         pred = feats[:, -1]
         return {"class_accuracy": float((pred == labels.numpy()).mean()),
                 "classifier_real_accuracy": self.real_accuracy}
@@ -217,11 +217,10 @@ def evaluate(args):
             x = decode_latents(x, vae, meta["data"]["scale_factor"])
         if args.save_images:
             _save_pngs(x, idx, os.path.join(args.out, "samples"))
-        chunks.append(scorer.features(x, labels[start:start + len(idx)]))
+        chunks.append(scorer.features(x))
         if rank == 0:
             print(f"rank 0: {start + len(idx)}/{len(indices)} samples", flush=True)
-    local = np.concatenate(chunks) if chunks else np.empty((0, 0))
-    feats = gather_rows(local, args.num_samples, world_size, device)
+    feats = gather_rows(np.concatenate(chunks), args.num_samples, world_size, device)
     all_labels = balanced_labels(range(args.num_samples), precond.num_classes)
 
     metrics = None
