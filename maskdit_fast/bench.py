@@ -917,7 +917,9 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print):
         raise ValueError(f"unknown sections {sorted(unknown)}; expected some of {SECTIONS}")
     t0 = time.monotonic()
     device = torch.device(cfg.device)
-    # Index-value checks of the gather/scatter ops wait for the device: off, as in a training loop.
+    # Index-value checks of the gather/scatter ops wait for the device: off, as in a training loop
+    # (for this call only: the caller's environment is restored at the end).
+    previous_validate = os.environ.get(VALIDATE_ENV_VAR)
     os.environ.setdefault(VALIDATE_ENV_VAR, "0")
     report = dict(schema=SCHEMA, date=datetime.datetime.now().isoformat(timespec="seconds"), mode=cfg.mode,
                   env=env_info(device), config=dict(B=cfg.B, L=cfg.L, K=cfg.K, D=cfg.D, H=cfg.H, Dd=cfg.Dd,
@@ -968,12 +970,16 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print):
             log(f"[bench] CPU figure: MaskDiT {fig['maskdit_ms']:.1f} ms vs DiT {fig['dit_ms']:.1f} ms per step "
                 f"-> {fig['speedup']:.2f}x")
 
-    section("peaks", peaks)
-    section("checks", checks)
-    section("ops", op_rows)
-    section("attention", attention_rows)
-    section("train_step", train)
-    section("cpu_figure", cpu_figure)
+    try:
+        section("peaks", peaks)
+        section("checks", checks)
+        section("ops", op_rows)
+        section("attention", attention_rows)
+        section("train_step", train)
+        section("cpu_figure", cpu_figure)
+    finally:
+        if previous_validate is None:
+            os.environ.pop(VALIDATE_ENV_VAR, None)
     report["total_s"] = round(time.monotonic() - t0, 1)
     return report
 
