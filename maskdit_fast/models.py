@@ -203,8 +203,9 @@ class Attention(nn.Module):
             qkv = self.qkv(x).reshape(L, 3, self.num_heads, D // self.num_heads)
             out = ops.varlen_attention_qkvpacked(qkv, varlen.cu_seqlens, varlen.max_seqlen, backend=backend)
             return self.proj(out.reshape(B, L, D))
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
-        out = ops.attention(q, k, v, backend=backend)  # [B, L, H, Dh], scale Dh ** -0.5
+        # qkv-packed: the backward writes one [B, L, 3, H, Dh] gradient instead of three slices
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
+        out = ops.attention_qkvpacked(qkv, backend=backend)  # [B, L, H, Dh], scale Dh ** -0.5
         return self.proj(out.reshape(B, L, D))
 
 
@@ -555,7 +556,8 @@ class MaskDiT(_DiffusionTransformer):
         if ids_keep is None:
             tokens = tokens + self.pos_embed
         else:  # pos-embed added before masking, then only the kept tokens enter the encoder
-            tokens = ops.gather_tokens(tokens, ids_keep, self.pos_embed, backend=self.backend)
+            # ids were drawn here or checked by check_ids_keep: skip the op's own (syncing) check
+            tokens = ops.gather_tokens(tokens, ids_keep, self.pos_embed, backend=self.backend, validate=False)
         tokens = self._encode(tokens, c)
 
         tokens = self.decoder_layer(tokens, c, backend=self.backend)
@@ -563,7 +565,7 @@ class MaskDiT(_DiffusionTransformer):
             tokens = tokens + self.decoder_pos_embed
         else:  # mask token at masked positions, unshuffle, decoder pos-embed
             tokens = ops.scatter_tokens(tokens, ids_keep, self.mask_token, L, self.decoder_pos_embed,
-                                        backend=self.backend)
+                                        backend=self.backend, validate=False)
         for block in self.decoder_blocks:
             tokens = block(tokens, c, backend=self.backend)
         sample = self.unpatchify(self.final_layer(tokens, c, backend=self.backend))

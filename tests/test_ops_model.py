@@ -54,12 +54,12 @@ def test_maskdit_float64_triton_ops_match_torch(monkeypatch):
     """float64 (the Triton gather/scatter/modulate kernels compute in fp64 then; attention stays on
     the torch reference, its Triton kernels have no fp64): the model's wiring of the ops is exact up
     to float64 rounding."""
-    attention = ops.attention
+    attention_qkvpacked = ops.attention_qkvpacked
 
     def torch_attention(*args, backend=None, **kwargs):
-        return attention(*args, backend="torch", **kwargs)
+        return attention_qkvpacked(*args, backend="torch", **kwargs)
 
-    monkeypatch.setattr(ops, "attention", torch_attention)
+    monkeypatch.setattr(ops, "attention_qkvpacked", torch_attention)
     model, batch = _model_and_batch(0.5, seed=1)
     model = model.double()
     t = torch.rand(B, dtype=torch.float64)
