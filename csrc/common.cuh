@@ -50,6 +50,26 @@ __device__ __forceinline__ void store_float(T* p, const float (&f)[N]) {
   store_pack<T, N>(p, v);
 }
 
+// Compensated (Kahan) fp32 sums for the long reductions over tokens and samples: the error stays
+// at a few ulps of the result however many terms, on par with torch's tree reductions.
+// (--use_fast_math does not reassociate additions, so the compensation survives.)
+template <int N>
+struct KahanSum {
+  float sum[N], comp[N];
+
+  __device__ __forceinline__ KahanSum() {
+#pragma unroll
+    for (int i = 0; i < N; ++i) sum[i] = comp[i] = 0.f;
+  }
+
+  __device__ __forceinline__ void add(int i, float v) {
+    const float y = v - comp[i];
+    const float t = sum[i] + y;
+    comp[i] = (t - sum[i]) - y;
+    sum[i] = t;
+  }
+};
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -143,12 +163,12 @@ __global__ void column_sum_kernel(const float* __restrict__ partial,  // [G, R, 
   __shared__ float stripe[kSumRows][kSumCols];
   const int64_t c = blockIdx.x * static_cast<int64_t>(kSumCols) + threadIdx.x;
   const int64_t g = blockIdx.y;
-  float acc = 0.f;
+  KahanSum<1> acc;
   if (c < C) {
     const float* p = partial + g * R * C + c;
-    for (int64_t r = threadIdx.y; r < R; r += kSumRows) acc += p[r * C];
+    for (int64_t r = threadIdx.y; r < R; r += kSumRows) acc.add(0, p[r * C]);
   }
-  stripe[threadIdx.y][threadIdx.x] = acc;
+  stripe[threadIdx.y][threadIdx.x] = acc.sum[0];
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
     float s = stripe[0][threadIdx.x];

@@ -79,14 +79,6 @@ __global__ void scatter_fwd_kernel(const T* __restrict__ x_kept,  // [B, K, D]
   }
 }
 
-template <int VEC>
-__device__ __forceinline__ void store_partial(float* p, const float (&acc)[VEC]) {
-  Pack<float, VEC> v;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) v.v[i] = acc[i];
-  store_pack<float, VEC>(p, v);
-}
-
 // grad_x[b, l] = grad_out[b, inv[b, l]] (zeros where masked); thread (l, columns) walks batch chunk
 // blockIdx.y and, when `partial` is given, writes the chunk's sum over b to partial[chunk, l].
 template <typename T, int VEC>
@@ -100,7 +92,7 @@ __global__ void gather_bwd_kernel(const T* __restrict__ grad_out,  // [B, K, D]
   const int64_t b0 = blockIdx.y * chunk;
   const int64_t b1 = b0 + chunk < B ? b0 + chunk : B;
   for (int64_t c = threadIdx.x * VEC; c < D; c += blockDim.x * VEC) {
-    float acc[VEC] = {};
+    KahanSum<VEC> acc;
 #pragma unroll 4
     for (int64_t b = b0; b < b1; ++b) {
       const int k = inv[b * L + l];
@@ -112,10 +104,12 @@ __global__ void gather_bwd_kernel(const T* __restrict__ grad_out,  // [B, K, D]
         for (int i = 0; i < VEC; ++i) v.v[i] = T(0.f);
       }
       store_pack<T, VEC>(grad_x + (b * L + l) * D + c, v);
+      if (partial != nullptr) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += static_cast<float>(v.v[i]);
+        for (int i = 0; i < VEC; ++i) acc.add(i, static_cast<float>(v.v[i]));
+      }
     }
-    if (partial != nullptr) store_partial<VEC>(partial + (blockIdx.y * L + l) * D + c, acc);
+    if (partial != nullptr) store_float<float, VEC>(partial + (blockIdx.y * L + l) * D + c, acc.sum);
   }
 }
 
@@ -133,7 +127,7 @@ __global__ void scatter_bwd_kernel(const T* __restrict__ grad_out,  // [B, L, D]
   const int64_t b0 = blockIdx.y * chunk;
   const int64_t b1 = b0 + chunk < B ? b0 + chunk : B;
   for (int64_t c = threadIdx.x * VEC; c < D; c += blockDim.x * VEC) {
-    float acc_mask[VEC] = {}, acc_pos[VEC] = {};
+    KahanSum<VEC> acc_mask, acc_pos;
 #pragma unroll 4
     for (int64_t b = b0; b < b1; ++b) {
       const int k = inv[b * L + l];
@@ -142,13 +136,13 @@ __global__ void scatter_bwd_kernel(const T* __restrict__ grad_out,  // [B, L, D]
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float f = static_cast<float>(v.v[i]);
-        if (k < 0) acc_mask[i] += f;
-        acc_pos[i] += f;
+        if (k < 0 && part_mask != nullptr) acc_mask.add(i, f);
+        if (part_pos != nullptr) acc_pos.add(i, f);
       }
     }
     const int64_t off = (blockIdx.y * L + l) * D + c;
-    if (part_mask != nullptr) store_partial<VEC>(part_mask + off, acc_mask);
-    if (part_pos != nullptr) store_partial<VEC>(part_pos + off, acc_pos);
+    if (part_mask != nullptr) store_float<float, VEC>(part_mask + off, acc_mask.sum);
+    if (part_pos != nullptr) store_float<float, VEC>(part_pos + off, acc_pos.sum);
   }
 }
 

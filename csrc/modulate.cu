@@ -36,7 +36,8 @@ __global__ void ln_mod_fwd_kernel(const T* __restrict__ x,      // [rows, D]
       for (int i = 0; i < VEC; ++i) s += v[j][i];
     }
   }
-  const float mean = row_sum2(make_float2(s, 0.f)).x / D;
+  // statistics with correctly rounded division and rsqrt (--use_fast_math would approximate them)
+  const float mean = __fdiv_rn(row_sum2(make_float2(s, 0.f)).x, static_cast<float>(D));
   float ss = 0.f;  // two-pass variance: no cancellation when |mean| >> std
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
@@ -46,7 +47,7 @@ __global__ void ln_mod_fwd_kernel(const T* __restrict__ x,      // [rows, D]
       for (int i = 0; i < VEC; ++i) ss += (v[j][i] - mean) * (v[j][i] - mean);
     }
   }
-  const float rstd = rsqrtf(row_sum2(make_float2(ss, 0.f)).x / D + eps);
+  const float rstd = __frsqrt_rn(__fdiv_rn(row_sum2(make_float2(ss, 0.f)).x, static_cast<float>(D)) + eps);
   if (!valid) return;
   const int64_t crow = per_token ? row : row / L;
 #pragma unroll
@@ -87,12 +88,11 @@ __global__ void ln_mod_bwd_kernel(const T* __restrict__ g,          // [B, L, D]
   const int64_t l0 = blockIdx.x * rows_per_chunk;
   const int64_t l1 = l0 + rows_per_chunk < L ? l0 + rows_per_chunk : L;
   const bool cond_grad = per_token ? dscale_tok != nullptr : part_shift != nullptr;
-  float scale1[NV][VEC], acc_shift[NV][VEC], acc_scale[NV][VEC];
+  float scale1[NV][VEC];
+  KahanSum<VEC> acc_shift[NV], acc_scale[NV];
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
     const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc_shift[j][i] = acc_scale[j][i] = 0.f;
     if (!per_token && c < D) {
       load_float<T, VEC>(scale + b * D + c, scale1[j]);
 #pragma unroll
@@ -127,7 +127,7 @@ __global__ void ln_mod_bwd_kernel(const T* __restrict__ g,          // [B, L, D]
       }
     }
     s = row_sum2(s);
-    const float mean_gs = s.x / D, mean_gsx = s.y / D;
+    const float mean_gs = __fdiv_rn(s.x, static_cast<float>(D)), mean_gsx = __fdiv_rn(s.y, static_cast<float>(D));
     if (!valid) continue;  // after the block-wide reduction of this iteration
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
@@ -147,8 +147,8 @@ __global__ void ln_mod_bwd_kernel(const T* __restrict__ g,          // [B, L, D]
       } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          acc_shift[j][i] += gv[j][i];
-          acc_scale[j][i] += gv[j][i] * xh[j][i];
+          acc_shift[j].add(i, gv[j][i]);
+          acc_scale[j].add(i, gv[j][i] * xh[j][i]);
         }
       }
     }
@@ -159,8 +159,8 @@ __global__ void ln_mod_bwd_kernel(const T* __restrict__ g,          // [B, L, D]
   for (int j = 0; j < NV; ++j) {
     const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
     if (c < D) {
-      store_float<float, VEC>(part_shift + prow * D + c, acc_shift[j]);
-      store_float<float, VEC>(part_scale + prow * D + c, acc_scale[j]);
+      store_float<float, VEC>(part_shift + prow * D + c, acc_shift[j].sum);
+      store_float<float, VEC>(part_scale + prow * D + c, acc_scale[j].sum);
     }
   }
 }
@@ -201,7 +201,8 @@ __global__ void gated_bwd_kernel(const T* __restrict__ g,         // [B, L, D]
   const bool gate_grad = dgate_tok != nullptr || part_gate != nullptr;
   const int64_t prow = (b * gridDim.x + blockIdx.x) * blockDim.y + threadIdx.y;
   for (int64_t c = threadIdx.x * VEC; c < D; c += blockDim.x * VEC) {
-    float gt[VEC], acc[VEC] = {};
+    float gt[VEC];
+    KahanSum<VEC> acc;
     if (!per_token) load_float<T, VEC>(gate + b * D + c, gt);
     for (int64_t l = l0 + threadIdx.y; l < l1; l += blockDim.y) {
       const int64_t off = (b * L + l) * D + c;
@@ -223,11 +224,11 @@ __global__ void gated_bwd_kernel(const T* __restrict__ g,         // [B, L, D]
           store_float<T, VEC>(dgate_tok + off, yv);
         } else {
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[i] += yv[i];
+          for (int i = 0; i < VEC; ++i) acc.add(i, yv[i]);
         }
       }
     }
-    if (part_gate != nullptr) store_float<float, VEC>(part_gate + prow * D + c, acc);
+    if (part_gate != nullptr) store_float<float, VEC>(part_gate + prow * D + c, acc.sum);
   }
 }
 
