@@ -33,8 +33,8 @@ def cuda_extension():
         name="maskdit_fast._C",
         sources=sources,
         include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        # No -std flag: torch's extension helpers pick the C++ standard its headers need (C++20 on 2.14).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     print(f"maskdit_fast: building CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
