@@ -78,6 +78,8 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
             (self.sample_solver in ("heun", "euler"), "sample_solver must be heun or euler"),
+            (self.mask_schedule in ("constant", "linear", "cosine"),
+             f"mask_schedule must be constant, linear or cosine, got {self.mask_schedule!r}"),
             (self.keep_last >= 1 and self.ckpt_every >= 1 and self.log_every >= 1,
              "keep_last, ckpt_every and log_every must be >= 1"),
             (self.lr_warmup_steps >= 0 and self.lr_decay_steps >= 0 and self.max_nan_skips >= 0,
@@ -99,9 +101,12 @@ PRESETS = {
         name="mnist", data="mnist5k", model="MaskDiT-S/4",
         model_kwargs=dict(hidden_size=128, depth=4, num_heads=4, decoder_hidden_size=64, decoder_depth=2,
                           decoder_num_heads=4),
+        # Noise levels centred higher than EDM's -1.2 / 1.2: in a short run the global shape and the
+        # class (learnt at large sigma) matter more than fine detail (20% -> 46% class accuracy).
+        P_mean=-0.6, P_std=1.4,
         steps=1200, batch_size=64, lr=2e-3, lr_warmup_steps=50, lr_decay_steps=300, ema_decay=0.995,
         mask_ratio=0.5, unmasked_steps=200, log_every=25, ckpt_every=200, sample_steps=12,
-        sample_cfg=2.0, sample_per_class=10, eval_per_class=20),
+        sample_cfg=4.0, sample_per_class=10, eval_per_class=20),
     # sklearn's 8x8 digits with a very small model: seconds per run, for tests and smoke checks.
     "digits-tiny": dict(
         name="digits-tiny", data="digits", model="MaskDiT-S/2",
