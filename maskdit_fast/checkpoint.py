@@ -14,13 +14,15 @@ import torch
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
-def atomic_save(obj, path):
-    """torch.save(obj, path) via temp file + fsync + rename; `path`'s directory must exist."""
+def atomic_write(path, write):
+    """Calls write(f) on a binary temp file next to `path`, fsyncs it, then renames it over `path`
+    (atomic on POSIX): readers see the old file or the complete new one, never a partial one.
+    `path`'s directory must exist."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,6 +31,11 @@ def atomic_save(obj, path):
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path) through `atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _fsync_dir(directory):
@@ -103,15 +110,6 @@ def export_safetensors(state_dict, path, metadata=None):
         path: output file.
         metadata: optional str -> str header entries (e.g. the model config as JSON).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))

@@ -12,11 +12,11 @@ image's horizontal mirror. The output layout is described in `maskdit_fast.data`
 import argparse
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
 
+from maskdit_fast.checkpoint import atomic_write
 from maskdit_fast.data import LATENT_FORMAT, LATENT_FORMAT_VERSION, MANIFEST, read_manifest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -89,13 +89,6 @@ def encode_moments(vae, images):
     return torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu()
 
 
-def _atomic_npy(array, path):
-    fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
 def prepare_latents(images, vae, out, resolution=256, batch_size=32, shard_size=10_000, flip=False,
                     dtype="float16", subfolder=None, scale_factor=None, device="cpu", progress=True):
     """Encodes an image folder into latent shards plus manifest.json.
@@ -132,8 +125,8 @@ def prepare_latents(images, vae, out, resolution=256, batch_size=32, shard_size=
 
     def write_shard(moments, labels):
         name = f"shard_{len(shards):05d}"
-        _atomic_npy(moments.astype(dtype), os.path.join(out, name + ".moments.npy"))
-        _atomic_npy(labels, os.path.join(out, name + ".labels.npy"))
+        for suffix, array in ((".moments.npy", moments.astype(dtype)), (".labels.npy", labels)):
+            atomic_write(os.path.join(out, name + suffix), lambda f: np.save(f, array, allow_pickle=False))
         shards.append({"moments": name + ".moments.npy", "labels": name + ".labels.npy", "count": len(labels)})
 
     from tqdm import tqdm
@@ -160,10 +153,7 @@ def prepare_latents(images, vae, out, resolution=256, batch_size=32, shard_size=
         "count": sum(s["count"] for s in shards), "resolution": resolution, "flip": flip,
         "vae": source, "shards": shards,
     }
-    fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(out, MANIFEST))
+    atomic_write(os.path.join(out, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return read_manifest(out)
 
 
