@@ -1,0 +1,244 @@
+"""Sharded, crash-safe, world-size independent checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a directory `step_XXXXXXXX/` beside the single-process `step_XXXXXXXX.pt` files of
+`maskdit_fast.checkpoint`:
+
+    step_00001000/.metadata, __0_0.distcp, ...   model, optimizer and EMA tensors (DCP, every rank
+                                                 writes its own shards)
+    step_00001000/train_state.pt                 rank 0: step, data position, RNG states, config
+                                                 (plain containers, loads with weights_only=True)
+
+Atomic: every rank writes into `step_XXXXXXXX.tmp/`; once DCP has committed its metadata (which
+happens only after all ranks' writes finished) rank 0 adds train_state.pt and renames the
+directory to its final name. A crash or a killed rank mid-save leaves a stray `.tmp` directory,
+never a half-written checkpoint; it is removed by the next save.
+
+Resharding: tensors are stored with their global shapes and FQN keys (torch.distributed.checkpoint.
+state_dict.get_state_dict), so a checkpoint saved by N ranks under FSDP2 loads on M ranks under
+FSDP2, DDP or in one process, and a single-file checkpoint loads into a sharded run
+(`load_training_state`). The consolidated EMA weights export to one safetensors file
+(`export_ema_safetensors`).
+"""
+import os
+import re
+import shutil
+import threading
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from maskdit_fast.checkpoint import CKPT_RE, _fsync_dir, atomic_save, export_safetensors, load_checkpoint
+from maskdit_fast.parallel import barrier, parameter_names
+
+DCP_RE = re.compile(r"^step_(\d+)$")
+TRAIN_STATE = "train_state.pt"
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank():
+    return dist.get_rank() if _distributed() else 0
+
+
+def is_dcp_checkpoint(path):
+    """True for a complete DCP checkpoint directory (DCP metadata and train_state.pt present)."""
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+            and os.path.isfile(os.path.join(path, TRAIN_STATE)))
+
+
+def list_checkpoints(directory):
+    """{step: path} of the complete checkpoints in `directory`, both formats (DCP directories and
+    single-file `.pt`; a DCP directory wins if a step has both). Temp files/dirs are ignored."""
+    found = {}
+    if not os.path.isdir(directory):
+        return found
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        m = CKPT_RE.match(name)
+        if m and os.path.isfile(path):
+            found.setdefault(int(m.group(1)), path)
+        m = DCP_RE.match(name)
+        if m and is_dcp_checkpoint(path):
+            found[int(m.group(1))] = path
+    return found
+
+
+def sharded_state(model, optimizer, ema):
+    """The tensors of a training state as DCP wants them: {"model": {fqn: tensor}, "optimizer":
+    {"state": {fqn: {...}}, "param_groups": [...]}, "ema": {name: tensor}}, sharded (DTensor) under
+    FSDP2, plain otherwise; views of the live storage (loading into it restores in place)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd, "ema": ema.state_dict()}
+
+
+def _apply_state(model, optimizer, ema, state, full):
+    options = StateDictOptions(full_state_dict=full)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
+    ema.load_state_dict(state["ema"])
+
+
+def optimizer_state_by_name(optimizer_state, model):
+    """A torch-native optimizer state dict (parameters numbered in `model.parameters()` order, as
+    the single-process checkpoints store it) keyed by parameter name instead, the form
+    set_state_dict takes. Raises ValueError when the counts do not match."""
+    names = parameter_names(model)
+    groups = optimizer_state["param_groups"]
+    ids = [i for g in groups for i in g["params"]]
+    if sorted(ids) != list(range(len(names))):
+        raise ValueError(f"optimizer state covers parameters {ids[:3]}... but the model has {len(names)}")
+    return {"state": {names[i]: s for i, s in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+
+
+def load_training_state(path, model, optimizer, ema, map_location="cpu"):
+    """Restores model, optimizer and EMA from either checkpoint format, whatever the world size and
+    parallelism of the run that wrote it; returns the rest of the state (step, data position, RNG,
+    config, ...: the train_state.pt dict, or the single-file dict minus its tensors' entries).
+
+    Every rank must call it. A single-file checkpoint is read by every rank (full tensors) and
+    copied into the local shards.
+
+    Args:
+        path: a `step_*.pt` file or a DCP `step_*` directory.
+        model: plain, DDP or FSDP2 module; optimizer: built over its parameters; ema: ShardedEMA.
+    """
+    if os.path.isdir(path):
+        if not is_dcp_checkpoint(path):
+            raise RuntimeError(f"{path!r} is not a complete DCP checkpoint (no .metadata or {TRAIN_STATE})")
+        state = sharded_state(model, optimizer, ema)
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        _apply_state(model, optimizer, ema, state, full=False)
+        return load_checkpoint(os.path.join(path, TRAIN_STATE))
+    ckpt = load_checkpoint(path, map_location=map_location)
+    state = {"model": ckpt.pop("model"), "optimizer": optimizer_state_by_name(ckpt.pop("optimizer"), model),
+             "ema": ckpt.pop("ema")}
+    _apply_state(model, optimizer, ema, state, full=True)
+    return ckpt
+
+
+class DistCheckpointManager:
+    """DCP checkpoints `step_XXXXXXXX/` in one directory (shared by all ranks), keeping the newest
+    `keep_last` of both formats; see the module docstring for the layout and the commit protocol.
+
+    Args:
+        directory: created by rank 0 if needed (must be on a file system every rank sees).
+        keep_last: checkpoints kept (>= 1).
+        async_save: write in a background thread (dcp.async_save): `save` returns after the state
+            is staged to CPU memory; the checkpoint appears when the write completes. Call
+            `wait()` before exit (`close()` does). Needs a process group (torchrun); a single
+            process without one saves synchronously.
+    Every method except `steps` / `latest` must be called by all ranks.
+    """
+
+    def __init__(self, directory, keep_last=3, async_save=False):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory, self.keep_last, self.async_save = directory, keep_last, async_save and _distributed()
+        self.rank = _rank()
+        if self.rank == 0:
+            os.makedirs(directory, exist_ok=True)
+        barrier()
+        self._pending, self._committer, self._error = None, None, None
+        self._group = None
+        if async_save and _distributed() and dist.get_backend() != "gloo":
+            # the background thread's collectives must not use NCCL (CUDA streams of the main thread)
+            self._group = dist.new_group(backend="gloo")
+
+    def path(self, step):
+        return os.path.join(self.directory, f"step_{step:08d}")
+
+    def steps(self):
+        """Sorted steps of the complete checkpoints present (both formats)."""
+        return sorted(list_checkpoints(self.directory))
+
+    def latest(self):
+        """Path of the newest complete checkpoint (DCP directory or .pt file), or None."""
+        found = list_checkpoints(self.directory)
+        return found[max(found)] if found else None
+
+    def save(self, step, model, optimizer, ema, train_state):
+        """Writes model, optimizer and EMA (sharded) plus `train_state` (a dict of plain
+        containers and small tensors, e.g. step, data position and RNG states; rank 0's is kept)
+        as step `step`. Waits for a previous asynchronous save first. Returns the final path."""
+        self.wait()
+        final, tmp = self.path(step), self.path(step) + ".tmp"
+        if self.rank == 0:
+            self._remove_temps()
+        barrier()
+        state = sharded_state(model, optimizer, ema)
+        if not self.async_save:
+            dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
+            if self.rank == 0:
+                self._commit(tmp, final, train_state)
+            barrier()
+            return final
+        result = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)
+        future = result if hasattr(result, "add_done_callback") else result.upload_completion
+        if self.rank == 0:  # commits once the write is done, without blocking training
+            self._committer = threading.Thread(target=self._commit_async, args=(future, tmp, final, train_state))
+            self._committer.start()
+        self._pending = future
+        return final
+
+    def _commit_async(self, future, tmp, final, train_state):
+        try:
+            future.result()
+            self._commit(tmp, final, train_state)
+        except BaseException as e:  # re-raised on the main thread by wait()
+            self._error = e
+
+    def _commit(self, tmp, final, train_state):
+        atomic_save(train_state, os.path.join(tmp, TRAIN_STATE))
+        if os.path.exists(final):  # a previous run's checkpoint of the same step (e.g. after a rollback)
+            shutil.rmtree(final) if os.path.isdir(final) else os.unlink(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.directory)
+        self._prune()
+
+    def _prune(self):
+        found = list_checkpoints(self.directory)
+        for step in sorted(found)[:-self.keep_last]:
+            path = found[step]
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+    def _remove_temps(self):
+        for name in os.listdir(self.directory):
+            if name.endswith(".tmp"):
+                path = os.path.join(self.directory, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+    def wait(self):
+        """Blocks until a pending asynchronous save is written and committed; re-raises its error."""
+        if self._pending is not None:
+            try:
+                self._pending.result()
+                if self._committer is not None:
+                    self._committer.join()
+            finally:
+                self._pending = self._committer = None
+            barrier()  # every rank sees the committed directory afterwards
+        error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError(f"asynchronous checkpoint save failed: {error}") from error
+
+    def close(self):
+        """wait(), then frees the background process group."""
+        self.wait()
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+
+def export_ema_safetensors(ema, path, metadata=None):
+    """Gathers the (possibly sharded) EMA weights and writes them, unsharded fp32, as one
+    safetensors file from rank 0 (atomic). Collective: every rank must call it. Returns path."""
+    full = ema.full_state_dict(rank0_only=True)
+    if _rank() == 0:
+        export_safetensors(full, path, metadata=metadata)
+    barrier()
+    return path

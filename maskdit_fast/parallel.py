@@ -1,0 +1,450 @@
+"""Scale-out building blocks on PyTorch's own distributed stack (torchrun, DDP, FSDP2, DTensor).
+
+Small composable functions in the torchtitan style; the trainer applies them in this order:
+
+    info = init_distributed("auto")                       # torchrun env -> process group, device
+    model = build_model(...).to(info.device)
+    apply_activation_checkpointing(model, "selective")     # per block (encoder and decoder)
+    apply_compile(model)                                   # per block, torch.compile
+    model = apply_fsdp(model, param_dtype=torch.bfloat16)  # fully_shard per block, then the root
+      (or model = apply_ddp(model, info))
+    ema = ShardedEMA(model)                                # fp32, sharded like the parameters
+    meter = ThroughputMeter(model, info.world_size, peak_flops=...)
+
+Everything also runs in one process without torchrun (world size 1, no process group), and on CPU
+with the gloo back-end (how the tests run it). The model's fused ops are torch.library custom ops,
+so they compose with torch.compile, activation checkpointing and FSDP2 without special cases.
+"""
+import contextlib
+import dataclasses
+import datetime
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from maskdit_fast.flops import train_step_flops
+
+AC_MODES = ("none", "full", "selective")
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+
+
+# ----------------------------------------------------------------------------------------- process group
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank / world_size / local_rank (all 0 / 1 / 0 without torchrun),
+    its torch.device, and the process-group back-end ("gloo", "cpu:gloo,cuda:nccl" or None when no
+    process group was created)."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: object = None
+
+    @property
+    def is_main(self):
+        """True on rank 0 (the rank that logs and writes single-writer files)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        """True when a process group is initialised (launched by torchrun, any world size)."""
+        return self.backend is not None
+
+
+def _env_int(name, default):
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device="auto", timeout_s=1800):
+    """Initialises torch.distributed from the torchrun environment, once per process.
+
+    Launched by torchrun (WORLD_SIZE, RANK, LOCAL_RANK and MASTER_ADDR set), every process joins the
+    default process group: nccl for CUDA tensors (with gloo beside it for CPU-side collectives such as
+    asynchronous checkpointing), gloo on CPU. Without torchrun nothing is initialised (world size 1).
+
+    Args:
+        device: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda" (=
+            cuda:LOCAL_RANK) or an explicit "cuda:N".
+        timeout_s: collective timeout in seconds (a dead rank makes the others fail after it).
+    Returns:
+        DistInfo. Raises RuntimeError for CUDA requested without CUDA, fewer GPUs than local ranks,
+        or an inconsistent environment.
+    """
+    world_size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    if not 0 <= rank < world_size:
+        raise RuntimeError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device} requested but CUDA is not available")
+        if device.index is None:
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise RuntimeError(f"distributed training supports cpu and cuda devices, got {device}")
+    if not launched:
+        if world_size != 1:
+            raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset: launch with torchrun")
+        return DistInfo(0, 1, 0, device, None)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def destroy_distributed():
+    """Tears the default process group down (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    """dist.barrier() when a process group exists, else nothing."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values):
+    """Mean over ranks of a float tensor (any shape, any device the group supports); the tensor
+    itself without a process group. Returns a new tensor."""
+    out = values.detach().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+def all_gather_floats(value):
+    """[value of rank 0, value of rank 1, ...] for a python float (a list of one without a group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(value)]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, float(value))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- wrappers
+def unwrap(model):
+    """The user module inside DDP (`.module`); FSDP2, per-block compile and checkpoint wrappers
+    keep the module itself, so anything else is returned unchanged."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def transformer_blocks(model):
+    """The repeated blocks of a DiT / MaskDiT (`blocks`, then MaskDiT's `decoder_blocks`) as
+    (ModuleList, index) pairs, so wrappers can replace them in place."""
+    model = unwrap(model)
+    found = [(blocks, i) for attr in ("blocks", "decoder_blocks")
+             for blocks in [getattr(model, attr, None)] if isinstance(blocks, nn.ModuleList)
+             for i in range(len(blocks))]
+    if not found:
+        raise TypeError(f"{type(model).__name__} has no `blocks` ModuleList (expected a DiT / MaskDiT)")
+    return found
+
+
+def apply_ddp(model, info, find_unused_parameters=False):
+    """Wraps `model` (already on info.device) in DistributedDataParallel.
+
+    Args:
+        find_unused_parameters: needed when some parameter gets no gradient in a step (MaskDiT's
+            mask token in unmasked steps); costs a graph traversal per step.
+    Returns:
+        the DDP module.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("apply_ddp needs an initialised process group: launch with torchrun")
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=find_unused_parameters)
+
+
+def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_after_forward=True):
+    """Shards `model` with FSDP2: `fully_shard` on every transformer block (encoder and decoder),
+    then on the root (embedders, decoder layer, mask token, final layer). In place.
+
+    Parameters stay fp32 shards (the optimizer and EMA work on them); `param_dtype` is what the
+    all-gathered compute copies use (torch.bfloat16 for bf16 training, None = keep fp32) and
+    `reduce_dtype` the gradient reduce-scatter dtype.
+
+    Args:
+        model: a DiT / MaskDiT on its training device, after activation checkpointing / compile.
+        reshard_after_forward: free the gathered block parameters after forward (ZeRO-3, less
+            memory, one more all-gather in backward); False keeps them until backward (ZeRO-2).
+            The root is never resharded after forward (its parameters are needed first in backward).
+    Returns:
+        the same module, now an FSDPModule.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("apply_fsdp needs an initialised process group: launch with torchrun")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("apply_fsdp: got a DDP module; use either DDP or FSDP")
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for blocks, i in transformer_blocks(model):
+        fully_shard(blocks[i], mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def clip_grad_norm_(model, max_norm):
+    """torch.nn.utils.clip_grad_norm_ over the model's parameters (plain, DDP or FSDP2-sharded
+    gradients alike; max_norm=inf only measures). Returns the total norm before clipping as a
+    python float (the same on every rank)."""
+    norm = nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+@contextlib.contextmanager
+def gradient_sync(model, enabled):
+    """Context for one micro-batch's backward: with enabled=False gradients accumulate locally
+    (DDP no_sync; FSDP2 keeps unsharded gradients and skips the reduce-scatter), so only the last
+    micro-batch of a step communicates. A plain module is unaffected."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with (contextlib.nullcontext() if enabled else model.no_sync()):
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 root
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def apply_compile(model, backend="inductor", fullgraph=False, dynamic=None):
+    """torch.compile each transformer block in place (`nn.Module.compile`: the parameter names
+    and state_dict keys do not change). Per-block compilation keeps compile time at one block's
+    and leaves FSDP2's hooks between blocks; call before apply_fsdp / apply_ddp.
+
+    Args:
+        backend: torch.compile backend ("inductor"; "aot_eager" needs no C++ compiler).
+        fullgraph, dynamic: passed to torch.compile (token counts change with the mask ratio:
+            dynamic=None lets dynamo mark them dynamic after the first recompilation).
+    Returns:
+        the model.
+    """
+    for blocks, i in transformer_blocks(model):
+        blocks[i].compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    return model
+
+
+def _matmul_ops():
+    """Ops whose outputs selective checkpointing saves: matmuls and attention (aten and the
+    package's Triton attention custom ops); everything else is recomputed in backward."""
+    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_mm"]
+    found = [getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)]
+    import maskdit_fast.ops.attention  # noqa: F401  (registers the maskdit_fast attention ops)
+    for n in ("varlen_attn_fwd", "varlen_attn_qkvpacked_fwd"):
+        found.append(getattr(torch.ops.maskdit_fast, n).default)
+    return frozenset(found)
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    saved = _matmul_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model, mode):
+    """Activation checkpointing of every transformer block, in place (before compile / FSDP).
+
+    Args:
+        mode: "none"; "full" (keep only each block's input, recompute the whole block in
+            backward); "selective" (per-op: keep the outputs of matmuls and attention, recompute
+            the cheap LayerNorm / modulation / GELU / residual ops).
+    Returns:
+        the model. State-dict keys are unchanged (the wrapper's hooks strip its prefix).
+    """
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing mode must be one of {AC_MODES}, got {mode!r}")
+    if mode == "none":
+        return model
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    kwargs = dict(preserve_rng_state=False)  # the blocks draw no random numbers
+    if mode == "selective":
+        kwargs["context_fn"] = _selective_context
+    for blocks, i in transformer_blocks(model):
+        blocks[i] = checkpoint_wrapper(blocks[i], **kwargs)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+def parameter_names(model):
+    """State-dict names of `model.parameters()` (of the module inside DDP), in that order: the
+    checkpoint keys, free of wrapper prefixes such as activation checkpointing's."""
+    module = unwrap(model)
+    name_of = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
+    return [name_of[id(p)] for p in module.parameters()]
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ShardedEMA:
+    """Exponential moving average of a (possibly FSDP2-sharded) model, in fp32.
+
+    Each EMA tensor is a copy of the model's parameter (or floating buffer) with the same
+    placement: under FSDP2 a DTensor holding exactly this rank's shard, so the update is local
+    (no communication) and the memory is divided by the world size; under DDP / one process a
+    plain tensor. Names are the model's state_dict keys (wrapper prefixes removed), so
+    `state_dict()` checkpoints with torch.distributed.checkpoint and `full_state_dict()` loads
+    into an unwrapped model.
+
+    Args:
+        model: the model as trained (plain, DDP, or after apply_fsdp), its parameters holding the
+            initial EMA weights.
+    """
+
+    def __init__(self, model):
+        self.names, self.shadow = [], []
+        for name, t in self._live(model):
+            self.names.append(name)
+            self.shadow.append(t.detach().to(torch.float32, copy=True))
+
+    @staticmethod
+    def _live(model):
+        # state_dict(keep_vars=True): the live parameters and buffers under their checkpoint names
+        return [(k, t) for k, t in unwrap(model).state_dict(keep_vars=True).items() if t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, model, decay):
+        """ema <- decay * ema + (1 - decay) * model, on the local shards (fp32 arithmetic)."""
+        live = self._live(model)
+        if [n for n, _ in live] != self.names:
+            raise RuntimeError("ShardedEMA.update: the model's parameters differ from the ones the EMA was built from")
+        model_t = [_local(t).float() for _, t in live]
+        torch._foreach_lerp_([_local(e) for e in self.shadow], model_t, 1.0 - decay)
+
+    def state_dict(self):
+        """name -> fp32 tensor (DTensor shards under FSDP2), the live EMA storage (for DCP)."""
+        return dict(zip(self.names, self.shadow))
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        """Copies name -> tensor values in. Each value may be full (a plain tensor of the
+        parameter's full shape, e.g. from a single-file checkpoint or an EMA module) or already
+        sharded like this EMA (a DTensor); missing or unexpected names raise RuntimeError."""
+        missing, unexpected = set(self.names) - set(state_dict), set(state_dict) - set(self.names)
+        if missing or unexpected:
+            raise RuntimeError(f"EMA state dict mismatch: missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}")
+        for name, dst in zip(self.names, self.shadow):
+            src = state_dict[name]
+            if isinstance(dst, DTensor) and not isinstance(src, DTensor):
+                src = distribute_tensor(src.to(dst.device, torch.float32), dst.device_mesh, dst.placements)
+            if tuple(src.shape) != tuple(dst.shape):
+                raise RuntimeError(f"EMA {name}: shape {tuple(src.shape)} != {tuple(dst.shape)}")
+            _local(dst).copy_(_local(src))
+
+    @torch.no_grad()
+    def full_state_dict(self, rank0_only=False):
+        """name -> full fp32 CPU tensor, gathering the shards one tensor at a time. Under FSDP2
+        this is a collective: every rank must call it. With rank0_only, other ranks get {}."""
+        out = {}
+        is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        for name, t in zip(self.names, self.shadow):
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            if is_main or not rank0_only:
+                out[name] = full.detach().to("cpu", copy=True)
+        return out
+
+
+# ----------------------------------------------------------------------------------------- throughput
+# Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs; TF32 is half of it. Matched against
+# torch.cuda.get_device_name; anything else needs an explicit peak.
+PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.4, "H100": 989.4, "A100": 312.0}
+
+
+def default_peak_flops(device, dtype=torch.bfloat16):
+    """Peak FLOP/s of one `device` for `dtype` training (bf16 / fp16 tensor cores, fp32 as TF32)
+    from PEAK_BF16_TFLOPS, or None when unknown (CPUs, other GPUs: pass a peak explicitly)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12 * (0.5 if dtype == torch.float32 else 1.0)
+    return None
+
+
+def peak_memory_gib(device):
+    """Peak memory of this process in GiB: CUDA max_memory_allocated on a GPU, the peak resident
+    set size (ru_maxrss) on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+class ThroughputMeter:
+    """Images/s, tokens/s, achieved FLOP/s and MFU over a window of training steps.
+
+    FLOPs come from the analytic counter `maskdit_fast.flops.train_step_flops` (forward + backward
+    matmul work at the step's mask ratio), so MFU = achieved FLOP/s per device / peak_flops.
+
+    Args:
+        model: the DiT / MaskDiT (any wrapper) or a preset name.
+        world_size: devices sharing each global batch.
+        peak_flops: peak FLOP/s of one device (None: MFU is not reported).
+        device: where peak memory is read.
+    """
+
+    def __init__(self, model, world_size=1, peak_flops=None, device="cpu"):
+        if peak_flops is not None and not peak_flops > 0:
+            raise ValueError(f"peak_flops must be > 0 or None, got {peak_flops!r}")
+        self.model = unwrap(model)
+        self.world_size, self.peak_flops, self.device = int(world_size), peak_flops, torch.device(device)
+        self.tokens_per_image = self.model.num_patches
+        self._flops_cache = {}
+        self.reset()
+
+    def reset(self):
+        """Starts a new window now."""
+        self.start, self.images, self.flops = time.perf_counter(), 0, 0
+
+    def _flops_per_image(self, mask_ratio):
+        if mask_ratio not in self._flops_cache:
+            self._flops_cache[mask_ratio] = train_step_flops(self.model, mask_ratio=mask_ratio)
+        return self._flops_cache[mask_ratio]
+
+    def update(self, images, mask_ratio):
+        """Counts one optimizer step of `images` (global batch) at `mask_ratio`."""
+        self.images += images
+        self.flops += images * self._flops_per_image(float(mask_ratio))
+
+    def summary(self, reset=True):
+        """dict: images_per_s, tokens_per_s (input patch tokens), tflops_per_device (achieved),
+        mfu (when peak_flops is set), peak_mem_gib (this rank); then a new window starts."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"images_per_s": self.images / elapsed,
+               "tokens_per_s": self.images * self.tokens_per_image / elapsed,
+               "tflops_per_device": self.flops / elapsed / self.world_size / 1e12,
+               "peak_mem_gib": peak_memory_gib(self.device)}
+        if self.peak_flops:
+            out["mfu"] = self.flops / elapsed / self.world_size / self.peak_flops
+        if reset:
+            self.reset()
+        return out

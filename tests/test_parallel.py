@@ -1,0 +1,228 @@
+"""maskdit_fast.parallel and maskdit_fast.dist_checkpoint: activation checkpointing, per-block
+compile, sharded EMA, throughput meter and DCP checkpoints in one process, then FSDP2 / DDP on 2
+CPU ranks (torchrun + gloo) against the single-process reference, with checkpoints moved between
+world sizes 1 and 2 in both directions."""
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dist_worker as W
+from maskdit_fast.checkpoint import atomic_save
+from maskdit_fast.dist_checkpoint import (DistCheckpointManager, export_ema_safetensors, list_checkpoints,
+                                          load_training_state)
+from maskdit_fast.ema import create_ema, update_ema
+from maskdit_fast.flops import train_step_flops
+from maskdit_fast.models import create_model
+from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, apply_activation_checkpointing, apply_compile,
+                                   apply_ddp, apply_fsdp, init_distributed, parameter_names,
+                                   transformer_blocks)
+
+
+def _inputs(batch=4):
+    x, t, y, ids = W.global_batch(0)
+    return x[:batch], t[:batch], y[:batch], ids[:batch]
+
+
+class _BackwardOps(TorchDispatchMode):
+    """Counts the aten ops that run (all, and matmuls) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.matmuls = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.matmuls += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def _grads(net, counter=None):
+    x, t, y, ids = _inputs()
+    loss = (net(x, t, y, ids_keep=ids).sample - x).square().mean()
+    with counter or contextlib.nullcontext():
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in zip(parameter_names(net), net.parameters())}
+
+
+def test_activation_checkpointing_same_grads_and_recompute_policy():
+    ref_loss, ref = _grads(W.build()[0])
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        net = W.build(ac=mode)[0]
+        counts[mode] = _BackwardOps()
+        loss, grads = _grads(net, counts[mode])
+        assert set(grads) == set(ref), mode
+        assert torch.equal(loss, ref_loss), mode
+        for name in ref:
+            torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-7, msg=f"{mode} {name}")
+        assert list(net.state_dict()) == list(W.build()[0].state_dict()), mode  # keys unchanged
+    # full recomputes every block's forward (matmuls included) in backward; selective keeps the
+    # matmul outputs and recomputes only the cheap ops
+    assert counts["none"].matmuls == counts["selective"].matmuls < counts["full"].matmuls
+    assert counts["none"].ops < counts["selective"].ops < counts["full"].ops
+
+
+def test_activation_checkpointing_bad_mode_and_model():
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        apply_activation_checkpointing(W.build()[0], "some")
+    with pytest.raises(TypeError, match="blocks"):
+        transformer_blocks(torch.nn.Linear(2, 2))
+
+
+def test_compile_per_block_matches_eager():
+    net = W.build()[0]
+    ref_loss, ref = _grads(net)
+    net.zero_grad()
+    apply_compile(net, backend="aot_eager")
+    loss, grads = _grads(net)
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6)
+    assert all(blocks[i]._compiled_call_impl is not None for blocks, i in transformer_blocks(net))
+
+
+def test_sharded_ema_plain_matches_module_ema():
+    net = W.build()[0]
+    ema, ema_module = ShardedEMA(net), create_ema(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(net, 0.9)
+    update_ema(ema_module, net, 0.9)
+    full = ema.full_state_dict()
+    assert list(full) == list(ema_module.state_dict())
+    for name, value in ema_module.state_dict().items():
+        torch.testing.assert_close(full[name], value, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="mismatch"):
+        ema.load_state_dict({"x": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="differ"):
+        ema.update(W.build(ac="none")[0].blocks, 0.9)
+
+
+def test_throughput_meter():
+    net = W.build()[0]
+    meter = ThroughputMeter(net, world_size=2, peak_flops=1e9)
+    meter.update(8, 0.5)
+    meter.update(8, 0.0)
+    flops = 8 * train_step_flops(net, mask_ratio=0.5) + 8 * train_step_flops(net, mask_ratio=0.0)
+    assert meter.flops == flops
+    out = meter.summary()
+    elapsed = 16 / out["images_per_s"]
+    assert out["tokens_per_s"] == pytest.approx(16 * 16 / elapsed)
+    assert out["mfu"] == pytest.approx(flops / elapsed / 2 / 1e9)
+    assert out["peak_mem_gib"] > 0
+    assert meter.images == 0  # a new window
+    with pytest.raises(ValueError, match="peak_flops"):
+        ThroughputMeter(net, peak_flops=0)
+
+
+def test_wrappers_need_a_process_group(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size, info.distributed) == (0, 1, False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        apply_fsdp(W.build()[0])
+    with pytest.raises(RuntimeError, match="torchrun"):
+        apply_ddp(W.build()[0], info)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        init_distributed("cpu")
+
+
+def _state(net, opt, ema):
+    """A snapshot (copies) of model, optimizer and full EMA state."""
+    import copy
+    return copy.deepcopy({"model": net.state_dict(), "optimizer": opt.state_dict(), "ema": ema.full_state_dict()})
+
+
+def _assert_same_state(a, b, atol=2e-5):  # Adam amplifies reduction-order rounding on tiny grads
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=atol, msg=lambda m: f"{part} {k}: {m}")
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(sa[i][k], sb[i][k], rtol=0, atol=atol, msg=f"opt {i} {k}")
+
+
+def test_dcp_checkpoints_single_process(tmp_path):
+    net, opt, ema = W.build()
+    W.train(net, opt, ema, 0, 2)
+    manager = DistCheckpointManager(str(tmp_path), keep_last=2)
+    for step in (1, 2, 3):
+        manager.save(step, net, opt, ema, {"step": step, "rng": torch.get_rng_state()})
+    os.makedirs(tmp_path / "step_00000004.tmp")  # a crashed writer's leftovers
+    atomic_save({"step": 0}, str(tmp_path / "step_00000000.pt"))
+    assert manager.steps() == [0, 2, 3]  # both formats; the temp dir is not a checkpoint
+    assert manager.latest() == str(tmp_path / "step_00000003")
+    fresh = W.build()
+    extra = load_training_state(manager.latest(), *fresh)
+    assert extra["step"] == 3 and torch.equal(extra["rng"], torch.get_rng_state())
+    _assert_same_state(_state(net, opt, ema), _state(*fresh), atol=0)
+    # the next save prunes to keep_last over both formats and clears the temp dir
+    manager.save(5, net, opt, ema, {"step": 5})
+    assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000005"]
+    with pytest.raises(RuntimeError, match="not a complete DCP checkpoint"):
+        load_training_state(str(tmp_path), *fresh)
+    path = export_ema_safetensors(ema, str(tmp_path / "ema.safetensors"))
+    from safetensors.torch import load_file
+    exported = load_file(path)
+    assert exported.keys() == ema.full_state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in ema.full_state_dict().items())
+
+
+def test_fsdp_and_ddp_match_single_process_and_resume_across_world_sizes(tmp_path):
+    """2 ranks (torchrun, gloo): FSDP2 and DDP (with grad accumulation and selective AC) follow the
+    single-process loss trajectory; a world-2 FSDP checkpoint resumes at world 1 and world-1
+    checkpoints (DCP and single file) resume at world 2 under FSDP2, all continuing the same run."""
+    ref_net, ref_opt, ref_ema = W.build()
+    ref = W.train(ref_net, ref_opt, ref_ema, 0, W.RESUME_AT)
+    ref_state_at_resume = _state(ref_net, ref_opt, ref_ema)
+    DistCheckpointManager(str(tmp_path / "ref_dcp")).save(W.RESUME_AT, ref_net, ref_opt, ref_ema,
+                                                          {"step": W.RESUME_AT})
+    single = dict(_state(ref_net, ref_opt, ref_ema), step=W.RESUME_AT)
+    atomic_save(single, str(tmp_path / "ref.pt"))
+    with open(tmp_path / "ref_paths.json", "w") as f:
+        json.dump({"ref_dcp": str(tmp_path / "ref_dcp" / f"step_{W.RESUME_AT:08d}"),
+                   "ref_single_file": str(tmp_path / "ref.pt")}, f)
+    ref += W.train(ref_net, ref_opt, ref_ema, W.RESUME_AT, W.STEPS)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(__file__))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           W.__file__, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.load(open(tmp_path / "result.json"))
+    assert result["world_size"] == 2
+
+    def close(got, want):
+        assert len(got) == len(want)
+        for (loss, norm), (ref_loss, ref_norm) in zip(got, want):
+            assert math.isclose(loss, ref_loss, rel_tol=1e-5), (got, want)
+            assert math.isclose(norm, ref_norm, rel_tol=1e-4), (got, want)
+
+    close(result["fsdp"], ref[:W.RESUME_AT])
+    close(result["ddp_accum2"], ref[:W.RESUME_AT])
+    close(result["resume_ref_dcp"], ref[W.RESUME_AT:])
+    close(result["resume_ref_single_file"], ref[W.RESUME_AT:])
+
+    # world 2 (FSDP2, async save) -> world 1: the same state as the reference at that step ...
+    path = list_checkpoints(str(tmp_path / "fsdp_ckpts"))[W.RESUME_AT]
+    net, opt, ema = W.build()
+    assert load_training_state(path, net, opt, ema)["step"] == W.RESUME_AT
+    _assert_same_state(_state(net, opt, ema), ref_state_at_resume)
+    # ... which continues the same trajectory
+    close(W.train(net, opt, ema, W.RESUME_AT, W.STEPS), ref[W.RESUME_AT:])
+    # the consolidated EMA export of the sharded run
+    from safetensors.torch import load_file
+    exported = load_file(str(tmp_path / "fsdp_ema.safetensors"))
+    for k, v in ref_state_at_resume["ema"].items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=2e-5)
