@@ -27,7 +27,8 @@ import threading
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from maskdit_fast.checkpoint import CKPT_RE, _fsync_dir, atomic_save, export_safetensors, load_checkpoint
 from maskdit_fast.parallel import barrier, parameter_names
@@ -119,6 +120,24 @@ def load_training_state(path, model, optimizer, ema, map_location="cpu"):
              "ema": ckpt.pop("ema")}
     _apply_state(model, optimizer, ema, state, full=True)
     return ckpt
+
+
+def load_weights(path, model, ema, map_location="cpu"):
+    """Model and EMA weights only (a new training stage, e.g. unmasked fine-tuning: fresh optimizer
+    and step counter) from either checkpoint format, at any world size. Every rank must call it.
+    Returns the step the checkpoint was taken at."""
+    if os.path.isdir(path):
+        if not is_dcp_checkpoint(path):
+            raise RuntimeError(f"{path!r} is not a complete DCP checkpoint (no .metadata or {TRAIN_STATE})")
+        state = {"model": get_model_state_dict(model), "ema": ema.state_dict()}
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        set_model_state_dict(model, state["model"])
+        ema.load_state_dict(state["ema"])
+        return int(load_checkpoint(os.path.join(path, TRAIN_STATE))["step"])
+    ckpt = load_checkpoint(path, map_location=map_location)
+    set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+    ema.load_state_dict(ckpt["ema"])
+    return int(ckpt["step"])
 
 
 class DistCheckpointManager:
@@ -236,9 +255,13 @@ class DistCheckpointManager:
 
 def export_ema_safetensors(ema, path, metadata=None):
     """Gathers the (possibly sharded) EMA weights and writes them, unsharded fp32, as one
-    safetensors file from rank 0 (atomic). Collective: every rank must call it. Returns path."""
+    safetensors file from rank 0 (atomic). Collective: every rank must call it.
+
+    Returns:
+        the gathered {name: fp32 CPU tensor} on rank 0 (e.g. to sample from), {} on other ranks.
+    """
     full = ema.full_state_dict(rank0_only=True)
     if _rank() == 0:
         export_safetensors(full, path, metadata=metadata)
     barrier()
-    return path
+    return full

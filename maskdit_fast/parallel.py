@@ -130,6 +130,16 @@ def all_reduce_mean(values):
     return out
 
 
+def any_rank(flag):
+    """True on every rank when `flag` is true on at least one (a CPU all-reduce; gloo serves it
+    beside nccl); the flag itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_gather_floats(value):
     """[value of rank 0, value of rank 1, ...] for a python float (a list of one without a group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -158,6 +168,17 @@ def transformer_blocks(model):
     return found
 
 
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP that reads missing attributes from the wrapped model (patch_size, num_patches, config,
+    ...), so code written for the bare model (EDMPrecond, the loss) takes the DDP module as is."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
+
 def apply_ddp(model, info, find_unused_parameters=False):
     """Wraps `model` (already on info.device) in DistributedDataParallel.
 
@@ -165,13 +186,12 @@ def apply_ddp(model, info, find_unused_parameters=False):
         find_unused_parameters: needed when some parameter gets no gradient in a step (MaskDiT's
             mask token in unmasked steps); costs a graph traversal per step.
     Returns:
-        the DDP module.
+        the DDP module (a DistributedDataParallel; the model's own attributes read through).
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("apply_ddp needs an initialised process group: launch with torchrun")
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                               find_unused_parameters=find_unused_parameters)
+    return _DDP(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_after_forward=True):

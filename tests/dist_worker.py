@@ -15,9 +15,9 @@ import torch
 from maskdit_fast.dist_checkpoint import DistCheckpointManager, export_ema_safetensors, load_training_state
 from maskdit_fast.masking import random_masking_ids
 from maskdit_fast.models import create_model
-from maskdit_fast.parallel import (ShardedEMA, all_reduce_mean, apply_activation_checkpointing, apply_ddp,
-                                   apply_fsdp, clip_grad_norm_, destroy_distributed, gradient_sync,
-                                   init_distributed)
+from maskdit_fast.parallel import (ShardedEMA, all_gather_floats, all_reduce_mean, any_rank,
+                                   apply_activation_checkpointing, apply_ddp, apply_fsdp, clip_grad_norm_,
+                                   destroy_distributed, gradient_sync, init_distributed)
 
 MODEL_KW = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=32, depth=2, num_heads=2,
                 decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2)
@@ -72,7 +72,8 @@ def main(workdir):
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     rank, world = info.rank, info.world_size
-    result = {"world_size": world}
+    result = {"world_size": world, "any_rank": [any_rank(rank == world - 1), any_rank(False)],
+              "gathered": all_gather_floats(rank + 0.5)}
 
     net, opt, ema = build("fsdp", info)
     result["fsdp"] = train(net, opt, ema, 0, RESUME_AT, rank, world)
@@ -83,6 +84,7 @@ def main(workdir):
 
     net, opt, ema = build("ddp", info, ac="selective")
     result["ddp_accum2"] = train(net, opt, ema, 0, RESUME_AT, rank, world, accum=2)
+    result["ddp_reads_model_attributes"] = net.num_patches == 16
 
     for name in ("ref_dcp", "ref_single_file"):
         net, opt, ema = build("fsdp", info, ac="full")

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dist_worker as W
 from maskdit_fast.checkpoint import atomic_save
 from maskdit_fast.dist_checkpoint import (DistCheckpointManager, export_ema_safetensors, list_checkpoints,
-                                          load_training_state)
+                                          load_training_state, load_weights)
 from maskdit_fast.ema import create_ema, update_ema
 from maskdit_fast.flops import train_step_flops
 from maskdit_fast.models import create_model
@@ -167,16 +167,26 @@ def test_dcp_checkpoints_single_process(tmp_path):
     extra = load_training_state(manager.latest(), *fresh)
     assert extra["step"] == 3 and torch.equal(extra["rng"], torch.get_rng_state())
     _assert_same_state(_state(net, opt, ema), _state(*fresh), atol=0)
+    # weights only (a new stage), from either format
+    for path in (manager.latest(), str(tmp_path / "step_00000000.pt")):
+        if path.endswith(".pt"):
+            atomic_save(dict(_state(net, opt, ema), step=3), path)
+        other = W.build()
+        assert load_weights(path, other[0], other[2]) == 3
+        for k, v in net.state_dict().items():
+            assert torch.equal(other[0].state_dict()[k], v)
+        assert all(torch.equal(other[2].full_state_dict()[k], v) for k, v in ema.full_state_dict().items())
+        assert not other[1].state  # the optimizer is untouched
     # the next save prunes to keep_last over both formats and clears the temp dir
     manager.save(5, net, opt, ema, {"step": 5})
     assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000005"]
     with pytest.raises(RuntimeError, match="not a complete DCP checkpoint"):
         load_training_state(str(tmp_path), *fresh)
-    path = export_ema_safetensors(ema, str(tmp_path / "ema.safetensors"))
+    full = export_ema_safetensors(ema, str(tmp_path / "ema.safetensors"))
     from safetensors.torch import load_file
-    exported = load_file(path)
+    exported = load_file(str(tmp_path / "ema.safetensors"))
     assert exported.keys() == ema.full_state_dict().keys()
-    assert all(torch.equal(exported[k], v) for k, v in ema.full_state_dict().items())
+    assert all(torch.equal(exported[k], v) and torch.equal(full[k], v) for k, v in ema.full_state_dict().items())
 
 
 def test_fsdp_and_ddp_match_single_process_and_resume_across_world_sizes(tmp_path):
@@ -201,7 +211,8 @@ def test_fsdp_and_ddp_match_single_process_and_resume_across_world_sizes(tmp_pat
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.load(open(tmp_path / "result.json"))
-    assert result["world_size"] == 2
+    assert result["world_size"] == 2 and result["any_rank"] == [True, False] and result["gathered"] == [0.5, 1.5]
+    assert result["ddp_reads_model_attributes"]
 
     def close(got, want):
         assert len(got) == len(want)
