@@ -375,18 +375,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 _INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
-def _config(kind, chunk_dim, max_len):
+def _config(kind, chunk_dim, max_len, elem_bytes):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU: the Triton fused-attention tutorial's / FA2's
     H100 tiles (fwd 128x64, dK/dV 32x128, dQ 128x32), halved along the sequence for short sequences so
     the grid keeps enough programs. 8 warps: with 4, ptxas (sm_90, bf16) spills in the backward already
     at D=64; with 8 the D <= 80 kernels fit in 255 registers without spills (D=72: fwd 244, dK/dV 254,
     dQ 195); past 80 columns smaller backward tiles keep D=96 so (D=128 causal dK/dV: 112 bytes of
-    spills left). Fixed rather than
+    spills left). fp32 inputs with 128-column chunks (D > 96) run the forward with 2 stages: 3 need up
+    to 256 KiB of shared memory (TF32 dots, triton 3.6-3.8), over the H100's 227. Fixed rather than
     autotuned: no compile-time blow-up, no tuning runs inside the first step or a CUDA-graph capture."""
     long = max_len > 64
     wide = chunk_dim > 80
     if kind == "fwd":
-        return (128 if long else 64), 64, 8, 3
+        return (128 if long else 64), 64, 8, (2 if elem_bytes == 4 and chunk_dim > 96 else 3)
     if kind == "dkdv":
         return (64, 64, 8, 3) if wide else (32, (128 if long else 64), 8, 3)
     return (64 if wide or not long else 128), 32, 8, 3
@@ -398,7 +399,7 @@ def _launch(kind, kernel, grid_len, n_batch, n_heads, args, meta):
         block_m, block_n = _INTERPRETER_BLOCKS[kind]
         extra = {}
     else:
-        block_m, block_n, warps, stages = _config(kind, meta["DA"] + meta["DB"], grid_len)
+        block_m, block_n, warps, stages = _config(kind, meta["DA"] + meta["DB"], grid_len, args[0].element_size())
         extra = dict(num_warps=warps, num_stages=stages)
     tile = block_n if kind == "dkdv" else block_m
     kernel[(triton.cdiv(grid_len, tile), n_heads, n_batch)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
