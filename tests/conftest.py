@@ -13,6 +13,26 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def _fix_old_interpreter_scalars():
+    """triton < 3.8's interpreter turns a scalar tensor used as a Python index (a runtime loop bound in
+    range()) into an int with int() of a shape-(1,) array, which numpy >= 2.4 rejects; use .item()."""
+    import triton
+    from triton.runtime import interpreter
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_old_interpreter_scalars()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
