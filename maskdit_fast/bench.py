@@ -38,6 +38,7 @@ from maskdit_fast.bench_utils import (Rotation, Stats, Timer, achieved, attentio
                                       gated_residual_cost, gather_tokens_cost, layernorm_modulate_cost,
                                       measure_copy_bandwidth, measure_matmul_peak, rotation_count,
                                       scatter_tokens_cost, time_calls, varlen_attention_cost)
+from maskdit_fast.flops import train_step_flops
 from maskdit_fast.ops.gather_scatter import VALIDATE_ENV_VAR
 
 SCHEMA = 1
@@ -584,21 +585,6 @@ def run_op_section(cases, cfg, budget, peaks, timer_factory=Timer, check_rows=No
 
 # ------------------------------------------------------------------------------------ train step
 
-def _flops_module():
-    try:
-        return importlib.import_module("maskdit_fast.flops")
-    except ImportError:
-        return None
-
-
-def train_step_flops(model, batch, mask_ratio):
-    """FLOPs of one training step (fwd + bwd) from maskdit_fast.flops, or None if unavailable."""
-    flops = _flops_module()
-    if flops is None or not hasattr(flops, "train_step_flops"):
-        return None
-    return flops.train_step_flops(model, batch=batch, mask_ratio=mask_ratio)
-
-
 def build_train_step(preset, overrides, backend, mask_ratio, batch, device, amp_dtype, seed=0):
     """A closure doing one MaskDiT training step (EDM loss, backward, AdamW) on random latents.
 
@@ -704,14 +690,12 @@ def train_figures(model, batch, mask_ratio, ms, device, peaks):
     out = dict(images_per_s=batch / ms * 1e3, params_M=sum(p.numel() for p in model.parameters()) / 1e6)
     if torch.device(device).type == "cuda":
         out["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    flops = train_step_flops(model, batch, mask_ratio)
-    if flops:
-        out["TFLOPs"] = flops / ms / 1e9
-        if peaks and peaks.get("matmul_TFLOPs"):
-            out["mfu"] = out["TFLOPs"] / peaks["matmul_TFLOPs"]
-        nominal = _nominal_peak(device)
-        if nominal:
-            out["mfu_nominal"] = out["TFLOPs"] / nominal
+    out["TFLOPs"] = train_step_flops(model, batch=batch, mask_ratio=mask_ratio) / ms / 1e9
+    if peaks and peaks.get("matmul_TFLOPs"):
+        out["mfu"] = out["TFLOPs"] / peaks["matmul_TFLOPs"]
+    nominal = _nominal_peak(device)
+    if nominal:
+        out["mfu_nominal"] = out["TFLOPs"] / nominal
     return out
 
 
@@ -787,7 +771,7 @@ def _cpu_figure(fig, timer_factory):
         overrides = {k: v for k, v in fig["overrides"].items()
                      if not (label == "dit" and k.startswith("decoder_"))}  # DiT has no decoder
         steps[label], model = build_train_step(preset, overrides, "torch", ratio, batch, "cpu", None)
-        flops = train_step_flops(model, batch, ratio)
+        flops = train_step_flops(model, batch=batch, mask_ratio=ratio)
         rows[label] = dict(variant=label, model=preset, mask_ratio=ratio, batch=batch, flops=flops,
                            params_M=sum(p.numel() for p in model.parameters()) / 1e6)
         timers[label] = timer_factory("cpu")
@@ -803,7 +787,7 @@ def _cpu_figure(fig, timer_factory):
     m, d = rows["maskdit"], rows["dit"]
     return dict(config=dict(preset=size, batch=batch, threads=torch.get_num_threads(), **fig["overrides"]),
                 maskdit_ms=m["ms"], dit_ms=d["ms"], speedup=d["ms"] / m["ms"],
-                flops_ratio=d["flops"] / m["flops"] if m["flops"] and d["flops"] else None,
+                flops_ratio=d["flops"] / m["flops"],
                 rows=[m, d])
 
 
