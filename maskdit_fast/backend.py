@@ -51,6 +51,7 @@ _TRITON = importlib.util.find_spec("triton") is not None  # fixed per process; a
 
 
 def triton_available():
+    """True when the triton package is installed (checked once, at import)."""
     return _TRITON
 
 
