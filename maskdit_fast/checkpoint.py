@@ -4,14 +4,21 @@ A checkpoint is written to a temporary file in the same directory, flushed and f
 renamed over its final name (atomic on POSIX), so a crash mid-write leaves at most a stray
 `*.tmp` file and never a truncated `step_*.pt`. Loading uses `torch.load(weights_only=True)`:
 checkpoints hold only tensors and plain Python containers/numbers/strings.
+
+A checkpoint directory may also hold the sharded checkpoints of distributed runs
+(`step_XXXXXXXX/`, see `maskdit_fast.dist_checkpoint`): listing, "latest" and pruning here cover
+both formats, so a run can resume from either whatever its world size.
 """
 import os
 import re
+import shutil
 import tempfile
 
 import torch
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+DCP_RE = re.compile(r"^step_(\d+)$")
+TRAIN_STATE = "train_state.pt"  # a DCP checkpoint's non-tensor state, written last (by rank 0)
 
 
 def atomic_write(path, write):
@@ -62,8 +69,50 @@ def load_checkpoint(path, map_location="cpu"):
         raise RuntimeError(f"checkpoint {path!r} is unreadable: {type(e).__name__}: {e}") from e
 
 
+def is_dcp_checkpoint(path):
+    """True for a complete DCP checkpoint directory (DCP metadata and train_state.pt present)."""
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+            and os.path.isfile(os.path.join(path, TRAIN_STATE)))
+
+
+def list_checkpoints(directory):
+    """{step: path} of the complete checkpoints in `directory`, both formats (single-file `.pt`
+    and DCP directories; the directory wins if a step has both). Temp files/dirs are ignored."""
+    found = {}
+    if not os.path.isdir(directory):
+        return found
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        m = CKPT_RE.match(name)
+        if m and os.path.isfile(path):
+            found.setdefault(int(m.group(1)), path)
+        m = DCP_RE.match(name)
+        if m and is_dcp_checkpoint(path):
+            found[int(m.group(1))] = path
+    return found
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def prune_checkpoints(directory, keep_last):
+    """Deletes all but the newest `keep_last` checkpoints (both formats) and every temp file or
+    directory (`*.tmp`, left by a crashed writer). Call only when no save is in flight."""
+    found = list_checkpoints(directory)
+    for step in sorted(found)[:-keep_last]:
+        _remove(found[step])
+    for name in os.listdir(directory):
+        if name.endswith(".tmp"):
+            _remove(os.path.join(directory, name))
+
+
 class CheckpointManager:
-    """`step_XXXXXXXX.pt` files in one directory, keeping the newest `keep_last`.
+    """`step_XXXXXXXX.pt` files in one directory, keeping the newest `keep_last` (counting the
+    sharded checkpoints of distributed runs in the same directory too).
 
     Args:
         directory: created if needed.
@@ -80,25 +129,20 @@ class CheckpointManager:
         return os.path.join(self.directory, f"step_{step:08d}.pt")
 
     def steps(self):
-        """Sorted steps of the complete checkpoints present (temp files are ignored)."""
-        found = (CKPT_RE.match(name) for name in os.listdir(self.directory))
-        return sorted(int(m.group(1)) for m in found if m)
+        """Sorted steps of the complete checkpoints present, both formats (temp files ignored)."""
+        return sorted(list_checkpoints(self.directory))
 
     def latest(self):
-        """Path of the newest checkpoint, or None."""
-        steps = self.steps()
-        return self.path(steps[-1]) if steps else None
+        """Path of the newest checkpoint (a .pt file or a DCP directory), or None."""
+        found = list_checkpoints(self.directory)
+        return found[max(found)] if found else None
 
     def save(self, step, state):
         """Atomically writes `state` as step `step`, then prunes older checkpoints and stale
         temp files left by a crashed writer. Returns the path."""
         path = self.path(step)
         atomic_save(state, path)
-        for old in self.steps()[:-self.keep_last]:
-            os.unlink(self.path(old))
-        for name in os.listdir(self.directory):
-            if name.endswith(".tmp"):
-                os.unlink(os.path.join(self.directory, name))
+        prune_checkpoints(self.directory, self.keep_last)
         return path
 
 

@@ -50,6 +50,15 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     threads: int = 0                    # torch CPU threads (0 = leave torch's default)
     max_nan_skips: int = 0              # non-finite losses tolerated (step skipped) before stopping
+    # scale-out (launch with torchrun; see maskdit_fast.parallel)
+    parallel: str = "none"              # none | ddp | fsdp (FSDP2: fully_shard per block, then the root)
+    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3)
+    compile: bool = False               # torch.compile each transformer block
+    compile_backend: str = "inductor"   # torch.compile backend (aot_eager needs no C++ compiler)
+    activation_checkpointing: str = "none"  # none | full | selective (keep matmul/attention outputs)
+    async_checkpoint: bool = False      # sharded (DCP) checkpoints written in a background thread
+    peak_tflops: float = 0.0            # per-device peak for MFU; 0 = known GPUs' bf16 / TF32 peak
+    debug_crash_at_step: int = 0        # tests: the last rank SIGKILLs itself after this step
     # run control
     resume: str = "auto"                # auto (latest in run dir) | never | path to a checkpoint
     init_from: str = ""                 # start a new stage from a checkpoint's weights (e.g. fine-tuning)
@@ -85,6 +94,11 @@ class TrainConfig:
             (self.lr_warmup_steps >= 0 and self.lr_decay_steps >= 0 and self.max_nan_skips >= 0,
              "lr_warmup_steps, lr_decay_steps and max_nan_skips must be >= 0"),
             (self.num_classes >= 1, "num_classes must be >= 1"),
+            (self.parallel in ("none", "ddp", "fsdp"), f"parallel must be none, ddp or fsdp, got {self.parallel!r}"),
+            (self.activation_checkpointing in ("none", "full", "selective"),
+             f"activation_checkpointing must be none, full or selective, got {self.activation_checkpointing!r}"),
+            (self.peak_tflops >= 0 and self.debug_crash_at_step >= 0,
+             "peak_tflops and debug_crash_at_step must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,6 +194,9 @@ def load_config_file(path):
     raise ValueError(f"config file {path!r}: expected a .toml or .json file")
 
 
+_HIDDEN = {"debug_crash_at_step"}  # test-only knobs, left out of --help
+
+
 def build_parser():
     """argparse parser: --preset, --config, and one flag per TrainConfig field (default None =
     not given, so presets/config files are only overridden by flags actually passed)."""
@@ -189,12 +206,13 @@ def build_parser():
     parser.add_argument("--config", default=None, help="TOML or JSON file of config keys")
     for name, typ in _field_types().items():
         flag = "--" + name.replace("_", "-")
+        hidden = dict(help=argparse.SUPPRESS) if name in _HIDDEN else {}
         if typ is bool:
-            parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, **hidden)
         elif typ is dict:
-            parser.add_argument(flag, default=None, type=json.loads, metavar="JSON")
+            parser.add_argument(flag, default=None, type=json.loads, metavar="JSON", **hidden)
         else:
-            parser.add_argument(flag, default=None, type=typ)
+            parser.add_argument(flag, default=None, type=typ, **hidden)
     return parser
 
 

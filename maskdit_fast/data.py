@@ -148,10 +148,12 @@ class LatentShards:
     def __len__(self):
         return int(self.offsets[-1])
 
-    def get_batch(self, indices, generator=None):
+    def get_batch(self, indices, generator=None, eps=None):
         """indices [B] int64 -> (z [B, C, h, w] float32 scaled latent sample, y [B] int64).
 
-        `generator` (CPU torch.Generator) drives the posterior noise, so batches are reproducible.
+        `generator` (CPU torch.Generator) drives the posterior noise, so batches are reproducible;
+        `eps` [B, C, h, w] float32 standard-normal noise replaces that draw (DataStream draws it for
+        the whole global batch so that every world size sees the same samples).
         """
         idx = indices.numpy()
         shard = np.searchsorted(self.offsets, idx, side="right") - 1
@@ -163,7 +165,10 @@ class LatentShards:
             moments[sel[order]] = self.moments[s][local[order]]
         moments = torch.from_numpy(moments)
         mean, logvar = moments.chunk(2, dim=1)
-        eps = torch.randn(mean.shape, generator=generator)
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator)
+        elif eps.shape != mean.shape:
+            raise ValueError(f"eps shape {tuple(eps.shape)} != latent batch shape {tuple(mean.shape)}")
         z = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * self.scale_factor
         return z, self.all_labels[indices]
 
@@ -236,22 +241,30 @@ def build_dataset(name, num_classes=None):
 
 
 class DataStream:
-    """Endless, resumable batches: a seeded permutation per epoch, read in order.
+    """Endless, resumable batches: a seeded permutation per epoch, read in order, each rank of a
+    distributed run reading only its own rows of every global batch.
 
-    The position is (epoch, index within the epoch); the permutation of epoch e depends only on
-    (seed, e), so `state_dict()` / `load_state_dict()` resume exactly. The last incomplete batch
-    of an epoch is dropped.
+    The position is (epoch, index within the epoch) in global samples; the permutation of epoch e
+    depends only on (seed, e), so `state_dict()` / `load_state_dict()` resume exactly, at any world
+    size. Rank r of W gets rows [r * B / W, (r + 1) * B / W) of each global batch of B, so the
+    ranks together see exactly the batches one process would. The last incomplete batch of an
+    epoch is dropped.
 
     Args:
         dataset: from `build_dataset`.
-        batch_size: samples per batch (must not exceed len(dataset)).
+        batch_size: global samples per batch (must not exceed len(dataset); divisible by world_size).
         seed: permutation seed.
+        rank, world_size: this process's place in a distributed run.
     """
 
-    def __init__(self, dataset, batch_size, seed):
+    def __init__(self, dataset, batch_size, seed, rank=0, world_size=1):
         if batch_size > len(dataset):
             raise ValueError(f"batch_size {batch_size} exceeds the dataset size {len(dataset)}")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must split evenly over world_size {world_size} "
+                             f"(rank {rank})")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.index = 0, 0
         self._perm = None
 
@@ -262,16 +275,28 @@ class DataStream:
         return self._perm[1]
 
     def next_indices(self):
-        """Next [batch_size] int64 indices, advancing the position."""
+        """Next global batch: [batch_size] int64 indices, advancing the position."""
         if self.index + self.batch_size > len(self.dataset):
             self.epoch, self.index = self.epoch + 1, 0
         idx = self._permutation()[self.index:self.index + self.batch_size]
         self.index += self.batch_size
         return idx
 
+    def rows(self):
+        """This rank's slice of a global batch."""
+        local = self.batch_size // self.world_size
+        return slice(self.rank * local, (self.rank + 1) * local)
+
     def next_batch(self, generator=None):
-        """Next (x [B, C, H, W] float32, y [B] int64); `generator` drives latent posterior noise."""
-        return self.dataset.get_batch(self.next_indices(), generator)
+        """This rank's rows of the next global batch: (x [B / W, C, H, W] float32, y [B / W] int64).
+
+        `generator` drives the latent posterior noise, drawn for the whole global batch (and sliced)
+        so the samples do not depend on the world size."""
+        indices, rows = self.next_indices(), self.rows()
+        if not isinstance(self.dataset, LatentShards):
+            return self.dataset.get_batch(indices[rows])
+        eps = torch.randn((len(indices),) + tuple(self.dataset.sample_shape), generator=generator)
+        return self.dataset.get_batch(indices[rows], eps=eps[rows])
 
     def state_dict(self):
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size}

@@ -20,21 +20,17 @@ FSDP2, DDP or in one process, and a single-file checkpoint loads into a sharded 
 (`export_ema_safetensors`).
 """
 import os
-import re
 import shutil
 import threading
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from maskdit_fast.checkpoint import CKPT_RE, _fsync_dir, atomic_save, export_safetensors, load_checkpoint
+from maskdit_fast.checkpoint import (TRAIN_STATE, _fsync_dir, atomic_save, export_safetensors, is_dcp_checkpoint,
+                                     list_checkpoints, load_checkpoint, prune_checkpoints)
 from maskdit_fast.parallel import barrier, parameter_names
-
-DCP_RE = re.compile(r"^step_(\d+)$")
-TRAIN_STATE = "train_state.pt"
 
 
 def _distributed():
@@ -43,29 +39,6 @@ def _distributed():
 
 def _rank():
     return dist.get_rank() if _distributed() else 0
-
-
-def is_dcp_checkpoint(path):
-    """True for a complete DCP checkpoint directory (DCP metadata and train_state.pt present)."""
-    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
-            and os.path.isfile(os.path.join(path, TRAIN_STATE)))
-
-
-def list_checkpoints(directory):
-    """{step: path} of the complete checkpoints in `directory`, both formats (DCP directories and
-    single-file `.pt`; a DCP directory wins if a step has both). Temp files/dirs are ignored."""
-    found = {}
-    if not os.path.isdir(directory):
-        return found
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        m = CKPT_RE.match(name)
-        if m and os.path.isfile(path):
-            found.setdefault(int(m.group(1)), path)
-        m = DCP_RE.match(name)
-        if m and is_dcp_checkpoint(path):
-            found[int(m.group(1))] = path
-    return found
 
 
 def sharded_state(model, optimizer, ema):
@@ -164,8 +137,10 @@ class DistCheckpointManager:
         barrier()
         self._pending, self._committer, self._error = None, None, None
         self._group = None
-        if async_save and _distributed() and dist.get_backend() != "gloo":
-            # the background thread's collectives must not use NCCL (CUDA streams of the main thread)
+        if self.async_save:
+            # the background thread's collectives get their own gloo group: sharing the training
+            # group would interleave them with the training collectives (and NCCL needs the main
+            # thread's CUDA streams)
             self._group = dist.new_group(backend="gloo")
 
     def path(self, step):
@@ -187,7 +162,7 @@ class DistCheckpointManager:
         self.wait()
         final, tmp = self.path(step), self.path(step) + ".tmp"
         if self.rank == 0:
-            self._remove_temps()
+            prune_checkpoints(self.directory, self.keep_last)  # also clears a crashed save's temp dirs
         barrier()
         state = sharded_state(model, optimizer, ema)
         if not self.async_save:
@@ -217,19 +192,7 @@ class DistCheckpointManager:
             shutil.rmtree(final) if os.path.isdir(final) else os.unlink(final)
         os.replace(tmp, final)
         _fsync_dir(self.directory)
-        self._prune()
-
-    def _prune(self):
-        found = list_checkpoints(self.directory)
-        for step in sorted(found)[:-self.keep_last]:
-            path = found[step]
-            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-
-    def _remove_temps(self):
-        for name in os.listdir(self.directory):
-            if name.endswith(".tmp"):
-                path = os.path.join(self.directory, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        prune_checkpoints(self.directory, self.keep_last)
 
     def wait(self):
         """Blocks until a pending asynchronous save is written and committed; re-raises its error."""

@@ -7,8 +7,19 @@ the run dir (default runs/<name>): checkpoints/ (atomic, last N kept), metrics.j
 checkpoint; the resumed run reproduces the uninterrupted one exactly (same seeds, data position
 and RNG states). SIGTERM / SIGINT write a checkpoint and exit cleanly.
 
-The loop is small composable functions (build_* / train_step / save / load) so distributed
-wrappers and compilation can be slotted in around them.
+Scale-out (torchrun; see maskdit_fast.parallel and maskdit_fast.dist_checkpoint):
+
+    torchrun --standalone --nproc_per_node 8 -m maskdit_fast.train --preset imagenet-xl2 \
+        --data latents/ --parallel fsdp --activation-checkpointing selective --compile
+
+Every rank draws the random numbers of the whole global batch (masks, noise levels, noise, label
+dropout, latent posterior samples) from identically seeded generators and uses its own rows, and
+reads only its own rows of the data, so a run follows the same trajectory at any world size (up
+to float reduction order) and resumes at any world size: single-process runs write single-file
+checkpoints, distributed or FSDP runs sharded DCP checkpoints, and either resumes the other.
+Only rank 0 logs, samples and writes single-writer files.
+
+The loop is small composable functions (build_* / parallelize / train_step / save / load).
 """
 import contextlib
 import dataclasses
@@ -22,14 +33,20 @@ import time
 import numpy as np
 import torch
 
-from maskdit_fast.checkpoint import CheckpointManager, export_safetensors, load_checkpoint
-from maskdit_fast.config import TrainConfig, parse_config
+from maskdit_fast.checkpoint import CheckpointManager
+from maskdit_fast.config import parse_config
 from maskdit_fast.data import DataStream, LatentShards, build_dataset
 from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss, mask_ratio_schedule
-from maskdit_fast.ema import create_ema, ema_decay, update_ema
+from maskdit_fast.dist_checkpoint import (DistCheckpointManager, export_ema_safetensors, load_training_state,
+                                          load_weights)
+from maskdit_fast.ema import ema_decay
 from maskdit_fast.masking import random_masking_ids
-from maskdit_fast.models import create_model
-from maskdit_fast.sample import generate, model_metadata, save_grid
+from maskdit_fast.models import MaskDiT, create_model
+from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, all_gather_floats, all_reduce_mean, any_rank,
+                                   apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, barrier,
+                                   clip_grad_norm_, default_peak_flops, destroy_distributed, gradient_sync,
+                                   init_distributed, unwrap)
+from maskdit_fast.sample import build_from_metadata, generate, model_metadata, save_grid
 
 GRID_SEED = 1_000_000  # sample seeds of the fixed-label grids (distinct from training seeds)
 
@@ -37,8 +54,8 @@ GRID_SEED = 1_000_000  # sample seeds of the fixed-label grids (distinct from tr
 @dataclasses.dataclass
 class TrainState:
     """Everything that changes during training and is checkpointed."""
-    net: torch.nn.Module
-    ema: torch.nn.Module
+    net: torch.nn.Module           # as trained: plain, DDP or FSDP2 (`unwrap` gives the model)
+    ema: ShardedEMA
     optimizer: torch.optim.Optimizer
     stream: DataStream
     loss_gen: torch.Generator      # noise levels, noise and masks (on the training device)
@@ -47,22 +64,17 @@ class TrainState:
     nan_skips: int = 0
 
 
-def resolve_device(name):
-    """"auto" -> cuda if available else cpu; otherwise torch.device(name), checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def build_data(cfg):
-    """Validated dataset and its resumable stream of micro-batches (batch_size / grad_accum)."""
+def build_data(cfg, info):
+    """Validated dataset and its resumable stream of global micro-batches (batch_size / grad_accum),
+    of which this rank (`info`, a parallel.DistInfo) reads its own rows."""
     if not cfg.data:
         raise ValueError("config: `data` is empty; pass --data <latent dir> (see maskdit_fast.prepare_latents)")
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % info.world_size:
+        raise ValueError(f"config: the micro-batch batch_size / grad_accum = {micro} must be divisible by the "
+                         f"world size {info.world_size}")
     dataset = build_dataset(cfg.data, cfg.num_classes)
-    return dataset, DataStream(dataset, cfg.batch_size // cfg.grad_accum, cfg.seed)
+    return dataset, DataStream(dataset, micro, cfg.seed, rank=info.rank, world_size=info.world_size)
 
 
 def build_model(cfg, sample_shape):
@@ -73,6 +85,27 @@ def build_model(cfg, sample_shape):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # init depends on the seed only, not on earlier RNG use
         return create_model(cfg.model, **kwargs)
+
+
+def parallelize(cfg, net, info):
+    """Activation checkpointing, per-block compile, then DDP or FSDP2 (torchtitan's order), as
+    cfg says. Returns the module to train (the same one except under DDP)."""
+    if cfg.parallel == "none" and info.world_size > 1:
+        raise ValueError(f"config: {info.world_size} processes need --parallel ddp or fsdp")
+    apply_activation_checkpointing(net, cfg.activation_checkpointing)
+    if cfg.compile:
+        apply_compile(net, backend=cfg.compile_backend)
+    if cfg.parallel == "fsdp":
+        # bf16 compute copies of the weights (gathered in bf16: half the traffic); fp32 shards,
+        # gradients reduced in fp32. Autocast still runs on top (train_step) for fp32-sensitive ops.
+        return apply_fsdp(net, param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+                          reshard_after_forward=cfg.reshard_after_forward)
+    if cfg.parallel == "ddp":
+        # MaskDiT's mask token gets no gradient in unmasked steps (ratio 0)
+        ratio_at = mask_ratio_fn(cfg)
+        unused = isinstance(net, MaskDiT) and min(ratio_at(0), ratio_at(cfg.steps - 1)) == 0
+        return apply_ddp(net, info, find_unused_parameters=unused)
+    return net
 
 
 def build_optimizer(cfg, net):
@@ -109,11 +142,16 @@ def mask_ratio_fn(cfg):
 
 
 def train_step(cfg, state, loss_fn, mask_ratio, device):
-    """One optimizer step over cfg.grad_accum micro-batches.
+    """One optimizer step over cfg.grad_accum micro-batches (gradients synchronised across ranks
+    on the last one only).
+
+    The random numbers of each global micro-batch (label dropout, masks, noise levels, noise) are
+    drawn whole on every rank, which keeps its own rows (`state.stream.rows()`): any world size
+    computes the same step.
 
     Returns:
-        dict of python floats: loss, dsm, mae (means over micro-batches), grad_norm, lr, and
-        finite (1.0 / 0.0). A non-finite loss leaves weights, optimizer and EMA unchanged.
+        dict of python floats: loss, dsm, mae (means over micro-batches and ranks), grad_norm, lr,
+        and finite (1.0 / 0.0). A non-finite loss leaves weights, optimizer and EMA unchanged.
     """
     net, opt = state.net, state.optimizer
     precond = EDMPrecond(net, cfg.sigma_data)
@@ -121,27 +159,31 @@ def train_step(cfg, state, loss_fn, mask_ratio, device):
     for group in opt.param_groups:
         group["lr"] = lr
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    micro, rows = state.stream.batch_size, state.stream.rows()
+    sigma_dist = MaskDiTLoss(cfg.P_mean, cfg.P_std)  # the config's noise levels (loss_fn may be any callable)
     totals = torch.zeros(3, device=device)
-    for _ in range(cfg.grad_accum):
+    for i in range(cfg.grad_accum):
         x, y = state.stream.next_batch(state.data_gen)
-        drop = torch.rand(y.shape, generator=state.data_gen) < cfg.label_dropout
+        drop = (torch.rand(micro, generator=state.data_gen) < cfg.label_dropout)[rows]
         y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         ids_keep = None
         if mask_ratio > 0:
-            ids_keep = random_masking_ids(x.shape[0], net.num_patches, mask_ratio, generator=state.loss_gen)[0]
-        with autocast:
-            out = loss_fn(precond, x, y, mask_ratio=mask_ratio, ids_keep=ids_keep, generator=state.loss_gen)
-        (out.loss / cfg.grad_accum).backward()
+            ids_keep = random_masking_ids(micro, unwrap(net).num_patches, mask_ratio, generator=state.loss_gen)[0][rows]
+        sigma = sigma_dist.sample_sigma(micro, device, state.loss_gen)[rows]
+        noise = torch.randn((micro,) + tuple(x.shape[1:]), device=device, generator=state.loss_gen)[rows]
+        with gradient_sync(net, i == cfg.grad_accum - 1):
+            with autocast:
+                out = loss_fn(precond, x, y, mask_ratio=mask_ratio, ids_keep=ids_keep, sigma=sigma, noise=noise)
+            (out.loss / cfg.grad_accum).backward()
         totals += torch.stack([out.loss.detach(), out.dsm.detach(), out.mae.detach()])
-    loss, dsm, mae = (totals / cfg.grad_accum).tolist()
-    finite = math.isfinite(loss)
+    loss, dsm, mae = all_reduce_mean(totals / cfg.grad_accum).tolist()
+    finite = math.isfinite(loss)  # the same on every rank
     grad_norm = float("nan")
     if finite:
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm))
+        grad_norm = clip_grad_norm_(net, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
-        update_ema(state.ema, net, ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup))
+        state.ema.update(net, ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup))
     opt.zero_grad(set_to_none=True)
     return {"loss": loss, "dsm": dsm, "mae": mae, "grad_norm": grad_norm, "lr": lr, "finite": float(finite)}
 
@@ -154,29 +196,39 @@ def data_info(cfg, dataset):
     return info
 
 
-def state_dict(cfg, state, meta):
-    """The checkpoint dict (tensors and plain containers only: loads with weights_only=True)."""
+def train_state(cfg, state, meta):
+    """The non-tensor-heavy part of a checkpoint: step, data position, RNG states (identical on
+    every rank), config and model metadata (plain containers: loads with weights_only=True)."""
     rng = {"torch": torch.get_rng_state(), "loss_gen": state.loss_gen.get_state(),
            "data_gen": state.data_gen.get_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"step": state.step, "nan_skips": state.nan_skips, "model": state.net.state_dict(),
-            "ema": state.ema.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "data": state.stream.state_dict(), "rng": rng, "config": cfg.to_dict(), "meta": meta}
+        rng["cuda"] = torch.cuda.get_rng_state()  # the current device's: valid at any world size
+    return {"step": state.step, "nan_skips": state.nan_skips, "data": state.stream.state_dict(), "rng": rng,
+            "config": cfg.to_dict(), "meta": meta}
 
 
-def load_state(state, ckpt):
-    """Restores a full training state from `state_dict` output (resume)."""
-    state.net.load_state_dict(ckpt["model"])
-    state.ema.load_state_dict(ckpt["ema"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
+def save_checkpoint(ckpts, cfg, state, meta):
+    """A checkpoint of step state.step: sharded (DCP, every rank writes its part) with a
+    DistCheckpointManager, else one file holding model, EMA, optimizer and `train_state`."""
+    extra = train_state(cfg, state, meta)
+    if isinstance(ckpts, DistCheckpointManager):
+        return ckpts.save(state.step, state.net, state.optimizer, state.ema, extra)
+    return ckpts.save(state.step, dict(extra, model=unwrap(state.net).state_dict(), ema=state.ema.state_dict(),
+                                       optimizer=state.optimizer.state_dict()))
+
+
+def load_state(state, path, device):
+    """Restores the full training state (resume) from a checkpoint of either format, written at
+    any world size."""
+    ckpt = load_training_state(path, state.net, state.optimizer, state.ema, map_location=device)
     state.stream.load_state_dict(ckpt["data"])
     state.step, state.nan_skips = int(ckpt["step"]), int(ckpt["nan_skips"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     state.loss_gen.set_state(ckpt["rng"]["loss_gen"])
     state.data_gen.set_state(ckpt["rng"]["data_gen"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    cuda = ckpt["rng"].get("cuda")
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 class MetricsLog:
@@ -242,9 +294,16 @@ def grid_labels(cfg, per_class):
     return torch.arange(min(cfg.num_classes, 10)).repeat_interleave(per_class)
 
 
-def sample_images(cfg, ema, labels, device):
-    """EMA samples for `labels` with fixed per-sample seeds -> [N, C, H, W] float32 CPU."""
-    net = ema.to(device)
+def ema_network(state, meta, device):
+    """The EMA weights as a plain network on `device` for sampling, on rank 0 (None elsewhere).
+    Collective: every rank must call it (the shards are gathered)."""
+    full = state.ema.full_state_dict(rank0_only=True)
+    return build_from_metadata(meta, full).to(device) if full else None
+
+
+def sample_images(cfg, net, labels, device):
+    """Samples of the network `net` (the EMA) for `labels` with fixed per-sample seeds ->
+    [N, C, H, W] float32 CPU."""
     seeds = [GRID_SEED + i for i in range(labels.shape[0])]
     return generate(EDMPrecond(net, cfg.sigma_data).eval(), labels, seeds, batch_size=250,
                     num_steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, solver=cfg.sample_solver)
@@ -276,39 +335,49 @@ def train(cfg, stop_at=None, progress=True):
     cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    dataset, stream = build_data(cfg)  # validates the data before anything is written
+    info = init_distributed(cfg.device)  # torchrun: joins the process group; else world size 1
+    device = info.device
+    say = print if info.is_main else (lambda *args, **kwargs: None)
+    dataset, stream = build_data(cfg, info)  # validates the data before anything is written
     run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
     os.makedirs(run_dir, exist_ok=True)
-    net = build_model(cfg, dataset.sample_shape).to(device)
-    state = TrainState(net=net, ema=create_ema(net), optimizer=build_optimizer(cfg, net), stream=stream,
+    model = build_model(cfg, dataset.sample_shape).to(device)
+    meta = model_metadata(model, cfg.sigma_data, data_info(cfg, dataset))
+    n_params = sum(p.numel() for p in model.parameters())
+    net = parallelize(cfg, model, info)
+    state = TrainState(net=net, ema=ShardedEMA(net), optimizer=build_optimizer(cfg, net), stream=stream,
                        loss_gen=torch.Generator(device).manual_seed(cfg.seed),
                        data_gen=torch.Generator().manual_seed(cfg.seed + 1))
-    meta = model_metadata(net, cfg.sigma_data, data_info(cfg, dataset))
-    ckpts = CheckpointManager(os.path.join(run_dir, "checkpoints"), cfg.keep_last)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if info.world_size > 1 or cfg.parallel == "fsdp":
+        ckpts = DistCheckpointManager(ckpt_dir, cfg.keep_last, async_save=cfg.async_checkpoint)
+    else:
+        ckpts = CheckpointManager(ckpt_dir, cfg.keep_last)
 
     resume_path = ckpts.latest() if cfg.resume == "auto" else (None if cfg.resume == "never" else cfg.resume)
     if resume_path:
-        load_state(state, load_checkpoint(resume_path, map_location=device))
-        print(f"resumed from {resume_path} at step {state.step}")
+        load_state(state, resume_path, device)
+        say(f"resumed from {resume_path} at step {state.step}")
     elif cfg.init_from:  # a new stage (e.g. unmasked fine-tuning): weights only, fresh optimizer
-        ckpt = load_checkpoint(cfg.init_from, map_location=device)
-        state.net.load_state_dict(ckpt["model"])
-        state.ema.load_state_dict(ckpt["ema"])
-        print(f"initialised weights from {cfg.init_from} (step {ckpt['step']})")
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
-    print(f"run dir: {os.path.abspath(run_dir)}  ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
-          f"parameters, {len(dataset)} training samples of shape {dataset.sample_shape}, device {device})",
-          flush=True)
+        step = load_weights(cfg.init_from, state.net, state.ema, map_location=device)
+        say(f"initialised weights from {cfg.init_from} (step {step})")
+    log = None
+    if info.is_main:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+        log = MetricsLog(run_dir, resume_step=state.step if resume_path else None)
+    say(f"run dir: {os.path.abspath(run_dir)}  ({n_params / 1e6:.2f}M parameters, {len(dataset)} training "
+        f"samples of shape {dataset.sample_shape}, device {device}, {info.world_size} process(es), parallel "
+        f"{cfg.parallel})", flush=True)
 
-    log = MetricsLog(run_dir, resume_step=state.step if resume_path else None)
     loss_fn, ratio_at = build_loss(cfg), mask_ratio_fn(cfg)
     latent = isinstance(dataset, LatentShards)
     result = {"run_dir": run_dir, "interrupted": False}
+    peak = cfg.peak_tflops * 1e12 or default_peak_flops(
+        device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    meter = ThroughputMeter(net, info.world_size, peak, device)
     from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, dynamic_ncols=True)
-    window_start, window_images = time.perf_counter(), 0
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and info.is_main), dynamic_ncols=True)
     try:
         with stop_signals() as stop:
             state.net.train()
@@ -322,51 +391,71 @@ def train(cfg, stop_at=None, progress=True):
                             f"skipped); stopping. The last good checkpoint is {ckpts.latest()}. Lower --lr, "
                             f"set --grad-clip, or allow skips with --max-nan-skips N.")
                     state.nan_skips += 1
-                    print(f"warning: non-finite loss at step {state.step + 1}, update skipped "
-                          f"({state.nan_skips}/{cfg.max_nan_skips})", file=sys.stderr)
+                    say(f"warning: non-finite loss at step {state.step + 1}, update skipped "
+                        f"({state.nan_skips}/{cfg.max_nan_skips})", file=sys.stderr)
                 state.step += 1
-                window_images += cfg.batch_size
+                meter.update(cfg.batch_size, ratio)
                 bar.update(1)
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                    elapsed = time.perf_counter() - window_start
-                    m.update(mask_ratio=ratio, images_per_s=window_images / max(elapsed, 1e-9))
-                    log.write(state.step, **m)
+                    m.update(mask_ratio=ratio, **meter.summary())
+                    per_rank = all_gather_floats(m["peak_mem_gib"])
+                    m["peak_mem_gib"] = max(per_rank)
+                    if len(per_rank) > 1:
+                        m["peak_mem_gib_per_rank"] = per_rank
+                    if log is not None:
+                        log.write(state.step, **m)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.0f}", mask=ratio)
-                    window_start, window_images = time.perf_counter(), 0
                 result["metrics"] = m
                 if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < cfg.steps:
                     per_class = cfg.sample_per_class or 4
-                    x = sample_images(cfg, state.ema, grid_labels(cfg, per_class), device)
-                    write_grid(run_dir, state.step, x, per_class, latent)
-                stopping = stop["signal"] or (stop_at is not None and state.step >= stop_at)
-                if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps or stopping:
-                    ckpts.save(state.step, state_dict(cfg, state, meta))
-                if stopping:
-                    print(f"\nstopped at step {state.step} ({stop['signal'] or 'stop_at'}); checkpoint "
-                          f"{ckpts.latest()}; run the same command again to resume", flush=True)
+                    ema_net = ema_network(state, meta, device)
+                    if ema_net is not None:
+                        x = sample_images(cfg, ema_net, grid_labels(cfg, per_class), device)
+                        write_grid(run_dir, state.step, x, per_class, latent)
+                    barrier()
+                if cfg.debug_crash_at_step == state.step and info.rank == info.world_size - 1:
+                    os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dies (before this step's checkpoint)
+                reason = stop["signal"] or ("stop_at" if stop_at is not None and state.step >= stop_at else None)
+                if info.distributed and any_rank(reason is not None):  # all ranks stop at the same step
+                    reason = reason or "another rank's signal"
+                if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps or reason:
+                    save_checkpoint(ckpts, cfg, state, meta)
+                if reason:
+                    if isinstance(ckpts, DistCheckpointManager):
+                        ckpts.wait()
+                    say(f"\nstopped at step {state.step} ({reason}); checkpoint {ckpts.latest()}; run the same "
+                        f"command again to resume", flush=True)
                     result.update(interrupted=True, step=state.step)
                     return result
         bar.close()
         result["step"] = state.step
-        finish(cfg, state, meta, run_dir, device, latent, log, result)
+        if isinstance(ckpts, DistCheckpointManager):
+            ckpts.wait()
+        finish(cfg, state, meta, run_dir, device, latent, log, result, info.is_main)
     finally:
         bar.close()
-        log.close()
+        if isinstance(ckpts, DistCheckpointManager):
+            ckpts.close()
+        if log is not None:
+            log.close()
     return result
 
 
-def finish(cfg, state, meta, run_dir, device, latent, log, result):
+def finish(cfg, state, meta, run_dir, device, latent, log, result, is_main=True):
     """End of training: export EMA weights, final sample grid and, on MNIST-5k, the class accuracy
     of eval_per_class samples per class judged by the digit classifier (the grid shows the first
-    sample_per_class of them, so nothing is sampled twice)."""
-    export_safetensors(state.ema.state_dict(), os.path.join(run_dir, "ema.safetensors"),
-                       metadata={"maskdit_fast": json.dumps(meta)})
+    sample_per_class of them, so nothing is sampled twice). Every rank calls it (the EMA shards are
+    gathered); rank 0 writes and samples."""
+    full = export_ema_safetensors(state.ema, os.path.join(run_dir, "ema.safetensors"),
+                                  metadata={"maskdit_fast": json.dumps(meta)})
+    if not is_main:
+        return
     evaluate = cfg.data == "mnist5k" and cfg.eval_per_class > 0
     per_class = max(cfg.sample_per_class, cfg.eval_per_class if evaluate else 0)
     if per_class and cfg.num_classes:
         t0 = time.perf_counter()
         labels = grid_labels(cfg, per_class)
-        x = sample_images(cfg, state.ema, labels, device)
+        x = sample_images(cfg, build_from_metadata(meta, full).to(device), labels, device)
         if cfg.sample_per_class:
             shown = x.reshape(-1, per_class, *x.shape[1:])[:, :cfg.sample_per_class].flatten(0, 1)
             result["grid"] = write_grid(run_dir, state.step, shown, cfg.sample_per_class, latent)
@@ -385,8 +474,12 @@ def main(argv=None):
     """CLI entry point: parse the config, train, report."""
     cfg = parse_config(argv)
     t0 = time.perf_counter()
-    result = train(cfg)
-    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {result['run_dir']}")
+    try:
+        result = train(cfg)
+    finally:
+        destroy_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {result['run_dir']}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from maskdit_fast.dist_checkpoint import (DistCheckpointManager, export_ema_safe
                                           load_training_state, load_weights)
 from maskdit_fast.ema import create_ema, update_ema
 from maskdit_fast.flops import train_step_flops
-from maskdit_fast.models import create_model
 from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, apply_activation_checkpointing, apply_compile,
                                    apply_ddp, apply_fsdp, init_distributed, parameter_names,
                                    transformer_blocks)
