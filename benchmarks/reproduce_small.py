@@ -1,116 +1,347 @@
-"""Small-scale reproduction of the MaskDiT claim on MNIST-5k (runs on a laptop CPU).
+"""Small-scale reproduction of the MaskDiT claim on MNIST-5k: quality vs training wall-clock and FLOPs.
 
-Trains MaskDiT (50% masking, MAE term, final unmasked steps: the "mnist" preset) and the unmasked
-DiT baseline (same width/depth, no decoder, no masking) for the same number of optimizer steps,
-then scores the EMA weights of each with `maskdit_fast.evaluate --metric classifier`: the Fréchet
-distance in the MNIST-5k digit classifier's feature space against the 5,000 real digits (lower is
-better) and the fraction of samples classified as their intended class. Reports training time too,
-so "quality at equal steps" and "time per step" can both be read off.
+Trains MaskDiT (the "mnist" preset: MaskDiT-S/4 at width 128, depth 4, 50% masking + MAE term, the
+last `unmasked_steps` unmasked) and the DiT baseline of the same encoder (same width/depth/patch,
+no decoder, no masking, learn_sigma False) with the same batch, lr schedule and number of optimizer
+steps, one torch thread each. Training runs in chunks (`train(cfg, stop_at=step)`, then resume);
+only the chunks are timed. After each chunk the EMA weights of the checkpoint are scored by
+`maskdit_fast.evaluate --metric classifier` (Fréchet distance in the MNIST-5k digit classifier's
+features against the 5,000 real digits, lower is better, and the fraction of samples classified as
+their intended class), with a small sample count and few sampler steps so evaluation stays cheap.
 
-    python benchmarks/reproduce_small.py --out runs/reproduce_small   # two "mnist"-preset trainings
-    python benchmarks/reproduce_small.py --out /tmp/rs --quick        # pipeline smoke test (< 1 min)
+Outputs in --out: quality_vs_compute.png (FD and class accuracy vs training seconds and vs training
+FLOPs), results.json, results.md. The .md says whether MaskDiT reaches DiT's final FD sooner and by
+what factor (first crossing of the linearly interpolated MaskDiT curve), and the metric sanity check:
+FD of held-out real digits vs FD of the earliest (step 50) samples, at the same sample count.
 
-Writes <out>/results.json and <out>/results.md; each variant's run directory is <out>/<variant>.
-Re-running resumes unfinished runs and reuses finished ones (as the trainer does); the reported
-training time is that of the current invocation only, so time a run from scratch.
+    python benchmarks/reproduce_small.py                      # default: ~25 min on 2 CPU cores
+    python benchmarks/reproduce_small.py --quick --out /tmp/rs   # pipeline smoke test (< 1 min)
+
+Run dirs (checkpoints) go to --runs (default runs/reproduce_small, git-ignored) and are deleted
+and retrained from scratch on every invocation, since the timings must cover whole runs.
 """
 import argparse
+import datetime
 import json
 import os
+import platform
+import shutil
+import subprocess
 import sys
 import time
 
-from maskdit_fast import evaluate
-from maskdit_fast.config import PRESETS, config_from_dict
-from maskdit_fast.train import train
+import numpy as np
+import torch
 
-# Overrides of the "mnist" preset per variant.
+from maskdit_fast import evaluate, fid
+from maskdit_fast.config import PRESETS, config_from_dict
+from maskdit_fast.flops import train_step_flops
+from maskdit_fast.data import build_dataset
+from maskdit_fast.train import build_model, mask_ratio_fn, train
+
+# DiT = the preset's MaskDiT encoder (same width, depth, heads, patch) without decoder and masking.
+_ENCODER = {k: PRESETS["mnist"]["model_kwargs"][k] for k in ("hidden_size", "depth", "num_heads")}
 VARIANTS = {
-    "maskdit": dict(model="MaskDiT-S/2"),
-    "dit": dict(model="DiT-S/2", model_kwargs=dict(learn_sigma=False), mask_ratio=0.0, mae_coef=0.0,
-                unmasked_steps=0),
+    "maskdit": dict(model="MaskDiT-S/4"),
+    "dit": dict(model="DiT-S/4", model_kwargs=dict(_ENCODER, learn_sigma=False), mask_ratio=0.0,
+                mae_coef=0.0, unmasked_steps=0),
 }
-# --quick: a few steps of a tiny model, only to exercise the whole pipeline.
-QUICK = dict(steps=4, batch_size=16, log_every=2, ckpt_every=4, unmasked_steps=1, sample_per_class=0,
-             eval_per_class=0)
+# Both variants: no end-of-training sampling inside the timed part (the script evaluates instead),
+# one thread, checkpoints only where the script stops.
+COMMON = dict(sample_per_class=0, eval_per_class=0, threads=1)
+# Evaluation points (optimizer steps; the last is the end of training). Step 50 doubles as the
+# "early-training samples" of the metric sanity check; step 1000 is MaskDiT's last masked step.
+DEFAULT_EVAL_STEPS = (50, 200, 400, 700, 1000, 1200)
+DEFAULT_SAMPLES, DEFAULT_SAMPLE_STEPS = 200, 8
+# --quick: a tiny model, 4 steps, to exercise the whole pipeline.
+QUICK = dict(steps=4, batch_size=16, log_every=2, ckpt_every=4, unmasked_steps=1, lr_warmup_steps=0,
+             lr_decay_steps=2)
 QUICK_WIDTH = dict(hidden_size=32, depth=1, num_heads=2)
 QUICK_DECODER = dict(decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2)
+QUICK_EVAL_STEPS, QUICK_SAMPLES, QUICK_SAMPLE_STEPS = (2, 4), 20, 2
 
 
-def variant_config(name, out, steps=None, quick=False):
-    """TrainConfig of variant `name` (see VARIANTS), run dir <out>/<name>."""
-    values = dict(PRESETS["mnist"], name=name, run_dir=os.path.join(out, name))
+def variant_config(name, runs, quick=False):
+    """Validated TrainConfig of variant `name` (see VARIANTS) with run dir <runs>/<name>."""
+    values = dict(PRESETS["mnist"], **COMMON, name=name, run_dir=os.path.join(runs, name))
     if quick:
         values.update(QUICK)
-    values.update(VARIANTS[name])
+    values.update(VARIANTS[name])  # replaces model_kwargs whole: DiT takes no decoder_* arguments
     if quick:
-        kwargs = dict(values.get("model_kwargs") or {}, **QUICK_WIDTH)
+        kwargs = dict(values["model_kwargs"], **QUICK_WIDTH)
         if values["model"].startswith("MaskDiT"):
             kwargs.update(QUICK_DECODER)
         values["model_kwargs"] = kwargs
-    if steps is not None:
-        values["steps"] = steps
-        values["unmasked_steps"] = min(values["unmasked_steps"], steps)
     return config_from_dict(values, source=f"variant {name}").validate()
 
 
-def run(out, variants, steps=None, num_samples=1000, sample_steps=None, quick=False):
-    """Trains and evaluates each variant; returns {variant: results dict} and writes results.json/md."""
-    os.makedirs(out, exist_ok=True)
-    results, ref_stats = {}, None
-    for name in variants:
-        cfg = variant_config(name, out, steps, quick)
+def cumulative_train_flops(cfg):
+    """Training FLOPs (forward + backward, `flops.train_step_flops`) done after each step.
+
+    Returns a float64 array [cfg.steps + 1]; entry s = FLOPs of steps 0..s-1, each at the mask
+    ratio the trainer uses for it (MaskDiT: masked, then unmasked for the last unmasked_steps).
+    """
+    net = build_model(cfg, build_dataset(cfg.data, cfg.num_classes).sample_shape)
+    ratio_at, per_ratio = mask_ratio_fn(cfg), {}
+    per_step = []
+    for step in range(cfg.steps):
+        r = ratio_at(step)
+        if r not in per_ratio:
+            per_ratio[r] = train_step_flops(net, mask_ratio=r, batch=cfg.batch_size)
+        per_step.append(per_ratio[r])
+    return np.concatenate([[0.0], np.cumsum(per_step, dtype=np.float64)])
+
+
+def score(ckpt, out, num_samples, sample_steps, cfg, ref_stats):
+    """`maskdit_fast.evaluate --metric classifier` of a checkpoint's EMA weights -> metrics dict."""
+    args = ["--ckpt", ckpt, "--metric", "classifier", "--num-samples", str(num_samples),
+            "--batch-size", str(min(num_samples, 250)), "--steps", str(sample_steps),
+            "--cfg-scale", str(cfg.sample_cfg), "--solver", cfg.sample_solver, "--out", out,
+            "--device", "cpu"]
+    if ref_stats:
+        args += ["--ref-stats", ref_stats]
+    return evaluate.main(args)
+
+
+def real_digit_fd(ref_stats, num_samples):
+    """Metric floor: classifier-feature FD of `num_samples` held-out real digits (the classifier's
+    test split, balanced over classes) against the same reference statistics as the samples.
+
+    Returns (fd, class accuracy of those digits). They are part of the 5,000-digit reference set
+    (not of the classifier's training set), so this is a floor at this sample count, not an
+    independent-set FD."""
+    from maskdit_fast.classifier import load_classifier, train_test_split
+    _, _, x, y = train_test_split()
+    rank = torch.empty_like(y)  # position of each digit within its class: interleave the classes
+    for c in y.unique():
+        rank[y == c] = torch.arange(int((y == c).sum()))
+    order = torch.argsort(rank * 10 + y, stable=True)
+    x, y = x[order][:num_samples], y[order][:num_samples]
+    clf, _ = load_classifier()
+    with torch.no_grad():
+        feats = clf.features(x).double()
+        acc = float((clf.head(feats.float()).argmax(1) == y).double().mean())
+    with np.load(ref_stats) as data:
+        fd = fid.frechet_distance_to_features(feats.numpy(), data["mu"], data["sigma"])
+    return float(fd), acc
+
+
+def train_and_evaluate(name, cfg, eval_steps, num_samples, sample_steps, ref_stats, log):
+    """Trains `cfg` from scratch in chunks ending at `eval_steps`, scoring after each.
+
+    Returns a list of dicts per eval point: step, mask_ratio (of the last step trained),
+    train_seconds and train_flops (cumulative, training only), fid_classifier, class_accuracy,
+    eval_seconds."""
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    flops, ratio_at = cumulative_train_flops(cfg), mask_ratio_fn(cfg)
+    points, train_s = [], 0.0
+    for step in eval_steps:
         t0 = time.perf_counter()
-        trained = train(cfg, progress=not quick)
-        train_s = time.perf_counter() - t0
-        eval_dir = os.path.join(cfg.run_dir, "eval")
-        args = ["--ckpt", os.path.join(cfg.run_dir, "ema.safetensors"), "--metric", "classifier",
-                "--num-samples", str(num_samples), "--batch-size", "250",
-                "--steps", str(sample_steps or cfg.sample_steps), "--cfg-scale", str(cfg.sample_cfg),
-                "--solver", cfg.sample_solver, "--out", eval_dir, "--device", cfg.device]
-        if ref_stats:  # the real-digit statistics are the same for every variant: compute them once
-            args += ["--ref-stats", ref_stats]
-        metrics = evaluate.main(args)
-        ref_stats = ref_stats or os.path.join(eval_dir, "ref_stats.npz")
-        results[name] = {
-            "model": cfg.model, "mask_ratio": cfg.mask_ratio, "unmasked_steps": cfg.unmasked_steps,
-            "steps": trained.get("step"), "train_seconds": round(train_s, 1),
-            "seconds_per_step": round(train_s / max(1, cfg.steps), 4),
-            "fid_classifier": metrics["fid_classifier"], "class_accuracy": metrics["class_accuracy"],
-            "num_samples": num_samples, "sample_steps": sample_steps or cfg.sample_steps,
-            "cfg_scale": cfg.sample_cfg}
+        result = train(cfg, stop_at=step if step < cfg.steps else None, progress=False)
+        train_s += time.perf_counter() - t0
+        if result.get("step") != step:
+            raise RuntimeError(f"{name}: training stopped at step {result.get('step')}, expected {step}")
+        ckpt = os.path.join(cfg.run_dir, "checkpoints", f"step_{step:08d}.pt")
+        t0 = time.perf_counter()
+        metrics = score(ckpt, os.path.join(cfg.run_dir, f"eval_{step:06d}"), num_samples, sample_steps, cfg,
+                        ref_stats)
+        points.append(dict(step=step, mask_ratio=ratio_at(step - 1), train_seconds=round(train_s, 2),
+                           train_flops=float(flops[step]), fid_classifier=metrics["fid_classifier"],
+                           class_accuracy=metrics["class_accuracy"],
+                           eval_seconds=round(time.perf_counter() - t0, 1)))
+        ref_stats = ref_stats or os.path.join(cfg.run_dir, f"eval_{step:06d}", "ref_stats.npz")
+        p = points[-1]
+        log(f"{name} step {step}: {p['train_seconds']:.0f} s training, FD {p['fid_classifier']:.2f}, "
+            f"accuracy {p['class_accuracy']:.1%} (eval {p['eval_seconds']:.0f} s, load "
+            f"{os.getloadavg()[0]:.2f})")
+    return points, ref_stats
+
+
+def first_reach(xs, fds, target):
+    """First x where the piecewise-linear curve (xs, fds) gets to fds <= target, or None.
+
+    xs, fds: equal-length sequences of floats (fds may start with inf: "not yet measured")."""
+    for i, (x, f) in enumerate(zip(xs, fds)):
+        if f <= target:
+            if i == 0 or not np.isfinite(fds[i - 1]):  # nothing to interpolate from
+                return float(x)
+            x0, f0 = xs[i - 1], fds[i - 1]
+            return float(x0 + (x - x0) * (f0 - target) / (f0 - f))
+    return None
+
+
+def compare(points):
+    """When MaskDiT reaches DiT's final FD, on the time and FLOPs axes, and the speed-up factors
+    (DiT's total / MaskDiT's crossing point); None where it never does."""
+    dit, mask = points["dit"], points["maskdit"]
+    target = dit[-1]["fid_classifier"]
+    out = {"dit_final_fid": target, "maskdit_final_fid": mask[-1]["fid_classifier"],
+           "dit_final_accuracy": dit[-1]["class_accuracy"], "maskdit_final_accuracy": mask[-1]["class_accuracy"]}
+    for axis in ("train_seconds", "train_flops", "step"):
+        reach = first_reach([0.0] + [p[axis] for p in mask], [float("inf")] + [p["fid_classifier"] for p in mask],
+                            target)
+        out[f"maskdit_reaches_at_{axis}"] = reach
+        out[f"dit_final_{axis}"] = dit[-1][axis]
+        out[f"factor_{axis}"] = dit[-1][axis] / reach if reach else None
+    out["seconds_per_step"] = {k: v[-1]["train_seconds"] / v[-1]["step"] for k, v in points.items()}
+    return out
+
+
+def plot(points, path, real_fd=None):
+    """2x2 PNG: FD and class accuracy vs training seconds and vs training FLOPs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for col, (axis, label, scale) in enumerate((("train_seconds", "training wall-clock (s)", 1.0),
+                                                ("train_flops", "training FLOPs (PFLOP)", 1e-15))):
+        for row, (key, ylabel) in enumerate((("fid_classifier", "classifier FD (lower is better)"),
+                                             ("class_accuracy", "sample class accuracy"))):
+            ax = axes[row, col]
+            for name, style in (("dit", "s-"), ("maskdit", "o-")):
+                xs = [p[axis] * scale for p in points[name]]
+                ax.plot(xs, [p[key] for p in points[name]], style, label=name)
+            if key == "fid_classifier":
+                ax.axhline(points["dit"][-1][key], color="gray", ls="--", lw=0.8, label="DiT final FD")
+                if real_fd is not None:
+                    ax.axhline(real_fd, color="green", ls=":", lw=1, label="held-out real digits")
+                ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle("MaskDiT vs DiT on MNIST-5k (CPU, 1 thread): quality vs training compute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_info():
+    """CPU model, core counts, load, versions (for results.json)."""
+    model = platform.processor()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"cpu": model or "unknown", "nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def markdown(results):
+    """results dict -> results.md text."""
+    m, c, s = results["machine"], results["comparison"], results["sanity_check"]
+    lines = [f"# MaskDiT vs DiT on MNIST-5k, CPU reproduction ({results['started'][:10]})", "",
+             f"CPU: {m['cpu']}, nproc {m['nproc']}, {m['torch_threads']} torch thread; torch {m['torch']}, "
+             f"Python {m['python']}. Load average (1 min) {results['load_start'][0]:.2f} at start, "
+             f"{results['load_end'][0]:.2f} at end (the machine was shared with other jobs, so "
+             f"absolute seconds are noisy; FLOPs are exact). Started {results['started']}, finished "
+             f"{results['finished']} ({results['total_minutes']:.1f} min in all).", "",
+             f"Setting: {results['setting']}", "",
+             "| variant | step | mask ratio | train s | train PFLOP | classifier FD | class accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for name, pts in results["points"].items():
+        for p in pts:
+            lines.append(f"| {name} | {p['step']} | {p['mask_ratio']} | {p['train_seconds']:.0f} | "
+                         f"{p['train_flops'] / 1e15:.3f} | {p['fid_classifier']:.2f} | {p['class_accuracy']:.1%} |")
+    lines += ["", "## Does MaskDiT reach DiT's final quality sooner?", ""]
+    lines.append(f"DiT's final FD is {c['dit_final_fid']:.2f} (accuracy {c['dit_final_accuracy']:.1%}) after "
+                 f"{c['dit_final_train_seconds']:.0f} s / {c['dit_final_train_flops'] / 1e15:.3f} PFLOP; MaskDiT "
+                 f"ends at FD {c['maskdit_final_fid']:.2f} (accuracy {c['maskdit_final_accuracy']:.1%}). "
+                 f"Seconds per step: MaskDiT {c['seconds_per_step']['maskdit']:.3f} (masked + unmasked "
+                 f"steps), DiT {c['seconds_per_step']['dit']:.3f}.")
+    if c["maskdit_reaches_at_train_seconds"] is None:
+        lines.append("")
+        lines.append("**MaskDiT does not reach DiT's final FD within its run** (same number of steps), so no "
+                     "speed-up factor can be claimed from this run.")
+    else:
+        lines += ["", "| axis | MaskDiT reaches it at | DiT's total | factor |", "|---|---|---|---|"]
+        for axis, fmt in (("train_seconds", "{:.0f} s"), ("train_flops", "{:.3f} PFLOP"), ("step", "step {:.0f}")):
+            scale = 1e-15 if axis == "train_flops" else 1.0
+            lines.append(f"| {axis} | {fmt.format(c[f'maskdit_reaches_at_{axis}'] * scale)} | "
+                         f"{fmt.format(c[f'dit_final_{axis}'] * scale)} | {c[f'factor_{axis}']:.2f}x |")
+        lines += ["", "Crossing points are linear interpolations between evaluation points (first crossing); "
+                  "with 6 points per curve and a noisy small-sample FD, treat the factors as rough."]
+    lines += ["", "## Metric sanity check", "",
+              f"At the same sample count ({s['num_samples']}), FD of held-out real digits: "
+              f"{s['real_fid']:.2f} (their class accuracy {s['real_accuracy']:.1%}); FD of samples after "
+              f"{s['early_step']} training steps: " + ", ".join(f"{k} {v:.2f}" for k, v in s["early_fid"].items())
+              + f". Separation (smallest early FD / real FD): {s['separation']:.1f}x.", "",
+              "![quality vs compute](quality_vs_compute.png)", ""]
+    return "\n".join(lines)
+
+
+def run(out, runs, quick=False, num_samples=None, sample_steps=None, eval_steps=None, log=print):
+    """The whole experiment; writes <out>/results.json, results.md, quality_vs_compute.png and
+    returns the results dict."""
+    torch.set_num_threads(1)
+    os.makedirs(out, exist_ok=True)
+    num_samples = num_samples or (QUICK_SAMPLES if quick else DEFAULT_SAMPLES)
+    sample_steps = sample_steps or (QUICK_SAMPLE_STEPS if quick else DEFAULT_SAMPLE_STEPS)
+    cfgs = {name: variant_config(name, runs, quick) for name in VARIANTS}
+    steps = cfgs["maskdit"].steps
+    eval_steps = sorted(set(eval_steps or (QUICK_EVAL_STEPS if quick else DEFAULT_EVAL_STEPS)))
+    if eval_steps[-1] != steps or eval_steps[0] < 1:
+        raise ValueError(f"eval steps {eval_steps} must be >= 1 and end at the run's {steps} steps")
+    results = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "load_start": os.getloadavg(),
+               "machine": machine_info(), "quick": quick}
+    t_start = time.perf_counter()
+    cfg = cfgs["maskdit"]
+    results["setting"] = (
+        f"both variants {steps} optimizer steps (equal steps, not equal time) of batch {cfg.batch_size}, "
+        f"lr {cfg.lr} (warm-up {cfg.lr_warmup_steps}, linear decay over the last {cfg.lr_decay_steps}), "
+        f"EMA {cfg.ema_decay}, EDM P_mean {cfg.P_mean} / P_std {cfg.P_std}; MaskDiT mask ratio "
+        f"{cfg.mask_ratio} + MAE {cfg.mae_coef}, unmasked for the last {cfg.unmasked_steps} steps; DiT "
+        f"the same encoder unmasked. Evaluation: EMA weights, {num_samples} samples (balanced classes), "
+        f"{cfg.sample_solver} {sample_steps} steps, CFG {cfg.sample_cfg}, at steps {eval_steps}. Training "
+        f"seconds exclude evaluation (they include the chunks' checkpoint save/resume, ~1 s each).")
+    results["config"] = {name: c.to_dict() for name, c in cfgs.items()}
+    points, ref_stats = {}, None
+    for name, c in cfgs.items():
+        points[name], ref_stats = train_and_evaluate(name, c, eval_steps, num_samples, sample_steps, ref_stats, log)
+    results["points"] = points
+    results["comparison"] = compare(points)
+    real_fd, real_acc = real_digit_fd(ref_stats, num_samples)
+    early = {name: pts[0]["fid_classifier"] for name, pts in points.items()}
+    results["sanity_check"] = {"num_samples": num_samples, "real_fid": real_fd, "real_accuracy": real_acc,
+                               "early_step": eval_steps[0], "early_fid": early,
+                               "separation": min(early.values()) / real_fd}
+    results["load_end"] = os.getloadavg()
+    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["total_minutes"] = (time.perf_counter() - t_start) / 60
+    plot(points, os.path.join(out, "quality_vs_compute.png"), real_fd)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown_table(results))
+        f.write(markdown(results))
     return results
 
 
-def markdown_table(results):
-    """Results dict -> a Markdown table (one row per variant)."""
-    lines = ["| variant | model | mask ratio | steps | train s (s/step) | classifier FD | class accuracy |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['model']} | {r['mask_ratio']} | {r['steps']} | {r['train_seconds']} "
-                     f"({r['seconds_per_step']}) | {r['fid_classifier']:.3f} | {r['class_accuracy']:.1%} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
+    """CLI entry point (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/reproduce_small")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the preset's)")
-    p.add_argument("--num-samples", type=int, default=1000, help="samples scored per variant")
-    p.add_argument("--sample-steps", type=int, default=None, help="EDM sampler steps (default: the preset's)")
+    p.add_argument("--out", default="benchmarks/results/reproduce_small", help="PNG / JSON / Markdown folder")
+    p.add_argument("--runs", default=None, help="run dirs (default runs/reproduce_small; <out>/runs with --quick)")
+    p.add_argument("--num-samples", type=int, default=None, help=f"samples per evaluation ({DEFAULT_SAMPLES})")
+    p.add_argument("--sample-steps", type=int, default=None, help=f"EDM sampler steps ({DEFAULT_SAMPLE_STEPS})")
+    p.add_argument("--eval-steps", default=None,
+                   help=f"comma-separated steps to evaluate at, ending at the last step ({DEFAULT_EVAL_STEPS})")
     p.add_argument("--quick", action="store_true", help="tiny models, 4 steps: a pipeline smoke test")
     args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        p.error(f"--variants: unknown {unknown or args.variants!r}; choose from {list(VARIANTS)}")
-    results = run(args.out, variants, args.steps, args.num_samples, args.sample_steps, args.quick)
-    sys.stdout.write(markdown_table(results))
+    if args.num_samples is not None and args.num_samples < 2:
+        p.error("--num-samples must be >= 2")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        p.error("--sample-steps must be >= 1")
+    try:
+        eval_steps = [int(s) for s in args.eval_steps.split(",")] if args.eval_steps else None
+    except ValueError:
+        p.error(f"--eval-steps: expected comma-separated integers, got {args.eval_steps!r}")
+    runs = args.runs or (os.path.join(args.out, "runs") if args.quick else "runs/reproduce_small")
+    results = run(args.out, runs, args.quick, args.num_samples, args.sample_steps, eval_steps,
+                  log=lambda msg: print(msg, flush=True))
+    sys.stdout.write(markdown(results))
 
 
 if __name__ == "__main__":

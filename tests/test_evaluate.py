@@ -184,23 +184,87 @@ def test_bad_arguments(assets, cache_env, tmp_path):
               "--ref-stats", stats_only, "--out", tmp_path])
 
 
-def test_reproduce_small_quick(assets, cache_env, tmp_path):
-    """benchmarks/reproduce_small.py --quick: both variants train, evaluate, and land in the table."""
+def _load_reproduce_small():
     spec = importlib.util.spec_from_file_location(
         "reproduce_small", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "reproduce_small.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--out", str(tmp_path), "--quick", "--num-samples", "20", "--sample-steps", "2"])
+    return module
+
+
+def test_reproduce_small_first_reach_and_compare():
+    rs = _load_reproduce_small()
+    assert rs.first_reach([0, 10, 20], [float("inf"), 8.0, 4.0], 6.0) == pytest.approx(15.0)
+    assert rs.first_reach([0, 10, 20], [float("inf"), 5.0, 4.0], 6.0) == 10.0  # reached at the first point
+    assert rs.first_reach([0, 10, 20], [float("inf"), 8.0, 7.0], 6.0) is None
+    pt = lambda step, s, f, fd: dict(step=step, train_seconds=s, train_flops=f, fid_classifier=fd, class_accuracy=0.5)
+    points = {"dit": [pt(10, 100.0, 1e12, 9.0), pt(20, 200.0, 2e12, 5.0)],
+              "maskdit": [pt(10, 50.0, 6e11, 7.0), pt(20, 100.0, 1.2e12, 3.0)]}
+    c = rs.compare(points)
+    # MaskDiT's FD crosses 5.0 halfway between its two points: 75 s, 9e11 FLOPs, step 15.
+    assert c["maskdit_reaches_at_train_seconds"] == pytest.approx(75.0)
+    assert c["factor_train_seconds"] == pytest.approx(200 / 75)
+    assert c["factor_train_flops"] == pytest.approx(2e12 / 9e11)
+    assert c["factor_step"] == pytest.approx(20 / 15)
+    points["maskdit"][-1]["fid_classifier"] = 6.0
+    assert rs.compare(points)["factor_train_seconds"] is None
+
+
+def test_reproduce_small_quick(assets, cache_env, tmp_path):
+    """benchmarks/reproduce_small.py --quick: both variants train in chunks and are scored at every
+    eval point; FLOPs, metrics and the sanity check land in results.json / .md and the PNG."""
+    rs = _load_reproduce_small()
+    rs.main(["--out", str(tmp_path), "--quick", "--num-samples", "20", "--sample-steps", "2"])
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
-    assert set(results) == {"maskdit", "dit"}
-    assert results["maskdit"]["mask_ratio"] == 0.5 and results["dit"]["mask_ratio"] == 0.0
-    assert results["dit"]["model"] == "DiT-S/2" and all(r["steps"] == 4 for r in results.values())
-    for name, r in results.items():
-        with open(tmp_path / name / "eval" / "metrics.json") as f:
-            metrics = json.load(f)
-        assert r["fid_classifier"] == metrics["fid_classifier"] > 0
-        assert r["class_accuracy"] == metrics["class_accuracy"]
-    # The second variant (dit, the last metrics read) reused the first one's real-digit statistics.
-    assert metrics["ref_stats"] == str(tmp_path / "maskdit" / "eval" / "ref_stats.npz")
-    assert (tmp_path / "results.md").read_text().count("\n") == 4
+    points = results["points"]
+    assert set(points) == {"maskdit", "dit"}
+    assert [p["step"] for p in points["maskdit"]] == [p["step"] for p in points["dit"]] == [2, 4]
+    # The quick MaskDiT trains steps 0-2 masked and step 3 unmasked; DiT never masks.
+    assert [p["mask_ratio"] for p in points["maskdit"]] == [0.5, 0.0]
+    assert [p["mask_ratio"] for p in points["dit"]] == [0.0, 0.0]
+    cfg = results["config"]
+    assert cfg["dit"]["model"] == "DiT-S/4" and cfg["maskdit"]["model"] == "MaskDiT-S/4"
+    enc = {k: cfg["maskdit"]["model_kwargs"][k] for k in ("hidden_size", "depth", "num_heads")}
+    assert cfg["dit"]["model_kwargs"] == dict(enc, learn_sigma=False)
+    # Training FLOPs recomputed from the analytic per-step counts.
+    from maskdit_fast.flops import train_step_flops
+    kw = dict(input_size=32, in_channels=1, num_classes=10)
+    mask = create_model("MaskDiT-S/4", **kw, **cfg["maskdit"]["model_kwargs"])
+    dit = create_model("DiT-S/4", **kw, **cfg["dit"]["model_kwargs"])
+    b = cfg["maskdit"]["batch_size"]
+    f_masked, f_full = train_step_flops(mask, mask_ratio=0.5, batch=b), train_step_flops(mask, batch=b)
+    assert [p["train_flops"] for p in points["maskdit"]] == [2 * f_masked, 3 * f_masked + f_full]
+    assert [p["train_flops"] for p in points["dit"]] == [2 * train_step_flops(dit, batch=b),
+                                                         4 * train_step_flops(dit, batch=b)]
+    assert f_masked < f_full
+    for name, pts in points.items():
+        assert pts[0]["train_seconds"] <= pts[1]["train_seconds"]
+        for p in pts:
+            with open(tmp_path / "runs" / name / f"eval_{p['step']:06d}" / "metrics.json") as f:
+                metrics = json.load(f)
+            assert p["fid_classifier"] == metrics["fid_classifier"] > 0
+            assert p["class_accuracy"] == metrics["class_accuracy"]
+            assert metrics["num_samples"] == 20 and metrics["steps"] == 2
+    # Every evaluation after the first reused the real-digit statistics computed once.
+    assert metrics["ref_stats"] == str(tmp_path / "runs" / "maskdit" / "eval_000002" / "ref_stats.npz")
+    assert results["comparison"]["dit_final_fid"] == points["dit"][-1]["fid_classifier"]
+    s = results["sanity_check"]
+    assert s["early_fid"] == {k: v[0]["fid_classifier"] for k, v in points.items()} and s["early_step"] == 2
+    assert s["separation"] == pytest.approx(min(s["early_fid"].values()) / s["real_fid"]) and s["real_fid"] > 0
+    assert results["machine"]["nproc"] >= 1 and len(results["load_start"]) == 3
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| maskdit |") == 2 and md.count("| dit |") == 2 and "sanity check" in md
+    from PIL import Image
+    with Image.open(tmp_path / "quality_vs_compute.png") as img:
+        assert img.format == "PNG" and img.size[0] > 500
+
+
+def test_reproduce_small_bad_arguments(tmp_path):
+    rs = _load_reproduce_small()
+    with pytest.raises(ValueError, match="end at"):
+        rs.run(str(tmp_path), str(tmp_path / "runs"), quick=True, eval_steps=[2, 3])
+    with pytest.raises(SystemExit):
+        rs.main(["--out", str(tmp_path), "--quick", "--num-samples", "1"])
+    with pytest.raises(SystemExit):
+        rs.main(["--out", str(tmp_path), "--quick", "--eval-steps", "2,x"])
