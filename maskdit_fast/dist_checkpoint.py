@@ -16,13 +16,18 @@ never a half-written checkpoint; it is removed by the next save.
 Resharding: tensors are stored with their global shapes and FQN keys (torch.distributed.checkpoint.
 state_dict.get_state_dict), so a checkpoint saved by N ranks under FSDP2 loads on M ranks under
 FSDP2, DDP or in one process, and a single-file checkpoint loads into a sharded run
-(`load_training_state`). The consolidated EMA weights export to one safetensors file
-(`export_ema_safetensors`).
+(`load_training_state`). The consolidated EMA weights export to one safetensors file, from a
+running job (`export_ema_safetensors`) or from any checkpoint on one machine, without a GPU:
+
+    python -m maskdit_fast.dist_checkpoint runs/x/checkpoints/step_00010000 ema.safetensors
 """
+import argparse
+import json
 import os
 import shutil
 import threading
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -228,3 +233,40 @@ def export_ema_safetensors(ema, path, metadata=None):
         export_safetensors(full, path, metadata=metadata)
     barrier()
     return full
+
+
+def load_ema_state(path):
+    """The EMA weights of a checkpoint of either format, full and in this one process (no process
+    group needed; a DCP checkpoint is read whatever world size wrote it).
+
+    Returns:
+        ({name: full fp32 CPU tensor}, the checkpoint's model metadata dict or None).
+    """
+    if not os.path.isdir(path):
+        ckpt = load_checkpoint(path)
+        return ckpt["ema"], ckpt.get("meta")
+    if not is_dcp_checkpoint(path):
+        raise RuntimeError(f"{path!r} is not a complete DCP checkpoint (no .metadata or {TRAIN_STATE})")
+    reader = dcp.FileSystemReader(path)
+    entries = reader.read_metadata().state_dict_metadata
+    ema = {key[len("ema."):]: torch.empty(md.size, dtype=md.properties.dtype)
+           for key, md in entries.items() if key.startswith("ema.")}
+    dcp.load({"ema": ema}, storage_reader=reader, no_dist=True)
+    return ema, load_checkpoint(os.path.join(path, TRAIN_STATE)).get("meta")
+
+
+def main(argv=None):
+    """CLI: the EMA weights of a checkpoint (DCP directory or .pt) -> one safetensors file, with the
+    model metadata that `maskdit_fast.sample` needs to rebuild the network."""
+    parser = argparse.ArgumentParser(prog="python -m maskdit_fast.dist_checkpoint",
+                                     description="Export a checkpoint's EMA weights as one safetensors file.")
+    parser.add_argument("checkpoint", help="a step_XXXXXXXX directory (DCP) or step_XXXXXXXX.pt file")
+    parser.add_argument("output", help="the .safetensors file to write")
+    args = parser.parse_args(argv)
+    ema, meta = load_ema_state(args.checkpoint)
+    export_safetensors(ema, args.output, metadata={"maskdit_fast": json.dumps(meta)} if meta else None)
+    print(f"{len(ema)} EMA tensors ({sum(t.numel() for t in ema.values()) / 1e6:.2f}M values) -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()

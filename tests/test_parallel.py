@@ -17,6 +17,7 @@ import dist_worker as W
 from maskdit_fast.checkpoint import atomic_save
 from maskdit_fast.dist_checkpoint import (DistCheckpointManager, export_ema_safetensors, list_checkpoints,
                                           load_training_state, load_weights)
+from maskdit_fast.dist_checkpoint import main as export_main
 from maskdit_fast.ema import create_ema, update_ema
 from maskdit_fast.flops import train_step_flops
 from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, apply_activation_checkpointing, apply_compile,
@@ -186,6 +187,17 @@ def test_dcp_checkpoints_single_process(tmp_path):
     exported = load_file(str(tmp_path / "ema.safetensors"))
     assert exported.keys() == ema.full_state_dict().keys()
     assert all(torch.equal(exported[k], v) and torch.equal(full[k], v) for k, v in ema.full_state_dict().items())
+    # offline export of a checkpoint's EMA, either format, with the model metadata
+    meta = {"model_class": "MaskDiT"}
+    manager.save(6, net, opt, ema, {"step": 6, "meta": meta})
+    atomic_save(dict(_state(net, opt, ema), step=6, meta=meta), str(tmp_path / "single.pt"))
+    for source in (manager.latest(), str(tmp_path / "single.pt")):
+        export_main([source, str(tmp_path / "offline.safetensors")])
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / "offline.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()["maskdit_fast"]) == meta
+            assert sorted(f.keys()) == sorted(full)
+            assert all(torch.equal(f.get_tensor(k), v) for k, v in full.items())
 
 
 def test_fsdp_and_ddp_match_single_process_and_resume_across_world_sizes(tmp_path):
