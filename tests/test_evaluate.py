@@ -184,6 +184,14 @@ def test_bad_arguments(assets, cache_env, tmp_path):
               "--ref-stats", stats_only, "--out", tmp_path])
 
 
+@pytest.fixture
+def keep_num_threads():
+    """reproduce_small.run pins torch to one thread for the whole process: restore it for later tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _load_reproduce_small():
     spec = importlib.util.spec_from_file_location(
         "reproduce_small", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "reproduce_small.py"))
@@ -210,7 +218,7 @@ def test_reproduce_small_first_reach_and_compare():
     assert rs.compare(points)["factor_train_seconds"] is None
 
 
-def test_reproduce_small_quick(assets, cache_env, tmp_path):
+def test_reproduce_small_quick(assets, cache_env, tmp_path, keep_num_threads):
     """benchmarks/reproduce_small.py --quick: both variants train in chunks and are scored at every
     eval point; FLOPs, metrics and the sanity check land in results.json / .md and the PNG."""
     rs = _load_reproduce_small()
@@ -260,7 +268,7 @@ def test_reproduce_small_quick(assets, cache_env, tmp_path):
         assert img.format == "PNG" and img.size[0] > 500
 
 
-def test_reproduce_small_bad_arguments(tmp_path):
+def test_reproduce_small_bad_arguments(tmp_path, keep_num_threads):
     rs = _load_reproduce_small()
     with pytest.raises(ValueError, match="end at"):
         rs.run(str(tmp_path), str(tmp_path / "runs"), quick=True, eval_steps=[2, 3])
