@@ -121,6 +121,7 @@ def train_variants(cfg):
 
 
 def train_baseline(cfg):
+    """Label of the train-step row the others are compared with (the pure-PyTorch MaskDiT)."""
     return f"MaskDiT-{cfg.train_size} reference"
 
 
@@ -162,9 +163,11 @@ class Budget:
         self.start = time.monotonic()
 
     def spent(self):
+        """True once the budget's seconds have passed."""
         return time.monotonic() - self.start > self.seconds
 
     def elapsed(self):
+        """Seconds since the budget started."""
         return time.monotonic() - self.start
 
 

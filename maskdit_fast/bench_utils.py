@@ -74,6 +74,7 @@ class Timer:
         return out
 
     def reset(self):
+        """Forgets the calls timed so far."""
         self._marks.clear()
 
     def times_ms(self):

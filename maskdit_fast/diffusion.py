@@ -123,14 +123,17 @@ class EDMPrecond(nn.Module):
 
     @property
     def in_channels(self):
+        """C, the wrapped network's input channels."""
         return self.net.in_channels
 
     @property
     def patch_size(self):
+        """p, the wrapped network's patch size (the loss patchifies with it)."""
         return self.net.patch_size
 
     @property
     def num_classes(self):
+        """The wrapped network's class count; label num_classes is the null class."""
         return self.net.num_classes
 
     def forward(self, x, sigma, y, mask_ratio=0.0, ids_keep=None):
@@ -424,6 +427,7 @@ class StackedRandomGenerator:
                             for g in self.generators])
 
     def randn_like(self, x):
+        """Stacked standard normal shaped like x [len(seeds), ...], in x's dtype and device."""
         return self.randn(x.shape, dtype=x.dtype, device=x.device)
 
 

@@ -129,6 +129,7 @@ class FIDInception(torch.nn.Module):
 
     @property
     def device(self):
+        """The device holding the network's weights (inputs are moved there)."""
         return next(self.net.parameters()).device
 
 

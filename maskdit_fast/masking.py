@@ -114,6 +114,7 @@ class PackedMask(NamedTuple):
 
     @property
     def batch_size(self):
+        """B, the number of samples."""
         return len(self.counts)
 
     @property
