@@ -3,8 +3,8 @@
     python -m maskdit_fast.sample --ckpt runs/mnist/ema.safetensors --cfg-scale 1.5 --steps 40 \
         --classes 0,1,2 --per-class 8 --out grid.png [--npz samples.npz] [--vae <dir or hub id>]
 
-`--ckpt` is a trainer checkpoint (`runs/<name>/checkpoints/step_*.pt`, EMA weights are used) or
-the exported `ema.safetensors`. Sample i uses seed `--seed + i`, so a sample does not depend on
+`--ckpt` is a trainer checkpoint (`runs/<name>/checkpoints/step_*.pt`, or a sharded `step_*`
+folder of a distributed run; EMA weights are used) or the exported `ema.safetensors`. Sample i uses seed `--seed + i`, so a sample does not depend on
 the batch size. Latent-space models need `--vae` (a diffusers AutoencoderKL) for a PNG grid;
 without it only the .npz of latents is written.
 """
@@ -18,6 +18,7 @@ import torch
 
 from maskdit_fast.checkpoint import load_checkpoint
 from maskdit_fast.diffusion import EDMPrecond, sample
+from maskdit_fast.dist_checkpoint import load_ema_state
 from maskdit_fast.models import MODEL_CLASSES
 
 
@@ -40,7 +41,8 @@ def build_from_metadata(meta, state_dict):
 
 
 def load_for_sampling(path, device="cpu"):
-    """Loads EMA weights from a trainer checkpoint (.pt) or an exported .safetensors.
+    """Loads EMA weights from a trainer checkpoint (.pt file or sharded DCP folder, written at any
+    world size) or an exported .safetensors.
 
     Returns:
         (precond: EDMPrecond in eval mode on `device`, meta: dict from `model_metadata`).
@@ -55,6 +57,10 @@ def load_for_sampling(path, device="cpu"):
         if "maskdit_fast" not in header:
             raise ValueError(f"{path}: no 'maskdit_fast' metadata (not exported by maskdit_fast.train)")
         meta = json.loads(header["maskdit_fast"])
+    elif os.path.isdir(path):
+        state, meta = load_ema_state(path)
+        if meta is None:
+            raise ValueError(f"{path}: sharded checkpoint without model metadata (not written by maskdit_fast.train)")
     else:
         ckpt = load_checkpoint(path)
         if "ema" not in ckpt or "meta" not in ckpt:
@@ -135,7 +141,7 @@ def parse_classes(text, num_classes):
 def main(argv=None):
     """CLI entry point (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m maskdit_fast.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="trainer checkpoint (.pt) or ema.safetensors")
+    p.add_argument("--ckpt", required=True, help="trainer checkpoint (.pt or sharded folder) or ema.safetensors")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--steps", type=int, default=40, help="EDM noise levels (Heun: 2 * steps - 1 evaluations)")
     p.add_argument("--solver", default="heun", choices=["heun", "euler"])

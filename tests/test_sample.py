@@ -1,4 +1,5 @@
-"""The sampling CLI: grid and .npz, seeded and batch-size independent, from .pt or .safetensors."""
+"""The sampling CLI: grid and .npz, seeded and batch-size independent, from .pt, sharded (DCP)
+folders or .safetensors."""
 import os
 
 import numpy as np
@@ -7,8 +8,11 @@ import torch
 from PIL import Image
 
 from maskdit_fast import train as T
+from maskdit_fast.checkpoint import load_checkpoint
 from maskdit_fast.config import PRESETS, config_from_dict
-from maskdit_fast.sample import generate, load_for_sampling, main, parse_classes, save_grid
+from maskdit_fast.dist_checkpoint import DistCheckpointManager
+from maskdit_fast.parallel import ShardedEMA
+from maskdit_fast.sample import build_from_metadata, generate, load_for_sampling, main, parse_classes, save_grid
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,28 @@ def test_cli_writes_grid_and_npz(run_dir, tmp_path):
     again = generate(precond, torch.tensor([0, 0, 0, 2, 2, 2]), list(range(7, 13)), batch_size=5,
                      num_steps=3, cfg_scale=1.5)
     torch.testing.assert_close(again, torch.from_numpy(data["samples"]), atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_checkpoint_folder(run_dir, tmp_path):
+    """A DCP folder (as distributed runs write) samples like the .pt holding the same EMA."""
+    ckpt = load_checkpoint(str(run_dir / "checkpoints" / "step_00000004.pt"))
+    net = build_from_metadata(ckpt["meta"], ckpt["model"]).requires_grad_(True)
+    ema = ShardedEMA(net)
+    ema.load_state_dict(ckpt["ema"])
+    folder = DistCheckpointManager(str(tmp_path / "dcp")).save(4, net, torch.optim.AdamW(net.parameters()), ema,
+                                                               {"step": 4, "meta": ckpt["meta"]})
+    labels, seeds = torch.tensor([1, 3]), [5, 6]
+    samples = {}
+    for path in (folder, str(run_dir / "checkpoints" / "step_00000004.pt")):
+        precond, meta = load_for_sampling(path)
+        assert meta == ckpt["meta"]
+        samples[path] = generate(precond, labels, seeds, num_steps=2, cfg_scale=1.0)
+    assert not torch.equal(ckpt["ema"]["final_layer.linear.weight"], ckpt["model"]["final_layer.linear.weight"])
+    torch.testing.assert_close(*samples.values(), rtol=0, atol=0)
+    DistCheckpointManager(str(tmp_path / "nometa")).save(4, net, torch.optim.AdamW(net.parameters()), ema,
+                                                         {"step": 4})
+    with pytest.raises(ValueError, match="without model metadata"):
+        load_for_sampling(str(tmp_path / "nometa" / "step_00000004"))
 
 
 def test_errors(run_dir, tmp_path):
