@@ -8,8 +8,10 @@ import argparse
 import dataclasses
 import json
 import os
+import numbers
 import typing
 from dataclasses import dataclass, field
+from typing import List
 
 
 @dataclass
@@ -32,6 +34,12 @@ class TrainConfig:
     mask_schedule: str = "constant"     # constant | linear | cosine (mask_ratio -> mask_ratio_end)
     mask_ratio_end: float = 0.0
     unmasked_steps: int = 0             # final steps trained at ratio 0 (train/test mismatch fix)
+    # per-sample mask ratios ~ U[low, high) during the masked phase, replacing mask_ratio (MaskDiT's
+    # packed encoder); [] = off
+    mask_ratio_range: List[float] = field(default_factory=list)
+    # each global micro-batch split round-robin into groups at these image sizes (average-pooled
+    # pixel data; MaskDiT, one packed encoder pass over all groups); [] = the data's own size only
+    mixed_resolutions: List[int] = field(default_factory=list)
     label_dropout: float = 0.1          # fraction of labels replaced by the null class (CFG)
     # optimisation
     steps: int = 1000                   # total optimizer steps
@@ -103,7 +111,28 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"config: {message}")
+        self._validate_lists()
         return self
+
+    def _validate_lists(self):
+        """mask_ratio_range and mixed_resolutions (the data-dependent checks of mixed_resolutions
+        are in maskdit_fast.train.group_shapes)."""
+        r = self.mask_ratio_range
+        if r:
+            if len(r) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in r):
+                raise ValueError(f"config: mask_ratio_range must be two numbers [low, high], got {r!r}")
+            if not all(0 <= v < 1 for v in r):
+                raise ValueError(f"config: mask_ratio_range values must be in [0, 1), got {r!r}")
+            if r[0] > r[1]:
+                raise ValueError(f"config: mask_ratio_range needs low <= high, got {r!r}")
+            if self.mask_schedule != "constant":
+                raise ValueError(f"config: mask_ratio_range replaces the mask ratio schedule; it needs "
+                                 f"mask_schedule constant, got {self.mask_schedule!r}")
+        sizes = self.mixed_resolutions
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+            raise ValueError(f"config: mixed_resolutions must be positive ints (image sizes), got {sizes!r}")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"config: mixed_resolutions has duplicates: {sizes!r}")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -149,6 +178,11 @@ def _field_types():
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
+def _list_item(typ):
+    """The element type of a List[T] field, else None."""
+    return typing.get_args(typ)[0] if typing.get_origin(typ) is list else None
+
+
 def config_from_dict(values, base=None, source="config"):
     """Returns a new TrainConfig: `base` (default: dataclass defaults) updated with `values`,
     type-checked; unknown keys raise ValueError naming `source`."""
@@ -165,6 +199,11 @@ def config_from_dict(values, base=None, source="config"):
 
 
 def _coerce(value, typ, what):
+    item = _list_item(typ)
+    if item is not None:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{what} must be a list of {item.__name__}, got {value!r}")
+        return [_coerce(v, item, f"{what}[{i}]") for i, v in enumerate(value)]
     if typ is bool:
         if not isinstance(value, bool):
             raise TypeError(f"{what} must be true/false, got {value!r}")
@@ -195,6 +234,7 @@ def load_config_file(path):
 
 
 _HIDDEN = {"debug_crash_at_step"}  # test-only knobs, left out of --help
+_NARGS = {"mask_ratio_range": 2}  # list flags with a fixed count (others take one or more values)
 
 
 def build_parser():
@@ -211,6 +251,8 @@ def build_parser():
             parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, **hidden)
         elif typ is dict:
             parser.add_argument(flag, default=None, type=json.loads, metavar="JSON", **hidden)
+        elif _list_item(typ) is not None:
+            parser.add_argument(flag, default=None, type=_list_item(typ), nargs=_NARGS.get(name, "+"), **hidden)
         else:
             parser.add_argument(flag, default=None, type=typ, **hidden)
     return parser

@@ -19,6 +19,18 @@ to float reduction order) and resumes at any world size: single-process runs wri
 checkpoints, distributed or FSDP runs sharded DCP checkpoints, and either resumes the other.
 Only rank 0 logs, samples and writes single-writer files.
 
+Packed options (MaskDiT only; its packed encoder runs: the kept tokens of all samples in one
+varlen stream, no padding):
+  --mask-ratio-range LOW HIGH   per-sample mask ratios ~ U[LOW, HIGH) each step during the masked
+                                phase (replacing --mask-ratio; 0 in the final --unmasked-steps).
+                                LOW == HIGH trains exactly like --mask-ratio LOW (same draws).
+  --mixed-resolutions S1 S2 ..  each global micro-batch split round-robin into groups whose images
+                                are average-pooled to sizes S1, S2, ... (integer factors of the
+                                data size, multiples of the patch size; pixel data only), all
+                                groups through one encoder pass; each sample weighs the same in
+                                the loss. Sampling stays at the data's size. Throughput / MFU
+                                logs count every image at the data's size (an overestimate).
+
 The loop is small composable functions (build_* / parallelize / train_step / save / load).
 """
 import contextlib
@@ -40,7 +52,7 @@ from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss, mask_ratio_schedule
 from maskdit_fast.dist_checkpoint import (DistCheckpointManager, export_ema_safetensors, load_training_state,
                                           load_weights)
 from maskdit_fast.ema import ema_decay
-from maskdit_fast.masking import random_masking_ids
+from maskdit_fast.masking import PackedMask, num_kept, random_masking_ids, random_masking_packed, sample_mask_ratios
 from maskdit_fast.models import MaskDiT, create_model
 from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, all_gather_floats, all_reduce_mean, any_rank,
                                    apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, barrier,
@@ -60,6 +72,7 @@ class TrainState:
     stream: DataStream
     loss_gen: torch.Generator      # noise levels, noise and masks (on the training device)
     data_gen: torch.Generator      # label dropout and latent posterior samples (CPU)
+    ratio_gen: torch.Generator     # per-sample mask ratios of --mask-ratio-range (CPU: no device sync)
     step: int = 0                  # optimizer steps done
     nan_skips: int = 0
 
@@ -87,6 +100,54 @@ def build_model(cfg, sample_shape):
         return create_model(cfg.model, **kwargs)
 
 
+def group_shapes(cfg, sample_shape, patch_size):
+    """The (H_g, W_g) of each --mixed-resolutions group for data of shape (C, H, W), validated.
+
+    Group g's images are the data average-pooled by the integer factor f_g = H / size_g (so
+    size_g must divide H, and f_g divide W); both sides must stay multiples of the patch size.
+    Returns [] without mixed resolutions.
+    """
+    _, H, W = sample_shape
+    shapes = []
+    for size in cfg.mixed_resolutions:
+        factor = H // size
+        if H % size or W % factor:
+            raise ValueError(f"config: mixed resolution {size} does not divide the data size {H}x{W} by an "
+                             f"integer factor (average pooling)")
+        shape = (H // factor, W // factor)
+        if shape[0] % patch_size or shape[1] % patch_size:
+            raise ValueError(f"config: mixed resolution {shape[0]}x{shape[1]} is not a multiple of the patch "
+                             f"size {patch_size}")
+        shapes.append(shape)
+    return shapes
+
+
+def check_packed_options(cfg, net, dataset, info):
+    """--mask-ratio-range and --mixed-resolutions need MaskDiT's packed encoder; mixed resolutions
+    need pixel data and micro-batches that split evenly into groups on every rank (each rank then
+    holds the same number of samples of every group: the same collectives under FSDP)."""
+    if not (cfg.mask_ratio_range or cfg.mixed_resolutions):
+        return
+    net = unwrap(net)
+    if not isinstance(net, MaskDiT):
+        raise ValueError(f"config: mask_ratio_range and mixed_resolutions need a MaskDiT model (the packed "
+                         f"encoder), got {cfg.model}")
+    if cfg.mixed_resolutions and isinstance(dataset, LatentShards):
+        raise ValueError("config: mixed_resolutions needs pixel data: a latent directory holds one latent "
+                         "size (manifest latent_shape)")
+    highest = max(cfg.mask_ratio_range or [cfg.mask_ratio, cfg.mask_ratio_end])
+    for h, w in group_shapes(cfg, dataset.sample_shape, net.patch_size) or [net.input_size]:
+        length = (h // net.patch_size) * (w // net.patch_size)
+        if int(length * (1 - highest)) < 1:  # num_kept's count
+            raise ValueError(f"config: mask ratio {highest} keeps no token of the {length} of a {h}x{w} image")
+    if not cfg.mixed_resolutions:
+        return
+    groups, micro = len(cfg.mixed_resolutions), cfg.batch_size // cfg.grad_accum
+    if micro % (groups * info.world_size):
+        raise ValueError(f"config: the micro-batch batch_size / grad_accum = {micro} must be divisible by "
+                         f"len(mixed_resolutions) x world size = {groups} x {info.world_size}")
+
+
 def parallelize(cfg, net, info):
     """Activation checkpointing, per-block compile, then DDP or FSDP2 (torchtitan's order), as
     cfg says. Returns the module to train (the same one except under DDP)."""
@@ -101,11 +162,23 @@ def parallelize(cfg, net, info):
         return apply_fsdp(net, param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
                           reshard_after_forward=cfg.reshard_after_forward)
     if cfg.parallel == "ddp":
-        # MaskDiT's mask token gets no gradient in unmasked steps (ratio 0)
-        ratio_at = mask_ratio_fn(cfg)
-        unused = isinstance(net, MaskDiT) and min(ratio_at(0), ratio_at(cfg.steps - 1)) == 0
-        return apply_ddp(net, info, find_unused_parameters=unused)
+        return apply_ddp(net, info, find_unused_parameters=mask_token_may_idle(cfg, net))
     return net
+
+
+def mask_token_may_idle(cfg, net):
+    """Whether some step may mask no token (MaskDiT's mask token then gets no gradient, which DDP
+    must be told): an unmasked phase, or a ratio that keeps every token of the smallest grid."""
+    if not isinstance(net, MaskDiT):
+        return False
+    ratio_at = mask_ratio_fn(cfg)
+    lowest = [ratio_at(0), ratio_at(cfg.steps - 1)]  # schedules are monotone
+    if cfg.mask_ratio_range:
+        lowest.append(cfg.mask_ratio_range[0])
+    H, W = net.input_size
+    shapes = group_shapes(cfg, (net.in_channels, H, W), net.patch_size) or [(H, W)]
+    length = min(h * w for h, w in shapes) // net.patch_size ** 2
+    return any(num_kept(length, r) == length for r in lowest)
 
 
 def build_optimizer(cfg, net):
@@ -132,22 +205,86 @@ def lr_at(cfg, step):
 
 def mask_ratio_fn(cfg):
     """step -> mask ratio: cfg.mask_schedule over the masked phase, then 0 for the final
-    cfg.unmasked_steps steps."""
+    cfg.unmasked_steps steps. With cfg.mask_ratio_range (low, high) the masked phase's value is
+    the mean ratio (low + high) / 2 (logged, and used for FLOP counts); train_step then draws
+    per-sample ratios."""
     masked_steps = cfg.steps - cfg.unmasked_steps
-    if cfg.mask_schedule == "constant":
+    if cfg.mask_ratio_range:
+        schedule = mask_ratio_schedule("constant", sum(cfg.mask_ratio_range) / 2)
+    elif cfg.mask_schedule == "constant":
         schedule = mask_ratio_schedule("constant", cfg.mask_ratio)
     else:
         schedule = mask_ratio_schedule(cfg.mask_schedule, cfg.mask_ratio, cfg.mask_ratio_end, max(1, masked_steps))
     return lambda step: 0.0 if step >= masked_steps else schedule(step)
 
 
-def train_step(cfg, state, loss_fn, mask_ratio, device):
+def packed_rows(packed, rows):
+    """The samples `rows` (a slice of a step) of a PackedMask, as a PackedMask (host arithmetic on
+    the counts: no device sync)."""
+    start, stop, _ = rows.indices(packed.batch_size)
+    counts = packed.counts[start:stop]
+    first = sum(packed.counts[:start])
+    cu = packed.cu_seqlens[start:stop + 1] - packed.cu_seqlens[start]
+    return PackedMask(packed.ids[first:first + sum(counts)], cu, counts)
+
+
+def draw_mask(cfg, state, mask_ratio, batch, length, rows):
+    """Masks of `batch` samples on grids of `length` tokens at this step's `mask_ratio`, drawn
+    for all of them (every rank alike) and returned for the samples `rows`.
+
+    Returns (mask_ratio argument, ids_keep) for the loss: (0.0, None) when nothing is masked;
+    with cfg.mask_ratio_range, (per-sample ratios [len(rows)] float64, PackedMask), the ratios
+    from state.ratio_gen, the positions from state.loss_gen; else (mask_ratio, ids_keep
+    [len(rows), K]). With low == high the kept positions equal the plain ratio's: both layouts
+    use the same draw from state.loss_gen.
+    """
+    if mask_ratio == 0:
+        return 0.0, None
+    if cfg.mask_ratio_range:
+        ratios = sample_mask_ratios(batch, *cfg.mask_ratio_range, generator=state.ratio_gen)
+        packed = random_masking_packed(ratios, length, generator=state.loss_gen)[0]
+        return ratios[rows], packed_rows(packed, rows)
+    return mask_ratio, random_masking_ids(batch, length, mask_ratio, generator=state.loss_gen)[0][rows]
+
+
+def micro_step_loss(cfg, state, loss_fn, precond, x, y, mask_ratio, shapes):
+    """The loss of this rank's rows x [B/W, C, H, W], y of one global micro-batch, drawing the
+    micro-batch's masks, noise levels and noise (in that order) whole.
+
+    With mixed resolutions (`shapes`: G (H_g, W_g)), global row i belongs to group i % G, whose
+    images are average-pooled to (H_g, W_g), and all groups go through `loss_fn.grouped` (one
+    packed encoder pass). Each rank's rows are a contiguous slice starting at a multiple of G, so
+    it holds B/(W G) samples of every group; draws are per group over the group's global rows.
+    """
+    micro, rows = state.stream.batch_size, state.stream.rows()
+    sigma_dist = MaskDiTLoss(cfg.P_mean, cfg.P_std)  # the config's noise levels (loss_fn may be any callable)
+    if not shapes:
+        ratio, ids_keep = draw_mask(cfg, state, mask_ratio, micro, unwrap(state.net).num_patches, rows)
+        sigma = sigma_dist.sample_sigma(micro, x.device, state.loss_gen)[rows]
+        noise = torch.randn((micro,) + tuple(x.shape[1:]), device=x.device, generator=state.loss_gen)[rows]
+        return loss_fn(precond, x, y, mask_ratio=ratio, ids_keep=ids_keep, sigma=sigma, noise=noise)
+    G, p = len(shapes), unwrap(state.net).patch_size
+    per_group = micro // G
+    own = slice(rows.start // G, rows.stop // G)  # this rank's rows within each group's global rows
+    xs = [torch.nn.functional.avg_pool2d(x[g::G], x.shape[2] // h) for g, (h, w) in enumerate(shapes)]
+    masks = [draw_mask(cfg, state, mask_ratio, per_group, (h // p) * (w // p), own) for h, w in shapes]
+    sigma = sigma_dist.sample_sigma(micro, x.device, state.loss_gen)[rows]
+    noise = [torch.randn((per_group,) + tuple(xg.shape[1:]), device=x.device, generator=state.loss_gen)[own]
+             for xg in xs]
+    return loss_fn.grouped(precond, xs, [y[g::G] for g in range(G)], mask_ratio=[r for r, _ in masks],
+                           ids_keep=[ids for _, ids in masks], sigma=torch.cat([sigma[g::G] for g in range(G)]),
+                           noise=noise)
+
+
+def train_step(cfg, state, loss_fn, mask_ratio, device, shapes=()):
     """One optimizer step over cfg.grad_accum micro-batches (gradients synchronised across ranks
     on the last one only).
 
-    The random numbers of each global micro-batch (label dropout, masks, noise levels, noise) are
-    drawn whole on every rank, which keeps its own rows (`state.stream.rows()`): any world size
-    computes the same step.
+    The random numbers of each global micro-batch (label dropout, mask ratios, masks, noise
+    levels, noise) are drawn whole on every rank, which keeps its own rows
+    (`state.stream.rows()`): any world size computes the same step. `mask_ratio` is the step's
+    ratio from `mask_ratio_fn` (0: nothing masked; with cfg.mask_ratio_range any value > 0 means
+    per-sample ratios are drawn); `shapes` the mixed-resolution groups (`group_shapes`).
 
     Returns:
         dict of python floats: loss, dsm, mae (means over micro-batches and ranks), grad_norm, lr,
@@ -160,21 +297,15 @@ def train_step(cfg, state, loss_fn, mask_ratio, device):
         group["lr"] = lr
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     micro, rows = state.stream.batch_size, state.stream.rows()
-    sigma_dist = MaskDiTLoss(cfg.P_mean, cfg.P_std)  # the config's noise levels (loss_fn may be any callable)
     totals = torch.zeros(3, device=device)
     for i in range(cfg.grad_accum):
         x, y = state.stream.next_batch(state.data_gen)
         drop = (torch.rand(micro, generator=state.data_gen) < cfg.label_dropout)[rows]
         y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        ids_keep = None
-        if mask_ratio > 0:
-            ids_keep = random_masking_ids(micro, unwrap(net).num_patches, mask_ratio, generator=state.loss_gen)[0][rows]
-        sigma = sigma_dist.sample_sigma(micro, device, state.loss_gen)[rows]
-        noise = torch.randn((micro,) + tuple(x.shape[1:]), device=device, generator=state.loss_gen)[rows]
         with gradient_sync(net, i == cfg.grad_accum - 1):
             with autocast:
-                out = loss_fn(precond, x, y, mask_ratio=mask_ratio, ids_keep=ids_keep, sigma=sigma, noise=noise)
+                out = micro_step_loss(cfg, state, loss_fn, precond, x, y, mask_ratio, shapes)
             (out.loss / cfg.grad_accum).backward()
         totals += torch.stack([out.loss.detach(), out.dsm.detach(), out.mae.detach()])
     loss, dsm, mae = all_reduce_mean(totals / cfg.grad_accum).tolist()
@@ -200,7 +331,7 @@ def train_state(cfg, state, meta):
     """The non-tensor-heavy part of a checkpoint: step, data position, RNG states (identical on
     every rank), config and model metadata (plain containers: loads with weights_only=True)."""
     rng = {"torch": torch.get_rng_state(), "loss_gen": state.loss_gen.get_state(),
-           "data_gen": state.data_gen.get_state()}
+           "data_gen": state.data_gen.get_state(), "ratio_gen": state.ratio_gen.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()  # the current device's: valid at any world size
     return {"step": state.step, "nan_skips": state.nan_skips, "data": state.stream.state_dict(), "rng": rng,
@@ -226,6 +357,8 @@ def load_state(state, path, device):
     torch.set_rng_state(ckpt["rng"]["torch"])
     state.loss_gen.set_state(ckpt["rng"]["loss_gen"])
     state.data_gen.set_state(ckpt["rng"]["data_gen"])
+    if "ratio_gen" in ckpt["rng"]:  # absent from checkpoints written before --mask-ratio-range
+        state.ratio_gen.set_state(ckpt["rng"]["ratio_gen"])
     cuda = ckpt["rng"].get("cuda")
     if cuda is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
@@ -338,16 +471,19 @@ def train(cfg, stop_at=None, progress=True):
     info = init_distributed(cfg.device)  # torchrun: joins the process group; else world size 1
     device = info.device
     say = print if info.is_main else (lambda *args, **kwargs: None)
-    dataset, stream = build_data(cfg, info)  # validates the data before anything is written
+    dataset, stream = build_data(cfg, info)  # validates the data and options before anything is written
+    model = build_model(cfg, dataset.sample_shape).to(device)
+    check_packed_options(cfg, model, dataset, info)
+    shapes = group_shapes(cfg, dataset.sample_shape, model.patch_size)
     run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
     os.makedirs(run_dir, exist_ok=True)
-    model = build_model(cfg, dataset.sample_shape).to(device)
     meta = model_metadata(model, cfg.sigma_data, data_info(cfg, dataset))
     n_params = sum(p.numel() for p in model.parameters())
     net = parallelize(cfg, model, info)
     state = TrainState(net=net, ema=ShardedEMA(net), optimizer=build_optimizer(cfg, net), stream=stream,
                        loss_gen=torch.Generator(device).manual_seed(cfg.seed),
-                       data_gen=torch.Generator().manual_seed(cfg.seed + 1))
+                       data_gen=torch.Generator().manual_seed(cfg.seed + 1),
+                       ratio_gen=torch.Generator().manual_seed(cfg.seed + 2))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if info.world_size > 1 or cfg.parallel == "fsdp":
         ckpts = DistCheckpointManager(ckpt_dir, cfg.keep_last, async_save=cfg.async_checkpoint)
@@ -383,7 +519,7 @@ def train(cfg, stop_at=None, progress=True):
             state.net.train()
             while state.step < cfg.steps:
                 ratio = ratio_at(state.step)
-                m = train_step(cfg, state, loss_fn, ratio, device)
+                m = train_step(cfg, state, loss_fn, ratio, device, shapes)
                 if not m["finite"]:
                     if state.nan_skips >= cfg.max_nan_skips:
                         raise RuntimeError(
