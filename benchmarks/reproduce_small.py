@@ -14,8 +14,9 @@ FLOPs), results.json, results.md. The .md says whether MaskDiT reaches DiT's fin
 what factor (first crossing of the linearly interpolated MaskDiT curve), and the metric sanity check:
 FD of held-out real digits vs FD of the earliest (step 50) samples, at the same sample count.
 
-    python benchmarks/reproduce_small.py                      # default: ~25 min on 2 CPU cores
+    python benchmarks/reproduce_small.py                      # default: ~22 min on 2 shared CPU cores
     python benchmarks/reproduce_small.py --quick --out /tmp/rs   # pipeline smoke test (< 1 min)
+    python benchmarks/reproduce_small.py --replot                # redo PNG / .md from results.json
 
 Run dirs (checkpoints) go to --runs (default runs/reproduce_small, git-ignored) and are deleted
 and retrained from scratch on every invocation, since the timings must cover whole runs.
@@ -131,7 +132,7 @@ def train_and_evaluate(name, cfg, eval_steps, num_samples, sample_steps, ref_sta
 
     Returns a list of dicts per eval point: step, mask_ratio (of the last step trained),
     train_seconds and train_flops (cumulative, training only), fid_classifier, class_accuracy,
-    eval_seconds."""
+    eval_seconds, load_1min (the 1-minute load average after the evaluation)."""
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     flops, ratio_at = cumulative_train_flops(cfg), mask_ratio_fn(cfg)
     points, train_s = [], 0.0
@@ -148,12 +149,11 @@ def train_and_evaluate(name, cfg, eval_steps, num_samples, sample_steps, ref_sta
         points.append(dict(step=step, mask_ratio=ratio_at(step - 1), train_seconds=round(train_s, 2),
                            train_flops=float(flops[step]), fid_classifier=metrics["fid_classifier"],
                            class_accuracy=metrics["class_accuracy"],
-                           eval_seconds=round(time.perf_counter() - t0, 1)))
+                           eval_seconds=round(time.perf_counter() - t0, 1), load_1min=os.getloadavg()[0]))
         ref_stats = ref_stats or os.path.join(cfg.run_dir, f"eval_{step:06d}", "ref_stats.npz")
         p = points[-1]
         log(f"{name} step {step}: {p['train_seconds']:.0f} s training, FD {p['fid_classifier']:.2f}, "
-            f"accuracy {p['class_accuracy']:.1%} (eval {p['eval_seconds']:.0f} s, load "
-            f"{os.getloadavg()[0]:.2f})")
+            f"accuracy {p['class_accuracy']:.1%} (eval {p['eval_seconds']:.0f} s, load {p['load_1min']:.2f})")
     return points, ref_stats
 
 
@@ -171,8 +171,9 @@ def first_reach(xs, fds, target):
 
 
 def compare(points):
-    """When MaskDiT reaches DiT's final FD, on the time and FLOPs axes, and the speed-up factors
-    (DiT's total / MaskDiT's crossing point); None where it never does."""
+    """When MaskDiT reaches DiT's final FD, on the time, FLOPs and step axes, and the speed-up factors
+    (DiT's total / MaskDiT's crossing point; None where it never does); and DiT's FD interpolated at
+    MaskDiT's final budget on each axis (None beyond DiT's last point)."""
     dit, mask = points["dit"], points["maskdit"]
     target = dit[-1]["fid_classifier"]
     out = {"dit_final_fid": target, "maskdit_final_fid": mask[-1]["fid_classifier"],
@@ -181,8 +182,13 @@ def compare(points):
         reach = first_reach([0.0] + [p[axis] for p in mask], [float("inf")] + [p["fid_classifier"] for p in mask],
                             target)
         out[f"maskdit_reaches_at_{axis}"] = reach
-        out[f"dit_final_{axis}"] = dit[-1][axis]
+        out[f"dit_final_{axis}"], out[f"maskdit_final_{axis}"] = dit[-1][axis], mask[-1][axis]
         out[f"factor_{axis}"] = dit[-1][axis] / reach if reach else None
+        xs = [0.0] + [p[axis] for p in dit]
+        budget = mask[-1][axis]
+        out[f"dit_fid_at_maskdit_final_{axis}"] = (
+            float(np.interp(budget, xs[1:], [p["fid_classifier"] for p in dit])) if xs[1] <= budget <= xs[-1]
+            else None)
     out["seconds_per_step"] = {k: v[-1]["train_seconds"] / v[-1]["step"] for k, v in points.items()}
     return out
 
@@ -240,18 +246,27 @@ def markdown(results):
              f"absolute seconds are noisy; FLOPs are exact). Started {results['started']}, finished "
              f"{results['finished']} ({results['total_minutes']:.1f} min in all).", "",
              f"Setting: {results['setting']}", "",
-             "| variant | step | mask ratio | train s | train PFLOP | classifier FD | class accuracy |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | step | mask ratio | train s | train PFLOP | classifier FD | class accuracy | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, pts in results["points"].items():
         for p in pts:
             lines.append(f"| {name} | {p['step']} | {p['mask_ratio']} | {p['train_seconds']:.0f} | "
-                         f"{p['train_flops'] / 1e15:.3f} | {p['fid_classifier']:.2f} | {p['class_accuracy']:.1%} |")
+                         f"{p['train_flops'] / 1e15:.3f} | {p['fid_classifier']:.2f} | {p['class_accuracy']:.1%} | "
+                         f"{p['load_1min']:.2f} |")
     lines += ["", "## Does MaskDiT reach DiT's final quality sooner?", ""]
     lines.append(f"DiT's final FD is {c['dit_final_fid']:.2f} (accuracy {c['dit_final_accuracy']:.1%}) after "
                  f"{c['dit_final_train_seconds']:.0f} s / {c['dit_final_train_flops'] / 1e15:.3f} PFLOP; MaskDiT "
                  f"ends at FD {c['maskdit_final_fid']:.2f} (accuracy {c['maskdit_final_accuracy']:.1%}). "
                  f"Seconds per step: MaskDiT {c['seconds_per_step']['maskdit']:.3f} (masked + unmasked "
                  f"steps), DiT {c['seconds_per_step']['dit']:.3f}.")
+    budget = [f"{name} {c[f'maskdit_final_{axis}'] * scale:{fmt}}{unit}: DiT's FD there is "
+              + (f"{c[f'dit_fid_at_maskdit_final_{axis}']:.2f}" if c[f"dit_fid_at_maskdit_final_{axis}"] is not None
+                 else "not measured")
+              for name, axis, scale, fmt, unit in (("time", "train_seconds", 1.0, ".0f", " s"),
+                                                   ("FLOPs", "train_flops", 1e-15, ".3f", " PFLOP"),
+                                                   ("steps", "step", 1.0, ".0f", ""))]
+    lines += ["", f"At MaskDiT's final budget (FD {c['maskdit_final_fid']:.2f}), DiT interpolated between its "
+                 f"evaluation points: " + "; ".join(budget) + "."]
     if c["maskdit_reaches_at_train_seconds"] is None:
         lines.append("")
         lines.append("**MaskDiT does not reach DiT's final FD within its run** (same number of steps), so no "
@@ -263,13 +278,16 @@ def markdown(results):
             lines.append(f"| {axis} | {fmt.format(c[f'maskdit_reaches_at_{axis}'] * scale)} | "
                          f"{fmt.format(c[f'dit_final_{axis}'] * scale)} | {c[f'factor_{axis}']:.2f}x |")
         lines += ["", "Crossing points are linear interpolations between evaluation points (first crossing); "
-                  "with 6 points per curve and a noisy small-sample FD, treat the factors as rough."]
+                  f"with {len(results['points']['maskdit'])} points per curve and a noisy small-sample FD, "
+                  "treat the factors as rough."]
     lines += ["", "## Metric sanity check", "",
               f"At the same sample count ({s['num_samples']}), FD of held-out real digits: "
               f"{s['real_fid']:.2f} (their class accuracy {s['real_accuracy']:.1%}); FD of samples after "
               f"{s['early_step']} training steps: " + ", ".join(f"{k} {v:.2f}" for k, v in s["early_fid"].items())
               + f". Separation (smallest early FD / real FD): {s['separation']:.1f}x.", "",
               "![quality vs compute](quality_vs_compute.png)", ""]
+    if results.get("notes"):  # free-text additions to results.json (checks run by hand), kept by --replot
+        lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     return "\n".join(lines)
 
 
@@ -302,7 +320,6 @@ def run(out, runs, quick=False, num_samples=None, sample_steps=None, eval_steps=
     for name, c in cfgs.items():
         points[name], ref_stats = train_and_evaluate(name, c, eval_steps, num_samples, sample_steps, ref_stats, log)
     results["points"] = points
-    results["comparison"] = compare(points)
     real_fd, real_acc = real_digit_fd(ref_stats, num_samples)
     early = {name: pts[0]["fid_classifier"] for name, pts in points.items()}
     results["sanity_check"] = {"num_samples": num_samples, "real_fid": real_fd, "real_accuracy": real_acc,
@@ -311,12 +328,19 @@ def run(out, runs, quick=False, num_samples=None, sample_steps=None, eval_steps=
     results["load_end"] = os.getloadavg()
     results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     results["total_minutes"] = (time.perf_counter() - t_start) / 60
-    plot(points, os.path.join(out, "quality_vs_compute.png"), real_fd)
+    write_reports(results, out)
+    return results
+
+
+def write_reports(results, out):
+    """(Re)writes <out>/results.json, results.md and quality_vs_compute.png from a results dict,
+    recomputing the comparison from its evaluation points."""
+    results["comparison"] = compare(results["points"])
+    plot(results["points"], os.path.join(out, "quality_vs_compute.png"), results["sanity_check"]["real_fid"])
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(results))
-    return results
 
 
 def main(argv=None):
@@ -329,7 +353,15 @@ def main(argv=None):
     p.add_argument("--eval-steps", default=None,
                    help=f"comma-separated steps to evaluate at, ending at the last step ({DEFAULT_EVAL_STEPS})")
     p.add_argument("--quick", action="store_true", help="tiny models, 4 steps: a pipeline smoke test")
+    p.add_argument("--replot", action="store_true",
+                   help="no training: redo the comparison, PNG and .md from <out>/results.json")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(os.path.join(args.out, "results.json")) as f:
+            results = json.load(f)
+        write_reports(results, args.out)
+        sys.stdout.write(markdown(results))
+        return
     if args.num_samples is not None and args.num_samples < 2:
         p.error("--num-samples must be >= 2")
     if args.sample_steps is not None and args.sample_steps < 1:

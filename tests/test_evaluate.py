@@ -4,6 +4,7 @@ recomputed independently, and bad input fails clearly."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -214,6 +215,9 @@ def test_reproduce_small_first_reach_and_compare():
     assert c["factor_train_seconds"] == pytest.approx(200 / 75)
     assert c["factor_train_flops"] == pytest.approx(2e12 / 9e11)
     assert c["factor_step"] == pytest.approx(20 / 15)
+    # DiT at MaskDiT's final budget: 100 s and step 20 are DiT points; 1.2e12 FLOPs is 1/5 of the way.
+    assert c["dit_fid_at_maskdit_final_train_seconds"] == 9.0 and c["dit_fid_at_maskdit_final_step"] == 5.0
+    assert c["dit_fid_at_maskdit_final_train_flops"] == pytest.approx(9.0 - 0.2 * 4.0)
     points["maskdit"][-1]["fid_classifier"] = 6.0
     assert rs.compare(points)["factor_train_seconds"] is None
 
@@ -263,6 +267,13 @@ def test_reproduce_small_quick(assets, cache_env, tmp_path, keep_num_threads):
     assert results["machine"]["nproc"] >= 1 and len(results["load_start"]) == 3
     md = (tmp_path / "results.md").read_text()
     assert md.count("| maskdit |") == 2 and md.count("| dit |") == 2 and "sanity check" in md
+    # --replot redoes the reports from results.json alone (the run dirs are not needed).
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "results.md").unlink()
+    rs.main(["--out", str(tmp_path), "--replot"])
+    assert (tmp_path / "results.md").read_text() == md
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f) == results
     from PIL import Image
     with Image.open(tmp_path / "quality_vs_compute.png") as img:
         assert img.format == "PNG" and img.size[0] > 500
