@@ -47,8 +47,17 @@ def head_dim_supported(head_dim):
 
 
 @triton.jit
-def _load_rows(base, offs_row, stride_row, offs_d, row_mask, HEAD_DIM: tl.constexpr, CHUNK_END: tl.constexpr,
-               MASK_ROWS: tl.constexpr, UPCAST: tl.constexpr):
+def _load_rows(
+    base,                     # pointer to row 0, column 0 of the tile's sequence/head (q, k, v or dO)
+    offs_row,                 # [rows] int: row (token) offsets within the sequence
+    stride_row,               # element stride between rows (tokens)
+    offs_d,                   # [chunk] int: columns of this chunk (unit stride on D)
+    row_mask,                 # [rows] bool: rows inside the sequence (used only when MASK_ROWS)
+    HEAD_DIM: tl.constexpr,   # real head dim D; columns >= HEAD_DIM read as 0
+    CHUNK_END: tl.constexpr,  # one past the chunk's last column (DA, or DA + DB)
+    MASK_ROWS: tl.constexpr,  # mask rows with row_mask (False: every row is in range)
+    UPCAST: tl.constexpr,     # load as fp32 (bf16 under the interpreter)
+):
     """Loads a [rows, chunk] tile; columns >= HEAD_DIM (a padded chunk) and masked rows read as 0."""
     ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :]
     if CHUNK_END > HEAD_DIM:
@@ -66,17 +75,37 @@ def _load_rows(base, offs_row, stride_row, offs_d, row_mask, HEAD_DIM: tl.conste
 
 
 @triton.jit
-def _seq_bounds(CU, b):
+def _seq_bounds(
+    CU,  # [B+1] int32 cu_seqlens
+    b,   # sequence index
+):
     start = tl.load(CU + b)
     return start, tl.load(CU + b + 1) - start
 
 
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_kv_block(acc_a, acc_b, l_i, m_i, qa, qb, k_base, v_base, stride_kt, stride_vt, start_n, k_len,
-                  offs_m, shift, qk_scale, offs_n, offs_da, offs_db,
-                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
-                  DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_kv_block(
+    acc_a, acc_b,             # [BLOCK_M, DA], [BLOCK_M, DB or 16] fp32 unnormalised output, per D chunk
+    l_i, m_i,                 # [BLOCK_M] fp32 running softmax sum and max (log2 domain)
+    qa, qb,                   # [BLOCK_M, DA], [BLOCK_M, DB] query tile, per D chunk (qb = qa when DB == 0)
+    k_base, v_base,           # pointers to this sequence/head's first key / value row
+    stride_kt, stride_vt,     # element strides between key / value tokens
+    start_n,                  # first key of this block (within the sequence)
+    k_len,                    # keys in the sequence
+    offs_m,                   # [BLOCK_M] int: query rows of the tile (within the sequence)
+    shift,                    # k_len - q_len: causal diagonal offset (bottom-right aligned)
+    qk_scale,                 # softmax_scale * log2(e)
+    offs_n,                   # [BLOCK_N] int: 0..BLOCK_N-1
+    offs_da, offs_db,         # [DA], [DB or 16] int: columns of the two D chunks
+    MASK: tl.constexpr,       # block needs masking (past k_len, or on the causal diagonal)
+    CAUSAL: tl.constexpr,     # apply the causal mask
+    HEAD_DIM: tl.constexpr,   # real head dim D
+    DA: tl.constexpr,         # first (power-of-two) D chunk
+    DB: tl.constexpr,         # second D chunk (0: none)
+    UPCAST: tl.constexpr,     # compute the dots in fp32 (interpreter bf16)
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("tf32" or "ieee")
+):
     offs_k = start_n + offs_n
     k_mask = offs_k < k_len
     ka = _load_rows(k_base, offs_k, stride_kt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
@@ -106,7 +135,14 @@ def _fwd_kv_block(acc_a, acc_b, l_i, m_i, qa, qb, k_base, v_base, stride_kt, str
 
 
 @triton.jit
-def _causal_ranges(m0, k_len, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def _causal_ranges(
+    m0,                     # first query row of the block
+    k_len,                  # keys in the sequence
+    shift,                  # k_len - q_len (causal diagonal offset)
+    BLOCK_M: tl.constexpr,  # query rows per block
+    BLOCK_N: tl.constexpr,  # keys per block
+    CAUSAL: tl.constexpr,   # causal masking
+):
     """For query rows [m0, m0 + BLOCK_M): key blocks [0, n_full) need no mask, [n_full, hi) do."""
     n_full = k_len // BLOCK_N * BLOCK_N
     hi = k_len
@@ -118,11 +154,27 @@ def _causal_ranges(m0, k_len, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                stride_lse_h, qk_scale,
-                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_kernel(
+    Q,                        # [total_q, H, D] queries (unit stride on D)
+    K, V,                     # [total_k, H, D] keys / values (unit stride on D)
+    O,                        # [total_q, H, D] output, q's dtype
+    LSE,                      # [H, total_q] fp32 output: natural-log softmax normaliser (+inf: no key)
+    CU_Q, CU_K,               # [B+1] int32 cu_seqlens of queries / keys
+    stride_qt, stride_qh,     # element strides of Q (token, head)
+    stride_kt, stride_kh,     # element strides of K
+    stride_vt, stride_vh,     # element strides of V
+    stride_ot, stride_oh,     # element strides of O
+    stride_lse_h,             # element stride of LSE's head axis
+    qk_scale,                 # softmax_scale * log2(e)
+    CAUSAL: tl.constexpr,     # causal mask, bottom-right aligned
+    HEAD_DIM: tl.constexpr,   # real head dim D
+    DA: tl.constexpr,         # first (power-of-two) D chunk
+    DB: tl.constexpr,         # second D chunk (0: none)
+    BLOCK_M: tl.constexpr,    # query rows per program
+    BLOCK_N: tl.constexpr,    # keys per loop iteration
+    UPCAST: tl.constexpr,     # compute the dots in fp32 (interpreter bf16)
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("tf32" or "ieee")
+):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -175,8 +227,18 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
 # ----------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, total_q, stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
-                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_delta_kernel(
+    O,                          # [total_q, H, D] forward output
+    DO,                         # [total_q, H, D] output gradient
+    DELTA,                      # [H, total_q] fp32 output
+    total_q,                    # query tokens
+    stride_ot, stride_oh,       # element strides of O (token, head)
+    stride_dot, stride_doh,     # element strides of DO
+    stride_delta_h,             # element stride of DELTA's head axis
+    HEAD_DIM: tl.constexpr,     # real head dim D
+    BLOCK_T: tl.constexpr,      # tokens per program
+    BLOCK_D: tl.constexpr,      # next power of two >= D
+):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (fp32)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
@@ -189,10 +251,26 @@ def _bwd_delta_kernel(O, DO, DELTA, total_q, stride_ot, stride_oh, stride_dot, s
 
 
 @triton.jit
-def _dkdv_q_block(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base,
-                  stride_qt, stride_dot, start_m, q_len, offs_n, shift, qk_scale, offs_da, offs_db,
-                  MASK: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                  BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_q_block(
+    dk_a, dk_b, dv_a, dv_b,   # [BLOCK_N, DA] / [BLOCK_N, DB or 16] fp32 dK, dV accumulators, per D chunk
+    ka, kb, va, vb,           # [BLOCK_N, DA] / [BLOCK_N, DB] key / value tile, per D chunk
+    q_base, do_base,          # pointers to this sequence/head's first query / dO row
+    lse_base, delta_base,     # pointers to this sequence/head's first lse / delta entry (fp32)
+    stride_qt, stride_dot,    # element strides between query / dO tokens
+    start_m,                  # first query of this block (within the sequence)
+    q_len,                    # queries in the sequence
+    offs_n,                   # [BLOCK_N] int: key rows of the tile (within the sequence)
+    shift,                    # k_len - q_len (causal diagonal offset)
+    qk_scale,                 # softmax_scale * log2(e)
+    offs_da, offs_db,         # [DA], [DB or 16] int: columns of the two D chunks
+    MASK: tl.constexpr,       # apply the causal mask (block on the diagonal)
+    HEAD_DIM: tl.constexpr,   # real head dim D
+    DA: tl.constexpr,         # first (power-of-two) D chunk
+    DB: tl.constexpr,         # second D chunk (0: none)
+    BLOCK_M: tl.constexpr,    # queries per loop iteration
+    UPCAST: tl.constexpr,     # compute the dots in fp32 (interpreter bf16)
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("tf32" or "ieee")
+):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
     # rows past the sequence read lse = +inf, so their P (and dS) are exactly 0
@@ -221,12 +299,32 @@ def _dkdv_q_block(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_b
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h, qk_scale, sm_scale,
-                     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                     PRECISION: tl.constexpr):
+def _bwd_dkdv_kernel(
+    Q,                          # [total_q, H, D] queries (unit stride on D)
+    K, V,                       # [total_k, H, D] keys / values
+    DO,                         # [total_q, H, D] output gradient
+    LSE,                        # [H, total_q] fp32 forward lse (natural log)
+    DELTA,                      # [H, total_q] fp32 rowsum(dO * O); same strides as LSE
+    DK, DV,                     # [total_k, H, D] outputs, any strides with unit stride on D
+    CU_Q, CU_K,                 # [B+1] int32 cu_seqlens of queries / keys
+    stride_qt, stride_qh,       # element strides of Q (token, head)
+    stride_kt, stride_kh,       # element strides of K
+    stride_vt, stride_vh,       # element strides of V
+    stride_dot, stride_doh,     # element strides of DO
+    stride_dkt, stride_dkh,     # element strides of DK
+    stride_dvt, stride_dvh,     # element strides of DV
+    stride_lse_h,               # element stride of LSE's (and DELTA's) head axis
+    qk_scale,                   # softmax_scale * log2(e)
+    sm_scale,                   # softmax_scale (applied to dK)
+    CAUSAL: tl.constexpr,       # causal mask, bottom-right aligned
+    HEAD_DIM: tl.constexpr,     # real head dim D
+    DA: tl.constexpr,           # first (power-of-two) D chunk
+    DB: tl.constexpr,           # second D chunk (0: none)
+    BLOCK_M: tl.constexpr,      # queries per loop iteration
+    BLOCK_N: tl.constexpr,      # keys per program
+    UPCAST: tl.constexpr,       # compute the dots in fp32 (interpreter bf16)
+    PRECISION: tl.constexpr,    # tl.dot input_precision ("tf32" or "ieee")
+):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -287,10 +385,29 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
 
 
 @triton.jit
-def _dq_kv_block(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, stride_kt, stride_vt, start_n,
-                 k_len, offs_m, shift, qk_scale, offs_n, offs_da, offs_db,
-                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
-                 DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_kv_block(
+    dq_a, dq_b,               # [BLOCK_M, DA] / [BLOCK_M, DB or 16] fp32 dQ accumulators, per D chunk
+    qa, qb,                   # [BLOCK_M, DA] / [BLOCK_M, DB] query tile, per D chunk
+    doa, dob,                 # [BLOCK_M, DA] / [BLOCK_M, DB] dO tile, per D chunk
+    lse2,                     # [BLOCK_M] fp32 lse in the log2 domain (+inf past the sequence)
+    delta,                    # [BLOCK_M] fp32 rowsum(dO * O)
+    k_base, v_base,           # pointers to this sequence/head's first key / value row
+    stride_kt, stride_vt,     # element strides between key / value tokens
+    start_n,                  # first key of this block (within the sequence)
+    k_len,                    # keys in the sequence
+    offs_m,                   # [BLOCK_M] int: query rows of the tile (within the sequence)
+    shift,                    # k_len - q_len (causal diagonal offset)
+    qk_scale,                 # softmax_scale * log2(e)
+    offs_n,                   # [BLOCK_N] int: 0..BLOCK_N-1
+    offs_da, offs_db,         # [DA], [DB or 16] int: columns of the two D chunks
+    MASK: tl.constexpr,       # block needs masking (past k_len, or on the causal diagonal)
+    CAUSAL: tl.constexpr,     # apply the causal mask
+    HEAD_DIM: tl.constexpr,   # real head dim D
+    DA: tl.constexpr,         # first (power-of-two) D chunk
+    DB: tl.constexpr,         # second D chunk (0: none)
+    UPCAST: tl.constexpr,     # compute the dots in fp32 (interpreter bf16)
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("tf32" or "ieee")
+):
     offs_k = start_n + offs_n
     k_mask = offs_k < k_len
     ka = _load_rows(k_base, offs_k, stride_kt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
@@ -316,11 +433,31 @@ def _dq_kv_block(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, stri
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_dqt, stride_dqh, stride_lse_h, qk_scale, sm_scale,
-                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dq_kernel(
+    Q,                          # [total_q, H, D] queries (unit stride on D)
+    K, V,                       # [total_k, H, D] keys / values
+    DO,                         # [total_q, H, D] output gradient
+    LSE,                        # [H, total_q] fp32 forward lse (natural log)
+    DELTA,                      # [H, total_q] fp32 rowsum(dO * O); same strides as LSE
+    DQ,                         # [total_q, H, D] output, any strides with unit stride on D
+    CU_Q, CU_K,                 # [B+1] int32 cu_seqlens of queries / keys
+    stride_qt, stride_qh,       # element strides of Q (token, head)
+    stride_kt, stride_kh,       # element strides of K
+    stride_vt, stride_vh,       # element strides of V
+    stride_dot, stride_doh,     # element strides of DO
+    stride_dqt, stride_dqh,     # element strides of DQ
+    stride_lse_h,               # element stride of LSE's (and DELTA's) head axis
+    qk_scale,                   # softmax_scale * log2(e)
+    sm_scale,                   # softmax_scale (applied to dQ)
+    CAUSAL: tl.constexpr,       # causal mask, bottom-right aligned
+    HEAD_DIM: tl.constexpr,     # real head dim D
+    DA: tl.constexpr,           # first (power-of-two) D chunk
+    DB: tl.constexpr,           # second D chunk (0: none)
+    BLOCK_M: tl.constexpr,      # query rows per program
+    BLOCK_N: tl.constexpr,      # keys per loop iteration
+    UPCAST: tl.constexpr,       # compute the dots in fp32 (interpreter bf16)
+    PRECISION: tl.constexpr,    # tl.dot input_precision ("tf32" or "ieee")
+):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
