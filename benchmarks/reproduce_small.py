@@ -294,42 +294,46 @@ def markdown(results):
 def run(out, runs, quick=False, num_samples=None, sample_steps=None, eval_steps=None, log=print):
     """The whole experiment; writes <out>/results.json, results.md, quality_vs_compute.png and
     returns the results dict."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    os.makedirs(out, exist_ok=True)
-    num_samples = num_samples or (QUICK_SAMPLES if quick else DEFAULT_SAMPLES)
-    sample_steps = sample_steps or (QUICK_SAMPLE_STEPS if quick else DEFAULT_SAMPLE_STEPS)
-    cfgs = {name: variant_config(name, runs, quick) for name in VARIANTS}
-    steps = cfgs["maskdit"].steps
-    eval_steps = sorted(set(eval_steps or (QUICK_EVAL_STEPS if quick else DEFAULT_EVAL_STEPS)))
-    if eval_steps[-1] != steps or eval_steps[0] < 1:
-        raise ValueError(f"eval steps {eval_steps} must be >= 1 and end at the run's {steps} steps")
-    results = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "load_start": os.getloadavg(),
-               "machine": machine_info(), "quick": quick}
-    t_start = time.perf_counter()
-    cfg = cfgs["maskdit"]
-    results["setting"] = (
-        f"both variants {steps} optimizer steps (equal steps, not equal time) of batch {cfg.batch_size}, "
-        f"lr {cfg.lr} (warm-up {cfg.lr_warmup_steps}, linear decay over the last {cfg.lr_decay_steps}), "
-        f"EMA {cfg.ema_decay}, EDM P_mean {cfg.P_mean} / P_std {cfg.P_std}; MaskDiT mask ratio "
-        f"{cfg.mask_ratio} + MAE {cfg.mae_coef}, unmasked for the last {cfg.unmasked_steps} steps; DiT "
-        f"the same encoder unmasked. Evaluation: EMA weights, {num_samples} samples (balanced classes), "
-        f"{cfg.sample_solver} {sample_steps} steps, CFG {cfg.sample_cfg}, at steps {eval_steps}. Training "
-        f"seconds exclude evaluation (they include the chunks' checkpoint save/resume, ~1 s each).")
-    results["config"] = {name: c.to_dict() for name, c in cfgs.items()}
-    points, ref_stats = {}, None
-    for name, c in cfgs.items():
-        points[name], ref_stats = train_and_evaluate(name, c, eval_steps, num_samples, sample_steps, ref_stats, log)
-    results["points"] = points
-    real_fd, real_acc = real_digit_fd(ref_stats, num_samples)
-    early = {name: pts[0]["fid_classifier"] for name, pts in points.items()}
-    results["sanity_check"] = {"num_samples": num_samples, "real_fid": real_fd, "real_accuracy": real_acc,
-                               "early_step": eval_steps[0], "early_fid": early,
-                               "separation": min(early.values()) / real_fd}
-    results["load_end"] = os.getloadavg()
-    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-    results["total_minutes"] = (time.perf_counter() - t_start) / 60
-    write_reports(results, out)
-    return results
+    try:
+        os.makedirs(out, exist_ok=True)
+        num_samples = num_samples or (QUICK_SAMPLES if quick else DEFAULT_SAMPLES)
+        sample_steps = sample_steps or (QUICK_SAMPLE_STEPS if quick else DEFAULT_SAMPLE_STEPS)
+        cfgs = {name: variant_config(name, runs, quick) for name in VARIANTS}
+        steps = cfgs["maskdit"].steps
+        eval_steps = sorted(set(eval_steps or (QUICK_EVAL_STEPS if quick else DEFAULT_EVAL_STEPS)))
+        if eval_steps[-1] != steps or eval_steps[0] < 1:
+            raise ValueError(f"eval steps {eval_steps} must be >= 1 and end at the run's {steps} steps")
+        results = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "load_start": os.getloadavg(),
+                   "machine": machine_info(), "quick": quick}
+        t_start = time.perf_counter()
+        cfg = cfgs["maskdit"]
+        results["setting"] = (
+            f"both variants {steps} optimizer steps (equal steps, not equal time) of batch {cfg.batch_size}, "
+            f"lr {cfg.lr} (warm-up {cfg.lr_warmup_steps}, linear decay over the last {cfg.lr_decay_steps}), "
+            f"EMA {cfg.ema_decay}, EDM P_mean {cfg.P_mean} / P_std {cfg.P_std}; MaskDiT mask ratio "
+            f"{cfg.mask_ratio} + MAE {cfg.mae_coef}, unmasked for the last {cfg.unmasked_steps} steps; DiT "
+            f"the same encoder unmasked. Evaluation: EMA weights, {num_samples} samples (balanced classes), "
+            f"{cfg.sample_solver} {sample_steps} steps, CFG {cfg.sample_cfg}, at steps {eval_steps}. Training "
+            f"seconds exclude evaluation (they include the chunks' checkpoint save/resume, ~1 s each).")
+        results["config"] = {name: c.to_dict() for name, c in cfgs.items()}
+        points, ref_stats = {}, None
+        for name, c in cfgs.items():
+            points[name], ref_stats = train_and_evaluate(name, c, eval_steps, num_samples, sample_steps, ref_stats, log)
+        results["points"] = points
+        real_fd, real_acc = real_digit_fd(ref_stats, num_samples)
+        early = {name: pts[0]["fid_classifier"] for name, pts in points.items()}
+        results["sanity_check"] = {"num_samples": num_samples, "real_fid": real_fd, "real_accuracy": real_acc,
+                                   "early_step": eval_steps[0], "early_fid": early,
+                                   "separation": min(early.values()) / real_fd}
+        results["load_end"] = os.getloadavg()
+        results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+        results["total_minutes"] = (time.perf_counter() - t_start) / 60
+        write_reports(results, out)
+        return results
+    finally:  # the pin is for this run only: restore the caller's thread count
+        torch.set_num_threads(threads)
 
 
 def write_reports(results, out):

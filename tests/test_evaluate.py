@@ -185,14 +185,6 @@ def test_bad_arguments(assets, cache_env, tmp_path):
               "--ref-stats", stats_only, "--out", tmp_path])
 
 
-@pytest.fixture
-def keep_num_threads():
-    """reproduce_small.run pins torch to one thread for the whole process: restore it for later tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _load_reproduce_small():
     spec = importlib.util.spec_from_file_location(
         "reproduce_small", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "reproduce_small.py"))
@@ -222,7 +214,7 @@ def test_reproduce_small_first_reach_and_compare():
     assert rs.compare(points)["factor_train_seconds"] is None
 
 
-def test_reproduce_small_quick(assets, cache_env, tmp_path, keep_num_threads):
+def test_reproduce_small_quick(assets, cache_env, tmp_path):
     """benchmarks/reproduce_small.py --quick: both variants train in chunks and are scored at every
     eval point; FLOPs, metrics and the sanity check land in results.json / .md and the PNG."""
     rs = _load_reproduce_small()
@@ -279,10 +271,16 @@ def test_reproduce_small_quick(assets, cache_env, tmp_path, keep_num_threads):
         assert img.format == "PNG" and img.size[0] > 500
 
 
-def test_reproduce_small_bad_arguments(tmp_path, keep_num_threads):
+def test_reproduce_small_bad_arguments(tmp_path):
     rs = _load_reproduce_small()
-    with pytest.raises(ValueError, match="end at"):
-        rs.run(str(tmp_path), str(tmp_path / "runs"), quick=True, eval_steps=[2, 3])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="end at"):
+            rs.run(str(tmp_path), str(tmp_path / "runs"), quick=True, eval_steps=[2, 3])
+        assert torch.get_num_threads() == 2  # run() pins 1 thread only while it runs, even when it raises
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(SystemExit):
         rs.main(["--out", str(tmp_path), "--quick", "--num-samples", "1"])
     with pytest.raises(SystemExit):
