@@ -157,6 +157,10 @@ def load_inception(path=None, device="cpu"):
     return FIDInception(wrapped, path).eval()
 
 
+# Float images beyond +-this are not [-1, 1] data; up to it, overshoot (early checkpoints) is clamped.
+FLOAT_RANGE_LIMIT = 2.0
+
+
 @contextlib.contextmanager
 def _no_tf32():
     """FID features in true fp32: TF32 convolutions shift features by ~1e-3 (NVlabs disables them too)."""
@@ -172,7 +176,9 @@ def to_uint8_levels(images):
     """uint8 or float [-1, 1] images [N, C, H, W] (tensor or ndarray) -> float32 tensor of 0..255 levels.
 
     Floats are rounded to the 256 levels an 8-bit image would store, clamped to [0, 255]. C == 1 is
-    repeated to 3 channels. Raises ValueError/TypeError on other shapes or dtypes.
+    repeated to 3 channels. Raises ValueError/TypeError on other shapes or dtypes, and ValueError on
+    floats with |value| > FLOAT_RANGE_LIMIT = 2 (e.g. [0, 255] data as float, which would silently clamp
+    to near-white images and a meaningless FID).
     """
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
@@ -183,6 +189,10 @@ def to_uint8_levels(images):
     if images.dtype == torch.uint8:
         x = images.float()
     elif images.is_floating_point():
+        peak = images.abs().max().item() if images.numel() else 0.0
+        if peak > FLOAT_RANGE_LIMIT:
+            raise ValueError(f"float images must be in [-1, 1], got values up to |x| = {peak:.4g}; pass "
+                             "[0, 255] images as uint8 (e.g. images.round().to(torch.uint8))")
         x = ((images.float() + 1) * 127.5).round().clamp(0, 255)
     else:
         raise TypeError(f"images must be uint8 in [0, 255] or float in [-1, 1], got {images.dtype}")

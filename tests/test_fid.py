@@ -220,6 +220,18 @@ def test_input_conventions_agree(inception, fixed_feats):
         fid.inception_features(torch.zeros(1, 3, 8, 8, dtype=torch.int64), inception)
 
 
+def test_to_uint8_levels_rejects_float_images_outside_minus1_1():
+    """Float [0, 255] data must not clamp silently to white; mild overshoot (early samples) is clamped."""
+    levels = fid.to_uint8_levels(torch.tensor([-1.9, -1.0, 0.0, 1.0, 1.9]).reshape(1, 1, 1, 5))
+    assert levels.shape == (1, 3, 1, 5)
+    assert levels[0, 0, 0].tolist() == [0.0, 0.0, 128.0, 255.0, 255.0]
+    with pytest.raises(ValueError, match="uint8"):
+        fid.to_uint8_levels(np.full((1, 3, 4, 4), 200.0, dtype=np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        fid.to_uint8_levels(torch.full((1, 1, 4, 4), -2.5, dtype=torch.float16))
+    assert fid.to_uint8_levels(torch.full((1, 3, 4, 4), 200, dtype=torch.uint8)).eq(200).all()
+
+
 class _NVlabsStyle(torch.nn.Module):
     """The NVlabs `inception-2015-12-05` forward (documented interface: uint8-range NCHW input,
     `return_features=True` -> pool3), rebuilt around the layers-only network from the wheel."""
