@@ -67,7 +67,7 @@ def init_distributed(device_name):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not torch.distributed.is_initialized():
-        # Rank 0 may compute reference statistics while the others wait in all_gather: long timeout.
+        # The other ranks wait while rank 0 computes reference statistics (e.g. a folder's): long timeout.
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=2))
     return rank, world_size, device
@@ -200,10 +200,24 @@ def evaluate(args):
     if args.save_images:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     # Reference first: a bad --ref-stats fails before any sampling.
-    ref = scorer.reference(args, args.out) if rank == 0 else None
-    if args.pr and rank == 0 and ref.features is None:
-        raise ValueError("--pr needs reference images (ADM's 'arr_0', a folder, or the default MNIST-5k "
-                         "digits), not only mu/sigma")
+    ref, error = None, None
+    if rank == 0:
+        try:
+            ref = scorer.reference(args, args.out)
+            if args.pr and ref.features is None:
+                raise ValueError("--pr needs reference images (ADM's 'arr_0', a folder, or the default "
+                                 "MNIST-5k digits), not only mu/sigma")
+        except Exception as e:  # re-raised below, after telling the other ranks
+            error = e
+    if world_size > 1:
+        # Without this the other ranks would wait in all_gather for rank 0 until the 2-hour timeout.
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        torch.distributed.broadcast_object_list(status, src=0)
+        if rank != 0 and status[0] is not None:
+            raise RuntimeError(f"rank 0 failed to prepare the reference statistics ({status[0]}); "
+                               "see rank 0's traceback")
+    if error is not None:
+        raise error
 
     indices = shard_indices(args.num_samples, rank, world_size)
     labels = balanced_labels(indices, precond.num_classes)
@@ -215,6 +229,9 @@ def evaluate(args):
                      solver=args.solver)
         if vae is not None:
             x = decode_latents(x, vae, meta["data"]["scale_factor"])
+        # Samples are [-1, 1] images; an early checkpoint's can overshoot far (fid rejects |x| > 2 as a
+        # likely [0, 255] mix-up), so clip them here as an 8-bit image would.
+        x = x.clamp(-1, 1)
         if args.save_images:
             _save_pngs(x, idx, os.path.join(args.out, "samples"))
         chunks.append(scorer.features(x))

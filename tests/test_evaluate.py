@@ -96,7 +96,7 @@ def test_classifier_metric_end_to_end(classifier_run, assets, cache_env):
     x = generate(precond, labels, [7 + i for i in range(8)], batch_size=8, num_steps=2, cfg_scale=1.5)
     from PIL import Image
     saved = np.stack([np.asarray(Image.open(os.path.join(out, "samples", f"{i:06d}.png"))) for i in range(8)])
-    np.testing.assert_array_equal(saved, fid.to_uint8_levels(x)[:, 0].to(torch.uint8).numpy())
+    np.testing.assert_array_equal(saved, fid.to_uint8_levels(x.clamp(-1, 1))[:, 0].to(torch.uint8).numpy())
     # Class accuracy by the classifier module's own function; statistics of its features.
     from maskdit_fast.classifier import load_classifier
     clf, _ = load_classifier()
@@ -124,6 +124,21 @@ def test_torchrun_two_ranks_same_samples(classifier_run, assets, tmp_path):
     assert dist_metrics["world_size"] == 2
     assert dist_metrics["class_accuracy"] == metrics["class_accuracy"]
     assert abs(dist_metrics["fid_classifier"]) < 1e-6
+
+
+def test_torchrun_rank0_reference_failure_reaches_all_ranks(assets, tmp_path):
+    """A bad --ref-stats fails on rank 0 only; rank 1 must raise a clear error too, not wait in
+    all_gather until the process-group timeout."""
+    env = dict(os.environ, MASKDIT_FAST_CACHE=assets["root"], OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "maskdit_fast.evaluate", "--ckpt", assets["ckpt"], "--metric", "classifier",
+           "--num-samples", "4", "--batch-size", "2", "--steps", "1", "--ref-stats",
+           str(tmp_path / "missing.npz"), "--out", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    log = proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.returncode != 0, log
+    assert "rank 0 failed to prepare the reference statistics" in log, log
+    assert not os.path.exists(tmp_path / "metrics.json")
 
 
 @needs_weights
