@@ -18,6 +18,7 @@ so they compose with torch.compile, activation checkpointing and FSDP2 without s
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 import resource
 import time
@@ -109,9 +110,17 @@ def init_distributed(device="auto", timeout_s=1800):
 
 
 def destroy_distributed():
-    """Tears the default process group down (no-op without one)."""
+    """Tears every process group down (no-op without one).
+
+    A barrier first, so no rank still has collectives in flight, and a garbage collection before
+    and after, so no gloo work object (and the tensors it holds) outlives its group: one that is
+    only freed during interpreter shutdown aborts the process ("terminate called without an active
+    exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def barrier():
