@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from maskdit_fast import fid
+from maskdit_fast.parallel import destroy_distributed
 from maskdit_fast.sample import decode_latents, generate, load_for_sampling
 
 METRICS = ("fid", "classifier")
@@ -257,9 +258,7 @@ def evaluate(args):
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         print(json.dumps(metrics, indent=2), flush=True)
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    destroy_distributed()
     return metrics
 
 
