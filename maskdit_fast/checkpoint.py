@@ -110,7 +110,21 @@ def prune_checkpoints(directory, keep_last):
             _remove(os.path.join(directory, name))
 
 
-class CheckpointManager:
+class CheckpointDirectory:
+    """Lookup shared by the single-file and the sharded (DCP) checkpoint managers: both formats
+    live side by side in `self.directory`."""
+
+    def steps(self):
+        """Sorted steps of the complete checkpoints present, both formats (temp files ignored)."""
+        return sorted(list_checkpoints(self.directory))
+
+    def latest(self):
+        """Path of the newest complete checkpoint (a .pt file or a DCP directory), or None."""
+        found = list_checkpoints(self.directory)
+        return found[max(found)] if found else None
+
+
+class CheckpointManager(CheckpointDirectory):
     """`step_XXXXXXXX.pt` files in one directory, keeping the newest `keep_last` (counting the
     sharded checkpoints of distributed runs in the same directory too).
 
@@ -127,15 +141,6 @@ class CheckpointManager:
 
     def path(self, step):
         return os.path.join(self.directory, f"step_{step:08d}.pt")
-
-    def steps(self):
-        """Sorted steps of the complete checkpoints present, both formats (temp files ignored)."""
-        return sorted(list_checkpoints(self.directory))
-
-    def latest(self):
-        """Path of the newest checkpoint (a .pt file or a DCP directory), or None."""
-        found = list_checkpoints(self.directory)
-        return found[max(found)] if found else None
 
     def save(self, step, state):
         """Atomically writes `state` as step `step`, then prunes older checkpoints and stale

@@ -33,8 +33,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from maskdit_fast.checkpoint import (TRAIN_STATE, _fsync_dir, atomic_save, export_safetensors, is_dcp_checkpoint,
-                                     list_checkpoints, load_checkpoint, prune_checkpoints)
+from maskdit_fast.checkpoint import (TRAIN_STATE, CheckpointDirectory, _fsync_dir, atomic_save, export_safetensors,
+                                     is_dcp_checkpoint, load_checkpoint, prune_checkpoints)
 from maskdit_fast.parallel import barrier, parameter_names
 
 
@@ -118,7 +118,7 @@ def load_weights(path, model, ema, map_location="cpu"):
     return int(ckpt["step"])
 
 
-class DistCheckpointManager:
+class DistCheckpointManager(CheckpointDirectory):
     """DCP checkpoints `step_XXXXXXXX/` in one directory (shared by all ranks), keeping the newest
     `keep_last` of both formats; see the module docstring for the layout and the commit protocol.
 
@@ -150,15 +150,6 @@ class DistCheckpointManager:
 
     def path(self, step):
         return os.path.join(self.directory, f"step_{step:08d}")
-
-    def steps(self):
-        """Sorted steps of the complete checkpoints present (both formats)."""
-        return sorted(list_checkpoints(self.directory))
-
-    def latest(self):
-        """Path of the newest complete checkpoint (DCP directory or .pt file), or None."""
-        found = list_checkpoints(self.directory)
-        return found[max(found)] if found else None
 
     def save(self, step, model, optimizer, ema, train_state):
         """Writes model, optimizer and EMA (sharded) plus `train_state` (a dict of plain

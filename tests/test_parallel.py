@@ -14,9 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_worker as W
-from maskdit_fast.checkpoint import atomic_save
-from maskdit_fast.dist_checkpoint import (DistCheckpointManager, export_ema_safetensors, list_checkpoints,
-                                          load_training_state, load_weights)
+from maskdit_fast.checkpoint import atomic_save, list_checkpoints
+from maskdit_fast.dist_checkpoint import DistCheckpointManager, export_ema_safetensors, load_training_state, load_weights
 from maskdit_fast.dist_checkpoint import main as export_main
 from maskdit_fast.flops import train_step_flops
 from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, apply_activation_checkpointing, apply_compile,
