@@ -519,7 +519,7 @@ def _config(kind, chunk_dim, max_len, elem_bytes):
     at D=64; with 8 the D <= 80 kernels fit in 255 registers without spills (D=72: fwd 244, dK/dV 254,
     dQ 195); past 80 columns smaller backward tiles keep D=96 so (D=128 causal dK/dV: 112 bytes of
     spills left). fp32 inputs with 128-column chunks (D > 96) run the forward with 2 stages: 3 need up
-    to 256 KiB of shared memory (TF32 dots, triton 3.6-3.8), over the H100's 227. Fixed rather than
+    to 256 KiB of shared memory (triton 3.6-3.8), over the H100's 227. Fixed rather than
     autotuned: no compile-time blow-up, no tuning runs inside the first step or a CUDA-graph capture."""
     long = max_len > 64
     wide = chunk_dim > 80
@@ -544,17 +544,18 @@ def _launch(kind, kernel, grid_len, n_batch, n_heads, args, meta):
 
 
 @functools.lru_cache(maxsize=None)
-def _meta(head_dim, dtype, causal, allow_tf32):
+def _meta(head_dim, dtype, causal):
     da, db = split_head_dim(head_dim)
     interp = triton_interpreted()
-    # fp32 inputs: full-precision dots unless torch allows TF32 matmuls (same switch as torch.matmul)
-    precision = "tf32" if dtype != torch.float32 or allow_tf32 else "ieee"
+    # fp32 inputs: full-precision dots even where torch allows TF32 matmuls: with TF32 dots the D = 128
+    # backward's dK error was 2.25x torch's own TF32 error on an H200 (2026-11-26), over the 2x rule.
+    precision = "tf32" if dtype != torch.float32 else "ieee"
     return dict(CAUSAL=causal, HEAD_DIM=head_dim, DA=da, DB=db, UPCAST=interp and dtype == torch.bfloat16,
                 PRECISION=precision)
 
 
 def _common(q, causal):
-    return _meta(q.shape[-1], q.dtype, bool(causal), torch.backends.cuda.matmul.allow_tf32)
+    return _meta(q.shape[-1], q.dtype, bool(causal))
 
 
 def _max_grid_batch(cu_seqlens):
@@ -564,19 +565,32 @@ def _max_grid_batch(cu_seqlens):
     return n_batch
 
 
+def _pad_head_dim(x):
+    """x [T, H, D] -> [T, H, DA + DB]: a zero-padded copy when the chunks overrun D (72 -> 80), else x.
+
+    Column-masked chunks (D = 72: columns 72..79 of the second chunk masked) compiled wrongly with triton
+    3.6 on an H200 (wrong output columns 64..71, out-of-bounds shared-memory reads; 2026-11-26), while
+    the unmasked D = 80 kernels matched float64: so the kernels only ever see exact chunks. Zero columns
+    change no dot product, and the padded output / gradient columns are dropped."""
+    da, db = split_head_dim(x.shape[-1])
+    width = da + db
+    return x if width == x.shape[-1] else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
     """Forward. q [Tq, H, D], k, v [Tk, H, D] (unit stride on D), cu_seqlens int32 [B+1] (validated by the
     caller) -> (out [Tq, H, D] contiguous in q's dtype, lse [H, Tq] fp32)."""
+    head_dim = q.shape[-1]
+    q, k, v = _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v)
     total_q, n_heads, _ = q.shape
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((n_heads, total_q), torch.float32, q.device)
     n_batch = _max_grid_batch(cu_seqlens_q)
-    if total_q == 0 or n_batch == 0 or max_seqlen_q == 0:
-        return out, lse
-    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2E)
-    _launch("fwd", _fwd_kernel, max_seqlen_q, n_batch, n_heads, args, _common(q, causal))
-    return out, lse
+    if total_q > 0 and n_batch > 0 and max_seqlen_q > 0:
+        args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2E)
+        _launch("fwd", _fwd_kernel, max_seqlen_q, n_batch, n_heads, args, _common(q, causal))
+    return (out if out.shape[-1] == head_dim else out[..., :head_dim].contiguous()), lse
 
 
 def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -584,6 +598,14 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     """Backward into preallocated dq [Tq, H, D], dk, dv [Tk, H, D] (any strides with unit stride on D, e.g.
     slices of one dqkv buffer). Inputs as for varlen_fwd plus dout, out [Tq, H, D] and lse [H, Tq]."""
     total_q, n_heads, head_dim = q.shape
+    padded = _pad_head_dim(q)
+    if padded.shape[-1] != head_dim:  # see _pad_head_dim: run on zero-padded copies, keep the first D columns
+        grads = [empty((*t.shape[:-1], padded.shape[-1]), t.dtype, t.device) for t in (q, k, v)]
+        varlen_bwd(_pad_head_dim(dout), padded, _pad_head_dim(k), _pad_head_dim(v), _pad_head_dim(out), lse,
+                   cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, *grads)
+        for grad, full in zip((dq, dk, dv), grads):
+            grad.copy_(full[..., :head_dim])
+        return
     n_batch = _max_grid_batch(cu_seqlens_q)
     if n_batch == 0 or (total_q == 0 and k.shape[0] == 0):
         return

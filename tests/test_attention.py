@@ -197,7 +197,7 @@ def test_bad_inputs_raise_clear_errors():
         if importlib.util.find_spec(name) is None:
             with pytest.raises(RuntimeError, match="not installed"):
                 call(backend=name)
-    assert attn_mod.resolve_attention_backend("cuda", "cpu") == "triton"  # no CUDA-extension attention
+    assert attn_mod.resolve_attention_backend("cuda", "cpu") == "torch"  # no CUDA-extension attention
 
 
 def test_cu_seqlens_check_reruns_after_in_place_change():
@@ -230,19 +230,19 @@ def test_gpu_kernels_match_float64():
 @pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [False, True])
 def test_gpu_fp32_head_dim_128_long_sequences(tf32, monkeypatch):
-    """fp32 at D=128 over > 64 tokens takes the largest forward tiles: with TF32 dots, 3 pipeline stages
-    would need 256 KiB of shared memory (more than an H100 has), so the launch would fail."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    """fp32 at D=128 over > 64 tokens takes the largest forward tiles (3 pipeline stages would need more
+    shared memory than an H100 has). The kernels keep full fp32 precision whether or not torch allows
+    TF32 (TF32 dots missed the 2x rule in dK on an H200): the error scale is torch's plain fp32."""
     gen = torch.Generator().manual_seed(0)
     lengths = [300, 1, 257]
     cu_s = cu(lengths, "cuda")
     q, k, v, dout = (torch.randn(sum(lengths), 2, 128, generator=gen).cuda() for _ in range(4))
     want_out, _, want_grads = run(lambda q, k, v: ref(q, k, v, cu_s, cu_s, 0.1, True), [q.double(), k.double(),
                                                                                           v.double()], dout)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     out, _, grads = run(lambda q, k, v: ops.varlen_attention(q, k, v, cu_s, cu_s, 300, 300, 0.1, True,
                                                              return_lse=True, backend="triton"), [q, k, v], dout)
-    # torch's own fp32 math (TF32 matmuls too when allowed) sets the error scale; TF32 rounds at other points
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     m_out, _, m_grads = run(lambda q, k, v: ref(q, k, v, cu_s, cu_s, 0.1, True, torch.float32), [q, k, v], dout)
-    slack = 2 if tf32 else 1
     for name, g, m, w in zip(["out", "dq", "dk", "dv"], [out, *grads], [m_out, *m_grads], [want_out, *want_grads]):
-        check_close(name, g, w, slack * max_err(m, w), torch.float32)
+        check_close(name, g, w, max_err(m, w), torch.float32)

@@ -106,7 +106,8 @@ def test_every_mode_budget_covers_its_sections():
         assert set(cfg.sections) <= set(cfg.budgets)
     gpu = bench.make_config("gpu", "cpu")
     assert sum(gpu.budgets.values()) < 8 * 60  # the GPU report must end within 8 minutes
-    assert [v[0] for v in bench.train_variants(gpu)] == ["MaskDiT-XL/2 fused", "MaskDiT-XL/2 reference", "DiT-XL/2"]
+    assert [v[0] for v in bench.train_variants(gpu)] == ["MaskDiT-XL/2 fused", "MaskDiT-XL/2 triton",
+                                                        "MaskDiT-XL/2 reference", "DiT-XL/2"]
     assert bench.train_baseline(gpu) == "MaskDiT-XL/2 reference"
 
 

@@ -7,13 +7,14 @@ query i of a sequence sees key j iff j <= i + Lk - Lq. A query row that sees no 
 sequence, or causal with Lq > Lk) outputs 0 and has lse +inf.
 
 Back-ends (the `backend=` keyword; the global default of maskdit_fast.backend applies otherwise):
-  "triton"     ours (kernels/flash_attn.py): FA2-style fwd/bwd Triton kernels; default on CUDA.
+  "triton"     ours (kernels/flash_attn.py): FA2-style fwd/bwd Triton kernels (opt-in: 0.2-0.4x SDPA's
+               speed on an H200 at MaskDiT-XL/2 shapes, benchmarks/results/2026-11-26-nvidia-h200*).
   "torch"      dense: SDPA exactly. varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10) for
                CUDA fp16/bf16 inputs, else SDPA per sequence (the reference and the CPU default).
   "flash_attn" flash-attn's flash_attn_func / flash_attn_varlen_func (when installed; CUDA).
   "xformers"   xformers.ops.memory_efficient_attention with a BlockDiagonal mask (when installed; CUDA).
-  "cuda"       the package's CUDA extension has no attention kernel: runs "triton".
-  "auto"       "triton" on CUDA, "torch" elsewhere.
+  "cuda"       the package's CUDA extension has no attention kernel: runs "torch".
+  "auto"       "torch" (SDPA picks flash / cuDNN on CUDA).
 
 The Triton path is registered with torch.library (maskdit_fast::varlen_attn_fwd/_bwd and the
 qkv-packed pair), with fake kernels (torch.compile) and FLOP formulas for FlopCounterMode:
@@ -51,9 +52,9 @@ def resolve_attention_backend(backend, device):
         return name
     if name not in ("auto",) + ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto',) + ATTENTION_BACKENDS}")
-    if name == "cuda":  # no CUDA-extension attention: the Triton kernels are the fast path
-        name = "triton"
-    return resolve_backend(name, device)
+    if name == "cuda":  # no CUDA-extension attention: torch's SDPA / varlen_attn is the fast path
+        name = "torch"
+    return resolve_backend(name, device, cuda_impl=False)
 
 
 def _softmax_scale(softmax_scale, head_dim):

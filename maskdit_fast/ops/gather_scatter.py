@@ -382,7 +382,7 @@ def gather_tokens_varlen(x, ids_packed, cu_seqlens, pos_embed=None, *, backend=N
         [T, D], dtype of x promoted with pos_embed's.
     """
     _check_gather(x, ids_packed, cu_seqlens, pos_embed, validate)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, cuda_impl=False)
     if name == "torch":
         return gather_tokens_varlen_ref(x, ids_packed, cu_seqlens, pos_embed)
     if name == "cuda":
@@ -407,7 +407,7 @@ def scatter_tokens_varlen(x_packed, ids_packed, cu_seqlens, mask_token, length, 
         [B, L, D], dtype of x_packed promoted with pos_embed's.
     """
     _check_scatter(x_packed, ids_packed, cu_seqlens, mask_token, length, pos_embed, validate)
-    name = resolve_backend(backend, x_packed.device)
+    name = resolve_backend(backend, x_packed.device, cuda_impl=False)
     if name == "torch":
         return scatter_tokens_varlen_ref(x_packed, ids_packed, cu_seqlens, mask_token, length, pos_embed)
     if name == "cuda":
