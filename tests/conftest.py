@@ -12,6 +12,16 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Where the kernel tests run: the GPU when there is one (compiled kernels), else the CPU (Triton
+# interpreted). The same small odd-shape grids then check the real kernels on a GPU machine.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    """The device of the kernel tests (see DEVICE)."""
+    return DEVICE
+
 
 def _fix_old_interpreter_scalars():
     """triton < 3.8's interpreter turns a scalar tensor used as a Python index (a runtime loop bound in
