@@ -893,8 +893,9 @@ def to_markdown(report):
     elif fig:
         out.append(f"## CPU figure\n{fig.get('status')}: {fig.get('reason')}\n")
     sec = report.get("sections", {})
-    out.append("## Sections\n" + _table(["section", "seconds", "budget s"],
-                                        [[k, v["seconds"], v.get("budget_s")] for k, v in sec.items()]) + "\n")
+    out.append("## Sections\n" + _table(["section", "seconds", "budget s", "error"],
+                                        [[k, v["seconds"], v.get("budget_s"), v.get("error", "")]
+                                         for k, v in sec.items()]) + "\n")
     return "\n".join(out)
 
 
@@ -925,9 +926,20 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print):
         if name not in sections:
             return
         budget = Budget(cfg.budgets[name])
+        if report.get("aborted"):  # a device error poisons the CUDA context: nothing after it can run
+            report["sections"][name] = dict(seconds=0.0, budget_s=budget.seconds,
+                                            error=f"not run: {report['aborted']}")
+            return
         log(f"[bench] {name} (budget {budget.seconds}s) ...")
-        fn(budget)
-        report["sections"][name] = dict(seconds=round(budget.elapsed(), 2), budget_s=budget.seconds)
+        entry = dict(budget_s=budget.seconds)
+        try:
+            fn(budget)
+        except Exception as err:  # noqa: BLE001 - recorded; the report keeps what ran (the first GPU run
+            # lost everything to one illegal memory access in a check module)
+            entry["error"] = f"{type(err).__name__}: {err}"[:300]
+            report["aborted"] = f"{name} raised {type(err).__name__}"
+            log(f"[bench] {name} FAILED: {entry['error']}")
+        report["sections"][name] = dict(seconds=round(budget.elapsed(), 2), **entry)
         log(f"[bench] {name} done in {budget.elapsed():.1f}s")
 
     def peaks(budget):
@@ -987,7 +999,7 @@ def write_report(report, out_dir):
 
 
 def main(argv=None):
-    """CLI entry point; returns 0, or 1 when a check failed (the report is written either way)."""
+    """CLI entry point; returns 0, or 1 when a check or a section failed (the report is written either way)."""
     parser = argparse.ArgumentParser(prog="python -m maskdit_fast.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="directory for the results")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no torch.compile")
@@ -1012,8 +1024,9 @@ def main(argv=None):
     print(to_markdown(report))
     print(f"[bench] wrote {paths[0]} and {paths[1]}")
     failed = [c["name"] for c in report["checks"] if c.get("status") in ("FAILED", "error")]
+    failed += [f"section {k}" for k, v in report["sections"].items() if "error" in v]
     if failed:
-        print(f"[bench] FAILED checks: {', '.join(failed)}", file=sys.stderr)
+        print(f"[bench] FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -185,6 +185,23 @@ def test_triton_backends_pass_the_report_checks_under_the_interpreter(monkeypatc
         assert all(passed for _, _, passed in verdict.values()), (case.name, verdict)
 
 
+def test_a_section_that_raises_keeps_the_report_and_stops_the_rest(tmp_path, monkeypatch):
+    """A crash (e.g. a device error, which poisons the CUDA context) is recorded in its section, later
+    sections are marked not run, the report is still written and main() exits 1."""
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(bench, "run_op_section", crash)
+    report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks", "ops", "attention"],
+                              log=lambda *a: None)
+    assert report["peaks"]["copy_GBps"] > 0 and "error" not in report["sections"]["peaks"]
+    assert "illegal memory access" in report["sections"]["ops"]["error"]
+    assert report["sections"]["attention"]["error"] == "not run: ops raised RuntimeError"
+    assert "illegal memory access" in bench.to_markdown(report)
+    monkeypatch.setattr(bench, "run_report", lambda cfg, sections=None: report)
+    assert bench.main(["--cpu-quick", "--out", str(tmp_path)]) == 1
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
 def test_spent_budget_skips_instead_of_timing():
     case, cfg = _residual_case(_fake_op)
     budget = bench.Budget(0)
