@@ -1,6 +1,8 @@
 """Triton layernorm_modulate and gated_residual against the float64 references; registration
 (opcheck, torch.compile); bad input. On CPU the kernels run under the Triton interpreter
-(tests/conftest.py): every width and dtype at short sequences, the long sequences at width 72."""
+(tests/conftest.py): every width and dtype at short sequences, the long sequences at width 72. Tests take
+the `device` fixture (tests/conftest.py): with a GPU the same grids check the compiled kernels on CUDA.
+Values are drawn with CPU generators and then moved, so the CPU runs draw exactly what they drew before."""
 import functools
 
 import pytest
@@ -18,8 +20,17 @@ LN = functools.partial(md.layernorm_modulate, **TRITON)
 GATE = functools.partial(md.gated_residual, **TRITON)
 
 
-def _randn(*shape, dtype, gen, scale=1.0, grad=True):
-    return (torch.randn(*shape, generator=gen) * scale).to(dtype).requires_grad_(grad)
+def _randn(*shape, dtype, gen, device, scale=1.0, grad=True):
+    """A leaf on device: drawn with the CPU generator gen (times scale), then moved and cast."""
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+
+
+def _grad_gen(gen, device):
+    """Generator for check_op's random output grad, drawn on the output's device: gen itself on the
+    CPU (the draws the CPU runs always made), else a generator on device seeded like gen."""
+    if gen.device == torch.device(device):
+        return gen
+    return torch.Generator(device=device).manual_seed(gen.initial_seed())
 
 
 def _assert_checks(checks):
@@ -29,86 +40,90 @@ def _assert_checks(checks):
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 @pytest.mark.parametrize("shape,dtype", CASES, ids=str)
-def test_match_reference(shape, dtype, per_token):
+def test_match_reference(shape, dtype, per_token, device):
     B, L, D = shape
     gen = torch.Generator().manual_seed(hash((shape, per_token)) % 2**31)
+    dgen = _grad_gen(gen, device)
+    randn = functools.partial(_randn, dtype=dtype, gen=gen, device=device)
     cond = (B, L, D) if per_token else (B, D)
     # a non-zero mean and unequal scales exercise the fp32 statistics
-    x = (_randn(B, L, D, dtype=torch.float32, gen=gen, grad=False) * 3 + 1).to(dtype).requires_grad_()
+    x = (_randn(B, L, D, dtype=torch.float32, gen=gen, device=device, grad=False) * 3 + 1).to(dtype).requires_grad_()
     _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref,
-                            (x, _randn(*cond, dtype=dtype, gen=gen), _randn(*cond, dtype=dtype, gen=gen, scale=0.5)),
-                            gen))
-    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref,
-                            (x, _randn(B, L, D, dtype=dtype, gen=gen), _randn(*cond, dtype=dtype, gen=gen)), gen))
+                            (x, randn(*cond), randn(*cond, scale=0.5)), dgen))
+    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, randn(B, L, D), randn(*cond)), dgen))
 
 
-def test_cond_with_singleton_token_dim_and_eps():
+def test_cond_with_singleton_token_dim_and_eps(device):
     gen = torch.Generator().manual_seed(1)
+    dgen = _grad_gen(gen, device)
+    randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
     B, L, D = 3, 7, 72
-    x = _randn(B, L, D, dtype=torch.float32, gen=gen, scale=1e-3)  # eps matters at this scale
+    x = randn(B, L, D, scale=1e-3)  # eps matters at this scale
     _assert_checks(check_op("layernorm_modulate", functools.partial(LN, eps=1e-5),
                             functools.partial(md.layernorm_modulate_ref, eps=1e-5),
-                            (x, _randn(B, 1, D, dtype=torch.float32, gen=gen),
-                             _randn(B, 1, D, dtype=torch.float32, gen=gen)), gen))
-    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref,
-                            (x, _randn(B, L, D, dtype=torch.float32, gen=gen),
-                             _randn(B, 1, D, dtype=torch.float32, gen=gen)), gen))
+                            (x, randn(B, 1, D), randn(B, 1, D)), dgen))
+    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, randn(B, L, D), randn(B, 1, D)), dgen))
 
 
-def test_mixed_dtypes_promote_like_reference():
+def test_mixed_dtypes_promote_like_reference(device):
     """fp32 residual stream with bf16 branch output and conditioning (the model under autocast)."""
     gen = torch.Generator().manual_seed(2)
+    dgen = _grad_gen(gen, device)
     B, L, D = 3, 7, 72
-    x = _randn(B, L, D, dtype=torch.float32, gen=gen)
-    bf = functools.partial(_randn, dtype=torch.bfloat16, gen=gen)
-    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, (x, bf(B, D), bf(B, D)), gen))
-    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, bf(B, L, D), bf(B, D)), gen))
+    x = _randn(B, L, D, dtype=torch.float32, gen=gen, device=device)
+    bf = functools.partial(_randn, dtype=torch.bfloat16, gen=gen, device=device)
+    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, (x, bf(B, D), bf(B, D)), dgen))
+    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, bf(B, L, D), bf(B, D)), dgen))
 
 
-def test_packed_layout_matches_per_sample_conditioning():
+def test_packed_layout_matches_per_sample_conditioning(device):
     """The documented packed call: x [1, T, D] with per-token conditioning gathered by sample index."""
     from maskdit_fast.ops.gather_scatter import sample_index
     gen = torch.Generator().manual_seed(3)
     D = 72
-    cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32)
-    x, shift, scale = torch.randn(7, D, generator=gen), torch.randn(3, D, generator=gen), torch.randn(3, D, generator=gen)
-    seg = sample_index(torch.zeros(7, dtype=torch.int64), cu)
+    bounds = [0, 2, 2, 7]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    x, shift, scale = (torch.randn(*s, generator=gen).to(device) for s in ((7, D), (3, D), (3, D)))
+    seg = sample_index(torch.zeros(7, dtype=torch.int64, device=device), cu)
     packed = md.layernorm_modulate(x[None], shift[seg][None], scale[seg][None], **TRITON)[0]
     for b in range(3):
-        rows = slice(cu[b], cu[b + 1])
+        rows = slice(bounds[b], bounds[b + 1])
         want = md.layernorm_modulate_ref(x[None, rows], shift[b:b + 1], scale[b:b + 1])[0]
         torch.testing.assert_close(packed[rows], want)
 
 
 @pytest.mark.parametrize("shape", [(0, 7, 72), (3, 0, 72), (2, 3, 0)], ids=str)
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
-def test_empty(shape, per_token):
+def test_empty(shape, per_token, device):
     gen = torch.Generator().manual_seed(4)
+    dgen = _grad_gen(gen, device)
+    randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
     B, L, D = shape
     cond = (B, L, D) if per_token else (B, D)
-    args = [_randn(B, L, D, dtype=torch.float32, gen=gen)] + [_randn(*cond, dtype=torch.float32, gen=gen)] * 2
-    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, tuple(args), gen))
-    args[1] = _randn(B, L, D, dtype=torch.float32, gen=gen)
-    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, tuple(args), gen))
+    args = [randn(B, L, D)] + [randn(*cond)] * 2
+    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, tuple(args), dgen))
+    args[1] = randn(B, L, D)
+    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, tuple(args), dgen))
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(device):
     """adaLN chunks are strided [B, D] views; x may be a transposed view."""
     gen = torch.Generator().manual_seed(5)
     B, L, D = 2, 5, 72
-    x = torch.randn(B, D, L, generator=gen).transpose(1, 2)
-    mod = torch.randn(B, 3 * D, generator=gen)
+    x = torch.randn(B, D, L, generator=gen).to(device).transpose(1, 2)  # moved first: .to would compact
+    mod = torch.randn(B, 3 * D, generator=gen).to(device)
     shift, scale, gate = mod.chunk(3, dim=1)
+    assert not x.is_contiguous() and not shift.is_contiguous()
     torch.testing.assert_close(md.layernorm_modulate(x, shift, scale, **TRITON),
                                md.layernorm_modulate_ref(x, shift, scale))
     torch.testing.assert_close(md.gated_residual(x, x * 2, gate, **TRITON), md.gated_residual_ref(x, x * 2, gate))
 
 
-def test_backward_is_deterministic():
+def test_backward_is_deterministic(device):
     gen = torch.Generator().manual_seed(6)
     B, L, D = 2, 64, 72
-    x, shift, scale = (torch.randn(*s, generator=gen, requires_grad=True) for s in ((B, L, D), (B, D), (B, D)))
-    dy = torch.randn(B, L, D, generator=gen)
+    x, shift, scale = (torch.randn(*s, generator=gen).to(device).requires_grad_() for s in ((B, L, D), (B, D), (B, D)))
+    dy = torch.randn(B, L, D, generator=gen).to(device)
     first, second = [torch.autograd.grad(md.layernorm_modulate(x, shift, scale, **TRITON), [x, shift, scale], dy)
                      for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -125,12 +140,12 @@ def test_torch_backend_is_the_reference():
 # Registration
 # ---------------------------------------------------------------------------------------------------
 
-def _opcheck_samples():
+def _opcheck_samples(device):
     gen = torch.Generator().manual_seed(8)
     B, L, D = 2, 5, 16
 
     def r(*s, grad=False, dtype=torch.float32):
-        return torch.randn(*s, generator=gen).to(dtype).requires_grad_(grad)
+        return torch.randn(*s, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
 
     ops = torch.ops.maskdit_fast
     return [
@@ -145,15 +160,15 @@ def _opcheck_samples():
 
 
 @pytest.mark.parametrize("sample", range(6))
-def test_opcheck(sample):
-    op, args = _opcheck_samples()[sample]
+def test_opcheck(sample, device):
+    op, args = _opcheck_samples(device)[sample]
     torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(device):
     gen = torch.Generator().manual_seed(9)
     B, L, D = 2, 5, 16
-    x, mod, w = (torch.randn(*s, generator=gen, requires_grad=True) for s in ((B, L, D), (B, 3 * D), (D, D)))
+    x, mod, w = (torch.randn(*s, generator=gen).to(device).requires_grad_() for s in ((B, L, D), (B, 3 * D), (D, D)))
 
     def block(x, mod):
         shift, scale, gate = mod.chunk(3, dim=1)
@@ -166,7 +181,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Bad input
+# Bad input (on the test device: a CPU tensor on a GPU machine would fail the device check first)
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -179,8 +194,8 @@ def test_torch_compile_fullgraph_matches_eager():
     (lambda x, s, c: (x, s, c.to("meta")), ValueError, "is on meta"),
     (lambda x, s, c: (x, s, c[:, None].expand(2, 5, 8)), ValueError, "same shape"),
 ])
-def test_layernorm_modulate_bad_input(case, error, match, backend):
-    args = (torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 8))
+def test_layernorm_modulate_bad_input(case, error, match, backend, device):
+    args = (torch.randn(2, 5, 8).to(device), torch.randn(2, 8).to(device), torch.randn(2, 8).to(device))
     with pytest.raises(error, match=match):
         md.layernorm_modulate(*case(*args), backend=backend)
 
@@ -191,17 +206,17 @@ def test_layernorm_modulate_bad_input(case, error, match, backend):
     (lambda x, y, g: (x, y, g[:, :3]), ValueError, "gate must have shape"),
     (lambda x, y, g: (x, y.to("meta"), g), ValueError, "must match"),
 ])
-def test_gated_residual_bad_input(case, error, match):
-    args = (torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 8))
+def test_gated_residual_bad_input(case, error, match, device):
+    args = (torch.randn(2, 5, 8).to(device), torch.randn(2, 5, 8).to(device), torch.randn(2, 8).to(device))
     with pytest.raises(error, match=match):
         md.gated_residual(*case(*args), **TRITON)
 
 
-def test_launchers_reject_non_contiguous():
+def test_launchers_reject_non_contiguous(device):
     from maskdit_fast.kernels import modulate as kmd
-    x = torch.randn(2, 8, 5).transpose(1, 2)
+    x = torch.randn(2, 8, 5).to(device).transpose(1, 2)
     with pytest.raises(ValueError, match="x must be contiguous"):
-        kmd.layernorm_modulate_fwd(x, torch.randn(2, 8), torch.randn(2, 8), 1e-6)
+        kmd.layernorm_modulate_fwd(x, torch.randn(2, 8).to(device), torch.randn(2, 8).to(device), 1e-6)
 
 
 @pytest.mark.gpu
