@@ -26,7 +26,6 @@ Writes <out>/metrics.json (also printed), <out>/sample_stats.npz (mu, sigma of t
 features; for --metric fid usable as --ref-stats), and with --save-images <out>/samples/NNNNNN.png.
 """
 import argparse
-import datetime
 import json
 import os
 import time
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from maskdit_fast import fid
-from maskdit_fast.parallel import destroy_distributed
+from maskdit_fast.parallel import destroy_distributed, init_distributed
 from maskdit_fast.sample import decode_latents, generate, load_for_sampling
 
 METRICS = ("fid", "classifier")
@@ -49,29 +48,6 @@ def shard_indices(num_samples, rank, world_size):
 def balanced_labels(indices, num_classes):
     """Class of sample i is i % num_classes -> int64 tensor [len(indices)]."""
     return torch.tensor([i % num_classes for i in indices], dtype=torch.int64)
-
-
-def init_distributed(device_name):
-    """Joins the torchrun process group when WORLD_SIZE > 1 (NCCL for CUDA, gloo otherwise).
-
-    Returns (rank, world_size, device); device: `device_name`, or for "auto" cuda:LOCAL_RANK when
-    CUDA is available, else cpu.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device_name} requested but CUDA is not available")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not torch.distributed.is_initialized():
-        # The other ranks wait while rank 0 computes reference statistics (e.g. a folder's): long timeout.
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(hours=2))
-    return rank, world_size, device
 
 
 def gather_rows(local, num_samples, world_size, device):
@@ -181,7 +157,9 @@ def _save_pngs(images, indices, folder):
 def evaluate(args):
     """Runs the evaluation described by parsed `args`; returns the metrics dict (rank 0) or None."""
     t0 = time.time()
-    rank, world_size, device = init_distributed(args.device)
+    # The other ranks wait while rank 0 computes reference statistics (e.g. a folder's): long timeout.
+    dist_info = init_distributed(args.device, timeout_s=2 * 3600)
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     if args.num_samples < world_size:
         raise ValueError(f"--num-samples {args.num_samples} is smaller than the {world_size} ranks")
     precond, meta = load_for_sampling(args.ckpt, device)
