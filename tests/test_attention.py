@@ -1,12 +1,14 @@
 """Variable-length FlashAttention (maskdit_fast.ops.varlen_attention & co.) against a float64 reference.
 
-On CPU the Triton kernels run under the interpreter (tests/conftest.py), with tiny shapes."""
+On CPU the Triton kernels run under the interpreter (tests/conftest.py), with tiny shapes; on a GPU machine
+the same shapes run the compiled kernels (the `device` fixture). Inputs are drawn on the CPU, then moved."""
 import importlib
 import importlib.util
 
 import pytest
 import torch
 
+from conftest import DEVICE
 from maskdit_fast import ops
 from maskdit_fast.kernels._common import poisoned
 attn_mod = importlib.import_module("maskdit_fast.ops.attention")
@@ -47,17 +49,17 @@ TORCH_TOL = {F32: 1e-4, F16: 1e-2, BF16: 6e-2}  # loose: the "torch" back-end is
 
 
 @pytest.mark.parametrize("head_dim,dtype,causal", CASES)
-def test_varlen_forward_backward_match_float64(head_dim, dtype, causal):
+def test_varlen_forward_backward_match_float64(head_dim, dtype, causal, device):
     gen = torch.Generator().manual_seed(head_dim)
     # lengths include 0 and 1, Lq != Lk (bottom-right causal, rows without keys when Lq > Lk), > 1 block
     lq = [1, 0, 3] + torch.randint(2, 40, (2,), generator=gen).tolist()
     lk = [1, 4, 0] + torch.randint(2, 40, (2,), generator=gen).tolist()
-    cu_q, cu_k = cu(lq), cu(lk)
+    cu_q, cu_k = cu(lq, device), cu(lk, device)
     heads, scale = 1 + causal, 0.37  # the packed and dense tests cover H = 2 too
-    q = torch.randn(sum(lq), heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(sum(lk), heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(sum(lk), heads, head_dim, generator=gen).to(dtype)
-    dout = torch.randn(sum(lq), heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(sum(lq), heads, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(sum(lk), heads, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(sum(lk), heads, head_dim, generator=gen).to(device, dtype)
+    dout = torch.randn(sum(lq), heads, head_dim, generator=gen).to(device, dtype)
 
     def call(backend):
         return lambda q, k, v: ops.varlen_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal,
@@ -82,13 +84,13 @@ def test_varlen_forward_backward_match_float64(head_dim, dtype, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_qkvpacked_matches_unpacked(causal):
+def test_qkvpacked_matches_unpacked(causal, device):
     gen = torch.Generator().manual_seed(1)
     lengths = [17, 0, 1, 33]
-    cu_s, heads, head_dim = cu(lengths), 2, 72
+    cu_s, heads, head_dim = cu(lengths, device), 2, 72
     # the qkv Linear output [total, 3 * H * D] viewed as [total, 3, H, D]
-    qkv = torch.randn(sum(lengths), 3 * heads * head_dim, generator=gen).view(-1, 3, heads, head_dim)
-    dout = torch.randn(sum(lengths), heads, head_dim, generator=gen)
+    qkv = torch.randn(sum(lengths), 3 * heads * head_dim, generator=gen).to(device).view(-1, 3, heads, head_dim)
+    dout = torch.randn(sum(lengths), heads, head_dim, generator=gen).to(device)
     out, lse, (dqkv,) = run(lambda x: ops.varlen_attention_qkvpacked(x, cu_s, max(lengths), causal=causal,
                                                                      return_lse=True, backend="triton"),
                             [qkv], dout)
@@ -98,10 +100,11 @@ def test_qkvpacked_matches_unpacked(causal):
     assert dqkv.shape == qkv.shape and torch.equal(lse.isinf(), want_lse.isinf())
 
 
-def test_dense_attention_from_qkv_views():
+def test_dense_attention_from_qkv_views(device):
     gen = torch.Generator().manual_seed(2)
     batch, length, heads, head_dim = 2, 19, 2, 80
-    qkv = torch.randn(batch, length, 3 * heads * head_dim, generator=gen).view(batch, length, 3, heads, head_dim)
+    qkv = torch.randn(batch, length, 3 * heads * head_dim, generator=gen).to(device).view(batch, length, 3, heads,
+                                                                                         head_dim)
 
     def grads(fn):
         x = qkv.clone().requires_grad_()
@@ -118,53 +121,62 @@ def test_dense_attention_from_qkv_views():
         assert max_err(got[0], want[0]) <= 1e-5 and max_err(got[1], want[1]) <= 1e-4
 
 
-def test_dense_cross_attention_and_scale():
+def test_dense_cross_attention_and_scale(device):
     gen = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 9, 1, 64, generator=gen, dtype=torch.float16)
-    k, v = (torch.randn(2, 21, 1, 64, generator=gen, dtype=torch.float16) for _ in range(2))
+    q = torch.randn(2, 9, 1, 64, generator=gen, dtype=torch.float16).to(device)
+    k, v = (torch.randn(2, 21, 1, 64, generator=gen, dtype=torch.float16).to(device) for _ in range(2))
     want = ops.attention_ref(q.double(), k.double(), v.double(), 0.2)
     got = ops.attention(q, k, v, 0.2, backend="triton")
     assert got.shape == q.shape and max_err(got, want) <= 2e-3
 
 
-def test_expanded_grad_and_empty_batch():
-    q = torch.randn(5, 1, 64, requires_grad=True)
-    out = ops.varlen_attention(q, q, q, cu([5]), cu([5]), 5, 5, backend="triton")
+def test_expanded_grad_and_empty_batch(device):
+    q = torch.randn(5, 1, 64).to(device).requires_grad_()
+    c5 = cu([5], device)
+    out = ops.varlen_attention(q, q, q, c5, c5, 5, 5, backend="triton")
     out.sum().backward()  # dout is an expanded (stride 0) tensor
     q2 = q.detach().double().requires_grad_()
-    ref(q2, q2, q2, cu([5]), cu([5]), 64 ** -0.5, False)[0].sum().backward()
+    ref(q2, q2, q2, c5, c5, 64 ** -0.5, False)[0].sum().backward()
     assert max_err(q.grad, q2.grad) <= 1e-4
-    empty = torch.zeros(0, 2, 64)
-    assert ops.varlen_attention(empty, empty, empty, cu([0, 0]), cu([0, 0]), 0, 0, backend="triton").shape == (0, 2, 64)
+    empty, c0 = torch.zeros(0, 2, 64, device=device), cu([0, 0], device)
+    assert ops.varlen_attention(empty, empty, empty, c0, c0, 0, 0, backend="triton").shape == (0, 2, 64)
 
 
-def test_opcheck():
+def test_opcheck(device):
     gen = torch.Generator().manual_seed(4)
-    cu_q, cu_k = cu([3, 0, 5]), cu([5, 2, 4])
-    q = torch.randn(8, 2, 72, generator=gen, requires_grad=True)
-    k, v = (torch.randn(11, 2, 72, generator=gen, requires_grad=True) for _ in range(2))
+    cu_q, cu_k = cu([3, 0, 5], device), cu([5, 2, 4], device)
+    q = torch.randn(8, 2, 72, generator=gen).to(device).requires_grad_()
+    k, v = (torch.randn(11, 2, 72, generator=gen).to(device).requires_grad_() for _ in range(2))
     out, lse = attn_mod._varlen_fwd_op(q, k, v, cu_q, cu_k, 5, 5, 0.3, True)
     torch.library.opcheck(attn_mod._varlen_fwd_op, (q, k, v, cu_q, cu_k, 5, 5, 0.3, True))
     torch.library.opcheck(attn_mod._varlen_bwd_op, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
                                                     out.detach(), lse, cu_q, cu_k, 5, 5, 0.3, True))
-    qkv = torch.randn(8, 3, 2, 64, generator=gen, requires_grad=True)
+    qkv = torch.randn(8, 3, 2, 64, generator=gen).to(device).requires_grad_()
     torch.library.opcheck(attn_mod._packed_fwd_op, (qkv, cu_q, 5, 0.125, False))
 
 
-def test_flop_counter_sees_attention():
+def test_flop_counter_sees_attention(device):
     from torch.utils.flop_counter import FlopCounterMode
     lq, lk, heads, head_dim = [3, 0, 7], [2, 5, 9], 2, 64
-    q = torch.randn(sum(lq), heads, head_dim, requires_grad=True)
-    k, v = (torch.randn(sum(lk), heads, head_dim) for _ in range(2))
+    q = torch.randn(sum(lq), heads, head_dim).to(device).requires_grad_()
+    k, v = (torch.randn(sum(lk), heads, head_dim).to(device) for _ in range(2))
+    cu_q, cu_k = cu(lq, device), cu(lk, device)
     with FlopCounterMode(display=False) as counter:
-        ops.varlen_attention(q, k, v, cu(lq), cu(lk), 7, 9, backend="triton").sum().backward()
+        ops.varlen_attention(q, k, v, cu_q, cu_k, 7, 9, backend="triton").sum().backward()
     pairs = sum(a * b for a, b in zip(lq, lk))
     assert counter.get_total_flops() == 4 * pairs * heads * head_dim * 3.5  # forward + 2.5x backward
 
 
-def test_bad_inputs_raise_clear_errors():
-    q = torch.randn(6, 2, 64)
-    good = cu([2, 4])
+def test_bad_inputs_raise_clear_errors(device):
+    """Inputs on `device`: on a GPU, a CPU tensor would fail the device check before the one under test."""
+    q = torch.randn(6, 2, 64).to(device)
+    good = cu([2, 4], device)
+
+    def int32(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    def randn(*shape):
+        return torch.randn(*shape).to(device)
 
     def call(q=q, k=q, v=q, cu_q=good, cu_k=good, max_q=4, backend="triton"):
         return ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, 4, backend=backend)
@@ -172,15 +184,15 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="int32"):
         call(cu_q=good.long())
     with pytest.raises(ValueError, match="non-decreasing"):
-        call(cu_q=torch.tensor([0, 5, 4, 6], dtype=torch.int32), max_q=8)
+        call(cu_q=int32([0, 5, 4, 6]), max_q=8)
     with pytest.raises(ValueError, match="must equal the number of tokens"):
-        call(cu_q=torch.tensor([0, 2, 5], dtype=torch.int32))
+        call(cu_q=int32([0, 2, 5]))
     with pytest.raises(ValueError, match=r"\[0\] must be 0"):
-        call(cu_q=torch.tensor([1, 2, 6], dtype=torch.int32))
+        call(cu_q=int32([1, 2, 6]))
     with pytest.raises(ValueError, match="below the longest"):
         call(max_q=3)
     with pytest.raises(ValueError, match="shape mismatch"):
-        call(k=torch.randn(6, 2, 72), v=torch.randn(6, 2, 72))
+        call(k=randn(6, 2, 72), v=randn(6, 2, 72))
     with pytest.raises(TypeError, match="dtypes differ"):
         call(k=q.half(), v=q.half())
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
@@ -188,9 +200,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="devices differ"):
         call(k=q.to("meta"), v=q.to("meta"))
     with pytest.raises(ValueError, match="head_dim"):
-        call(q=torch.randn(6, 2, 36), k=torch.randn(6, 2, 36), v=torch.randn(6, 2, 36))
+        call(q=randn(6, 2, 36), k=randn(6, 2, 36), v=randn(6, 2, 36))
     with pytest.raises(ValueError, match="head_dim"):
-        ops.attention(*torch.randn(3, 1, 4, 1, 160).unbind(0), backend="triton")
+        ops.attention(*randn(3, 1, 4, 1, 160).unbind(0), backend="triton")
     with pytest.raises(ValueError, match="unknown attention backend"):
         call(backend="nope")
     for name in ("flash_attn", "xformers"):
@@ -209,6 +221,8 @@ def test_cu_seqlens_check_reruns_after_in_place_change():
         ops.varlen_attention(q, q, q, c, c, 7, 7, backend="torch")
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter run of the GPU check/benchmark code at toy "
+                    "sizes; on a GPU test_gpu_kernels_match_float64 and the report script run it for real")
 def test_gpu_check_and_benchmark_code_paths_on_cpu():
     from maskdit_fast.ops import attention_gpu_checks as gc
     checks = gc.check_correctness("cpu", dtypes=(torch.bfloat16,), batch=2, heads=1, head_dims=(72,), max_len=9,

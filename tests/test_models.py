@@ -299,13 +299,12 @@ def test_backend_is_forwarded_to_every_op():
         model(x, t, y)
 
 
-def test_triton_backend_matches_torch_backend():
-    """The model through the Triton kernels (interpreted on CPU, see conftest) equals the torch
-    reference back-end to fp32 rounding, masked and unmasked."""
+def test_triton_backend_matches_torch_backend(device):
+    """The model through the Triton kernels (interpreted on CPU, see conftest; compiled on a GPU) equals
+    the torch reference back-end to fp32 rounding, masked and unmasked."""
     model = _randomize(MaskDiT(**dict(TINY, hidden_size=64), **dict(TINY_DEC, decoder_hidden_size=32)))
     x, t, y = _inputs(model, batch=2)
     ids_keep = random_masking_ids(2, model.num_patches, 0.5, generator=torch.Generator().manual_seed(0))[0]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model, x, t, y, ids_keep = (a.to(device) for a in (model, x, t, y, ids_keep))
     for ids in (ids_keep, None):
         model.backend = "torch"

@@ -1,5 +1,6 @@
 """The full (tiny) MaskDiT through the Triton ops (the interpreter on CPU) gives the loss and
-gradients of the PyTorch reference ops."""
+gradients of the PyTorch reference ops; on a GPU machine the same tiny model runs the compiled kernels
+(the `device` fixture: weights and inputs drawn on the CPU, then moved)."""
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, 
 B = 3
 
 
-def _model_and_batch(mask_ratio, seed=0):
+def _model_and_batch(mask_ratio, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     model = MaskDiT(**TINY)
     with torch.no_grad():  # adaLN-Zero starts every block as the identity: randomise everything
@@ -23,7 +24,7 @@ def _model_and_batch(mask_ratio, seed=0):
     batch = dict(x=torch.randn(B, 3, 8, 8, generator=gen), y=torch.randint(0, 6, (B,), generator=gen),
                  sigma=torch.rand(B, generator=gen) * 2 + 0.1, noise=torch.randn(B, 3, 8, 8, generator=gen),
                  ids_keep=random_masking_ids(B, model.num_patches, mask_ratio, generator=gen)[0] if mask_ratio else None)
-    return model, batch
+    return model.to(device), {k: v if v is None else v.to(device) for k, v in batch.items()}
 
 
 def _grads(model, loss):
@@ -34,11 +35,11 @@ def _grads(model, loss):
 
 
 @pytest.mark.parametrize("mask_ratio", [0.5, 0.0])
-def test_maskdit_loss_and_grads_triton_vs_torch(mask_ratio):
+def test_maskdit_loss_and_grads_triton_vs_torch(mask_ratio, device):
     """fp32, every op (attention included) on the Triton back-end. The randomised net amplifies fp32
     rounding to ~1e-4 of each gradient's largest entry in either back-end, so that is the tolerance;
     a wrong op gives errors of order one."""
-    model, batch = _model_and_batch(mask_ratio)
+    model, batch = _model_and_batch(mask_ratio, device)
     results = {}
     for backend in ("torch", "triton"):
         model.backend = backend
@@ -50,7 +51,7 @@ def test_maskdit_loss_and_grads_triton_vs_torch(mask_ratio):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-3 * w.abs().max().item(), msg=name)
 
 
-def test_maskdit_float64_triton_ops_match_torch(monkeypatch):
+def test_maskdit_float64_triton_ops_match_torch(monkeypatch, device):
     """float64 (the Triton gather/scatter/modulate kernels compute in fp64 then; attention stays on
     the torch reference, its Triton kernels have no fp64): the model's wiring of the ops is exact up
     to float64 rounding."""
@@ -60,10 +61,10 @@ def test_maskdit_float64_triton_ops_match_torch(monkeypatch):
         return attention_qkvpacked(*args, backend="torch", **kwargs)
 
     monkeypatch.setattr(ops, "attention_qkvpacked", torch_attention)
-    model, batch = _model_and_batch(0.5, seed=1)
+    model, batch = _model_and_batch(0.5, device, seed=1)
     model = model.double()
-    t = torch.rand(B, dtype=torch.float64)
-    w = torch.randn(B, 3, 8, 8, dtype=torch.float64)
+    t = torch.rand(B, dtype=torch.float64).to(device)
+    w = torch.randn(B, 3, 8, 8, dtype=torch.float64).to(device)
     results = {}
     for backend in ("torch", "triton"):
         model.backend = backend
