@@ -23,6 +23,20 @@ def device():
     return DEVICE
 
 
+def grad_generator(gen, device):
+    """Generator for check_op's random output grad, drawn on the output's device: gen itself on the
+    CPU (the draws the CPU runs always made), else a generator on device seeded like gen."""
+    if gen.device == torch.device(device):
+        return gen
+    return torch.Generator(device=device).manual_seed(gen.initial_seed())
+
+
+def assert_checks(checks):
+    """Fails with every failed maskdit_fast.ops.gpu_checks.Check listed; an empty list fails too."""
+    failed = [c for c in checks if not c.passed]
+    assert checks and not failed, "\n".join(map(str, failed))
+
+
 def _fix_old_interpreter_scalars():
     """triton < 3.8's interpreter turns a scalar tensor used as a Python index (a runtime loop bound in
     range()) into an int with int() of a shape-(1,) array, which numpy >= 2.4 rejects; use .item()."""

@@ -23,16 +23,12 @@ from maskdit_fast import ops as mops
 from maskdit_fast.ops import cuda_backend as cb
 from maskdit_fast.ops import gather_scatter as gs
 from maskdit_fast.ops import modulate as md
+from conftest import assert_checks
 
 needs_extension = pytest.mark.skipif(
     not _extension.available(),
     reason=f"CUDA extension not loadable here ({_extension.unavailable_reason()}); "
            "build it or set MASKDIT_FAST_EXTENSION (.ci/compile_csrc.sh does)")
-
-
-def _assert_checks(checks):
-    failed = [c for c in checks if not c.passed]
-    assert checks and not failed, "\n".join(map(str, failed))
 
 
 # ------------------------------------------------------------------ without the extension (CPU)
@@ -239,13 +235,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("op", ["gather_tokens", "scatter_tokens", "layernorm_modulate", "gated_residual"])
 def test_gpu_small_odd_shapes_match_float64_reference(op, dtype, L, D):
     from maskdit_fast.ops.cuda_gpu_checks import op_checks
-    _assert_checks(op_checks(op, 3, L, (L + 1) // 2, D, dtype, seed=L * 1000 + D))
+    assert_checks(op_checks(op, 3, L, (L + 1) // 2, D, dtype, seed=L * 1000 + D))
 
 
 @pytest.mark.gpu
 def test_gpu_dit_xl_sizes_determinism_and_no_sync():
     from maskdit_fast.ops.cuda_gpu_checks import run_checks
-    _assert_checks(run_checks("cuda", small=False))
+    assert_checks(run_checks("cuda", small=False))
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ import torch
 
 from maskdit_fast.ops import gather_scatter as gs
 from maskdit_fast.ops.gpu_checks import check_op
+from conftest import assert_checks, grad_generator
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, L, K, D) x dtype: every width and dtype at 1 and 7 tokens, batch 1 and 3; the long sequences
@@ -40,29 +41,16 @@ def _randn(*shape, dtype, gen, device, grad=True):
     return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
 
 
-def _grad_gen(gen, device):
-    """Generator for check_op's random output grad, drawn on the output's device: gen itself on the
-    CPU (the draws the CPU runs always made), else a generator on device seeded like gen."""
-    if gen.device == torch.device(device):
-        return gen
-    return torch.Generator(device=device).manual_seed(gen.initial_seed())
-
-
-def _assert_checks(checks):
-    failed = [c for c in checks if not c.passed]
-    assert not failed, "\n".join(map(str, failed))
-
-
 @pytest.mark.parametrize("shape,dtype", CASES, ids=str)
 def test_gather_scatter_match_reference(shape, dtype, device):
     B, L, K, D = shape
     gen = torch.Generator().manual_seed(hash(shape) % 2**31)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     randn = functools.partial(_randn, dtype=dtype, gen=gen, device=device)
     ids = _ids(B, L, K, gen, device)
-    _assert_checks(check_op("gather", functools.partial(gs.gather_tokens, **TRITON), gs.gather_tokens_ref,
+    assert_checks(check_op("gather", functools.partial(gs.gather_tokens, **TRITON), gs.gather_tokens_ref,
                             (randn(B, L, D), ids, randn(1, L, D)), dgen))
-    _assert_checks(check_op("scatter", functools.partial(gs.scatter_tokens, **TRITON), gs.scatter_tokens_ref,
+    assert_checks(check_op("scatter", functools.partial(gs.scatter_tokens, **TRITON), gs.scatter_tokens_ref,
                             (randn(B, K, D), ids, randn(1, 1, D), L, randn(L, D)), dgen))
 
 
@@ -70,13 +58,13 @@ def test_gather_scatter_match_reference(shape, dtype, device):
 @pytest.mark.parametrize("counts,L,D", [([2, 0, 5], 7, 72), ([4], 7, 1000), ([0, 0], 5, 72), ([], 4, 72)], ids=str)
 def test_varlen_match_reference(counts, L, D, dtype, device):
     gen = torch.Generator().manual_seed(len(counts) * 100 + D)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     randn = functools.partial(_randn, dtype=dtype, gen=gen, device=device)
     ids, cu = _packed(counts, L, gen, device)
     B, T = len(counts), sum(counts)
-    _assert_checks(check_op("gather_varlen", functools.partial(gs.gather_tokens_varlen, **TRITON),
+    assert_checks(check_op("gather_varlen", functools.partial(gs.gather_tokens_varlen, **TRITON),
                             gs.gather_tokens_varlen_ref, (randn(B, L, D), ids, cu, randn(L, D)), dgen))
-    _assert_checks(check_op("scatter_varlen", functools.partial(gs.scatter_tokens_varlen, **TRITON),
+    assert_checks(check_op("scatter_varlen", functools.partial(gs.scatter_tokens_varlen, **TRITON),
                             gs.scatter_tokens_varlen_ref, (randn(T, D), ids, cu, randn(D), L, randn(1, L, D)), dgen))
 
 
@@ -99,14 +87,14 @@ def test_varlen_equals_dense_for_equal_counts(device):
 def test_without_pos_embed_and_frozen_params(with_pos, device):
     """No pos_embed / no grads wanted for pos_embed and mask_token: the kernels skip those paths."""
     gen = torch.Generator().manual_seed(1)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
     B, L, K, D = 3, 7, 4, 72
     ids = _ids(B, L, K, gen, device)
     pos = randn(L, D, grad=False) if with_pos else None
-    _assert_checks(check_op("gather", functools.partial(gs.gather_tokens, **TRITON), gs.gather_tokens_ref,
+    assert_checks(check_op("gather", functools.partial(gs.gather_tokens, **TRITON), gs.gather_tokens_ref,
                             (randn(B, L, D), ids, pos), dgen))
-    _assert_checks(check_op("scatter", functools.partial(gs.scatter_tokens, **TRITON), gs.scatter_tokens_ref,
+    assert_checks(check_op("scatter", functools.partial(gs.scatter_tokens, **TRITON), gs.scatter_tokens_ref,
                             (randn(B, K, D), ids, randn(D, grad=False), L, pos), dgen))
 
 
@@ -114,14 +102,14 @@ def test_mixed_dtypes_promote_like_reference(device):
     """bf16 tokens with an fp32 pos_embed / mask token (the model under autocast): fp32 output, the mask
     token rounded to bf16 first, grads in each input's dtype."""
     gen = torch.Generator().manual_seed(2)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     bf16 = functools.partial(_randn, dtype=torch.bfloat16, gen=gen, device=device)
     fp32 = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
     B, L, K, D = 3, 7, 4, 72
     ids = _ids(B, L, K, gen, device)
-    _assert_checks(check_op("gather", functools.partial(gs.gather_tokens, **TRITON), gs.gather_tokens_ref,
+    assert_checks(check_op("gather", functools.partial(gs.gather_tokens, **TRITON), gs.gather_tokens_ref,
                             (bf16(B, L, D), ids, fp32(1, L, D)), dgen))
-    _assert_checks(check_op("scatter", functools.partial(gs.scatter_tokens, **TRITON), gs.scatter_tokens_ref,
+    assert_checks(check_op("scatter", functools.partial(gs.scatter_tokens, **TRITON), gs.scatter_tokens_ref,
                             (bf16(B, K, D), ids, fp32(D), L, fp32(L, D)), dgen))
     # 1 + 2**-10 is 1.0 in bf16: rounding the mask token before adding the fp32 pos_embed matters
     # (bitwise on any device: one rounding to bf16, then one fp32 add)
@@ -136,13 +124,13 @@ def test_mixed_dtypes_promote_like_reference(device):
 def test_empty_and_full_edge_cases(B, L, K, device):
     """K = 0 (all masked), B = 0, L = 0 and K = L (nothing masked: zero mask_token grad)."""
     gen = torch.Generator().manual_seed(3)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
     D = 72
     ids = _ids(B, L, K, gen, device)
-    _assert_checks(check_op("gather", functools.partial(gs.gather_tokens, **TRITON), gs.gather_tokens_ref,
+    assert_checks(check_op("gather", functools.partial(gs.gather_tokens, **TRITON), gs.gather_tokens_ref,
                             (randn(B, L, D), ids, randn(L, D)), dgen))
-    _assert_checks(check_op("scatter", functools.partial(gs.scatter_tokens, **TRITON), gs.scatter_tokens_ref,
+    assert_checks(check_op("scatter", functools.partial(gs.scatter_tokens, **TRITON), gs.scatter_tokens_ref,
                             (randn(B, K, D), ids, randn(D), L, randn(L, D)), dgen))
 
 
@@ -337,4 +325,4 @@ def test_launchers_reject_non_contiguous(device):
 @pytest.mark.gpu
 def test_gpu_checks_dit_xl_sizes():
     from maskdit_fast.ops.gpu_checks import run_checks
-    _assert_checks(run_checks(device="cuda", families=("gather_scatter",)))
+    assert_checks(run_checks(device="cuda", families=("gather_scatter",)))

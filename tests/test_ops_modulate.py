@@ -10,6 +10,7 @@ import torch
 
 from maskdit_fast.ops import modulate as md
 from maskdit_fast.ops.gpu_checks import check_op
+from conftest import assert_checks, grad_generator
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SMALL = [(3, 7, 72), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72)]
@@ -25,55 +26,42 @@ def _randn(*shape, dtype, gen, device, scale=1.0, grad=True):
     return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
 
 
-def _grad_gen(gen, device):
-    """Generator for check_op's random output grad, drawn on the output's device: gen itself on the
-    CPU (the draws the CPU runs always made), else a generator on device seeded like gen."""
-    if gen.device == torch.device(device):
-        return gen
-    return torch.Generator(device=device).manual_seed(gen.initial_seed())
-
-
-def _assert_checks(checks):
-    failed = [c for c in checks if not c.passed]
-    assert not failed, "\n".join(map(str, failed))
-
-
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 @pytest.mark.parametrize("shape,dtype", CASES, ids=str)
 def test_match_reference(shape, dtype, per_token, device):
     B, L, D = shape
     gen = torch.Generator().manual_seed(hash((shape, per_token)) % 2**31)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     randn = functools.partial(_randn, dtype=dtype, gen=gen, device=device)
     cond = (B, L, D) if per_token else (B, D)
     # a non-zero mean and unequal scales exercise the fp32 statistics
     x = (_randn(B, L, D, dtype=torch.float32, gen=gen, device=device, grad=False) * 3 + 1).to(dtype).requires_grad_()
-    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref,
+    assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref,
                             (x, randn(*cond), randn(*cond, scale=0.5)), dgen))
-    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, randn(B, L, D), randn(*cond)), dgen))
+    assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, randn(B, L, D), randn(*cond)), dgen))
 
 
 def test_cond_with_singleton_token_dim_and_eps(device):
     gen = torch.Generator().manual_seed(1)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
     B, L, D = 3, 7, 72
     x = randn(B, L, D, scale=1e-3)  # eps matters at this scale
-    _assert_checks(check_op("layernorm_modulate", functools.partial(LN, eps=1e-5),
+    assert_checks(check_op("layernorm_modulate", functools.partial(LN, eps=1e-5),
                             functools.partial(md.layernorm_modulate_ref, eps=1e-5),
                             (x, randn(B, 1, D), randn(B, 1, D)), dgen))
-    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, randn(B, L, D), randn(B, 1, D)), dgen))
+    assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, randn(B, L, D), randn(B, 1, D)), dgen))
 
 
 def test_mixed_dtypes_promote_like_reference(device):
     """fp32 residual stream with bf16 branch output and conditioning (the model under autocast)."""
     gen = torch.Generator().manual_seed(2)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     B, L, D = 3, 7, 72
     x = _randn(B, L, D, dtype=torch.float32, gen=gen, device=device)
     bf = functools.partial(_randn, dtype=torch.bfloat16, gen=gen, device=device)
-    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, (x, bf(B, D), bf(B, D)), dgen))
-    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, bf(B, L, D), bf(B, D)), dgen))
+    assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, (x, bf(B, D), bf(B, D)), dgen))
+    assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, bf(B, L, D), bf(B, D)), dgen))
 
 
 def test_packed_layout_matches_per_sample_conditioning(device):
@@ -96,14 +84,14 @@ def test_packed_layout_matches_per_sample_conditioning(device):
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 def test_empty(shape, per_token, device):
     gen = torch.Generator().manual_seed(4)
-    dgen = _grad_gen(gen, device)
+    dgen = grad_generator(gen, device)
     randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
     B, L, D = shape
     cond = (B, L, D) if per_token else (B, D)
     args = [randn(B, L, D)] + [randn(*cond)] * 2
-    _assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, tuple(args), dgen))
+    assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, tuple(args), dgen))
     args[1] = randn(B, L, D)
-    _assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, tuple(args), dgen))
+    assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, tuple(args), dgen))
 
 
 def test_non_contiguous_inputs(device):
@@ -222,4 +210,4 @@ def test_launchers_reject_non_contiguous(device):
 @pytest.mark.gpu
 def test_gpu_checks_dit_xl_sizes():
     from maskdit_fast.ops.gpu_checks import run_checks
-    _assert_checks(run_checks(device="cuda", families=("modulate",)))
+    assert_checks(run_checks(device="cuda", families=("modulate",)))
