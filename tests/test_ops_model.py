@@ -1,6 +1,6 @@
 """The full (tiny) MaskDiT through the Triton ops (the interpreter on CPU) gives the loss and
 gradients of the PyTorch reference ops; on a GPU machine the same tiny model runs the compiled kernels
-(the `device` fixture: weights and inputs drawn on the CPU, then moved)."""
+(the `device` fixture: weights and inputs drawn on the CPU, then moved), and through the CUDA extension."""
 import pytest
 import torch
 
@@ -34,18 +34,19 @@ def _grads(model, loss):
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mask_ratio", [0.5, 0.0])
-def test_maskdit_loss_and_grads_triton_vs_torch(mask_ratio, device):
-    """fp32, every op (attention included) on the Triton back-end. The randomised net amplifies fp32
-    rounding to ~1e-4 of each gradient's largest entry in either back-end, so that is the tolerance;
-    a wrong op gives errors of order one."""
+def test_maskdit_loss_and_grads_match_torch(mask_ratio, backend, device):
+    """fp32, every op on `backend` (Triton: attention included; the CUDA extension: the glue ops, with
+    attention on torch's SDPA). The randomised net amplifies fp32 rounding to ~1e-4 of each gradient's
+    largest entry in either back-end, so that is the tolerance; a wrong op gives errors of order one."""
     model, batch = _model_and_batch(mask_ratio, device)
     results = {}
-    for backend in ("torch", "triton"):
-        model.backend = backend
+    for name in ("torch", backend):
+        model.backend = name
         loss = MaskDiTLoss()(EDMPrecond(model), **batch).loss
-        results[backend] = loss.detach(), _grads(model, loss)
-    (loss, grads), (want_loss, want_grads) = results["triton"], results["torch"]
+        results[name] = loss.detach(), _grads(model, loss)
+    (loss, grads), (want_loss, want_grads) = results[backend], results["torch"]
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
     for (name, _), g, w in zip(model.named_parameters(), grads, want_grads):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-3 * w.abs().max().item(), msg=name)
