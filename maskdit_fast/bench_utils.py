@@ -132,6 +132,32 @@ def time_calls(call, device, warmup=5, reps=30, timer=None):
     return Stats.from_times(timer.times_ms())
 
 
+def time_graph_replays(call, calls_per_graph, device, warmup=2, reps=30, timer=None):
+    """Device time of `call()` without the host's share: `calls_per_graph` consecutive calls (one per
+    input set of a Rotation, so the inputs still come from HBM) captured into one CUDA graph, whose
+    replays are timed. Eager timings of a host-bound op include its Python / launch time; these don't.
+
+    Returns Stats per call (replay times / calls_per_graph). CUDA only; raises what capture raises
+    (e.g. an op that synchronizes).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise RuntimeError("CUDA-graph timing needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # lazy init, compilation and allocator growth stay out of the capture
+        for _ in range(warmup * calls_per_graph):
+            call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            call()
+    stats = time_calls(graph.replay, device, warmup=1, reps=reps, timer=timer)
+    return Stats(stats.median_ms / calls_per_graph, stats.p10_ms / calls_per_graph,
+                 stats.p90_ms / calls_per_graph, stats.n)
+
+
 # ---------------------------------------------------------------------------------------- costs
 
 @dataclasses.dataclass(frozen=True)

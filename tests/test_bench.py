@@ -202,6 +202,17 @@ def test_a_section_that_raises_keeps_the_report_and_stops_the_rest(tmp_path, mon
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
+def test_graph_timing_needs_cuda_and_reports_why_not():
+    """CUDA-graph replay timing (the device-only figure beside the eager one) is CUDA-only; a failure
+    becomes a reason on the row, never an exception."""
+    from maskdit_fast.bench_utils import time_graph_replays
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        time_graph_replays(lambda: None, 2, "cpu")
+    cfg = bench.make_config("cpu-quick", "cpu")
+    extra = bench._graph_timing(lambda *a: None, [((), None)], cfg, Timer)
+    assert set(extra) == {"graph_reason"} and "needs a CUDA device" in extra["graph_reason"]
+
+
 def test_spent_budget_skips_instead_of_timing():
     case, cfg = _residual_case(_fake_op)
     budget = bench.Budget(0)
