@@ -86,6 +86,36 @@ def test_compile_per_block_matches_eager():
     assert all(blocks[i]._compiled_call_impl is not None for blocks, i in transformer_blocks(net))
 
 
+def test_compiled_packed_blocks_do_not_recompile_per_keep_count_pattern(device):
+    """Per-sample mask ratios change the packed token count and max_seqlen every step. Dynamo recompiles
+    while it learns that they vary (automatic dynamic shapes: the first steps), then new count patterns
+    reuse the compiled graphs. Triton back-end (an opaque custom op; torch's CPU varlen reference loops
+    over the sequences in Python, which specialises per pattern)."""
+    from torch._dynamo.utils import counters
+
+    from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss
+    from maskdit_fast.masking import random_masking_packed
+    from maskdit_fast.models import MaskDiT
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = MaskDiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+                  decoder_depth=1, decoder_hidden_size=32, decoder_num_heads=2, backend="triton").to(device)
+    apply_compile(net, backend="aot_eager")
+    precond, g, graphs, patterns = EDMPrecond(net), torch.Generator().manual_seed(0), [], set()
+    for _ in range(8):
+        x, y = torch.randn(4, 3, 8, 8, generator=g).to(device), torch.randint(0, 5, (4,), generator=g).to(device)
+        packed, _ = random_masking_packed(torch.rand(4, generator=g, dtype=torch.float64) * 0.5 + 0.25,
+                                          net.num_patches, generator=g)
+        packed = packed._replace(ids=packed.ids.to(device), cu_seqlens=packed.cu_seqlens.to(device))
+        MaskDiTLoss()(precond, x, y, ids_keep=packed).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+        patterns.add(packed.counts)
+    torch._dynamo.reset()
+    assert len(patterns) == 8 and len(set(graphs[3:])) == 1, graphs
+
+
 def test_sharded_ema_plain_update():
     net = W.build()[0]
     ema, before = ShardedEMA(net), {k: v.clone() for k, v in net.state_dict().items()}
