@@ -32,10 +32,13 @@ def _resolve(name_or_model, input_size, in_channels):
     while isinstance(getattr(name_or_model, "_orig_mod", getattr(name_or_model, "module", None)), torch.nn.Module):
         name_or_model = getattr(name_or_model, "_orig_mod", None) or name_or_model.module
     if isinstance(name_or_model, tuple(MODEL_CLASSES.values())):
-        cfg = name_or_model.config
-        for key, value in (("input_size", input_size), ("in_channels", in_channels)):
-            if value is not None and _as_hw(value) != _as_hw(cfg[key]):
-                raise ValueError(f"{key}={value} differs from the model's {cfg[key]}")
+        cfg = dict(name_or_model.config)
+        if in_channels is not None and in_channels != cfg["in_channels"]:
+            raise ValueError(f"in_channels={in_channels} differs from the model's {cfg['in_channels']}")
+        if input_size is not None:  # the same weights at another size (MaskDiT's mixed resolutions)
+            if any(s % cfg["patch_size"] for s in _as_hw(input_size)):
+                raise ValueError(f"input_size={input_size} is not a multiple of the patch size {cfg['patch_size']}")
+            cfg["input_size"] = input_size
         return type(name_or_model), cfg
     raise TypeError(f"expected a preset name or a DiT/MaskDiT model, got {type(name_or_model).__name__}")
 
@@ -60,7 +63,8 @@ def model_flops(name_or_model, input_size=None, in_channels=None, mask_ratio=0.0
     Args:
         name_or_model: a preset name ("DiT-XL/2", "MaskDiT-B/4", ...) or a built DiT/MaskDiT
             (also inside torch.compile / DDP wrappers).
-        input_size: latent size (int or (H, W)); None = the preset's 32 or the model's own.
+        input_size: latent size (int or (H, W)); None = the preset's 32 or the model's own (a built
+            model at another size: its weights applied there, e.g. MaskDiT's mixed resolutions).
         in_channels: latent channels; None = the preset's 4 or the model's own.
         mask_ratio: MaskDiT's fraction of masked tokens in [0, 1) (encoder runs on the rest);
             must be 0 for DiT.

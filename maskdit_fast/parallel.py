@@ -435,7 +435,7 @@ class ThroughputMeter:
     matmul work at the step's mask ratio), so MFU = achieved FLOP/s per device / peak_flops.
 
     Args:
-        model: the DiT / MaskDiT (any wrapper) or a preset name.
+        model: the DiT / MaskDiT (any wrapper).
         world_size: devices sharing each global batch.
         peak_flops: peak FLOP/s of one device (None: MFU is not reported).
         device: where peak memory is read.
@@ -446,30 +446,33 @@ class ThroughputMeter:
             raise ValueError(f"peak_flops must be > 0 or None, got {peak_flops!r}")
         self.model = unwrap(model)
         self.world_size, self.peak_flops, self.device = int(world_size), peak_flops, torch.device(device)
-        self.tokens_per_image = self.model.num_patches
         self._flops_cache = {}
         self.reset()
 
     def reset(self):
         """Starts a new window now."""
-        self.start, self.images, self.flops = time.perf_counter(), 0, 0
+        self.start, self.images, self.tokens, self.flops = time.perf_counter(), 0, 0, 0
 
-    def _flops_per_image(self, mask_ratio):
-        if mask_ratio not in self._flops_cache:
-            self._flops_cache[mask_ratio] = train_step_flops(self.model, mask_ratio=mask_ratio)
-        return self._flops_cache[mask_ratio]
+    def _flops_per_image(self, mask_ratio, input_size):
+        key = (mask_ratio, input_size)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = train_step_flops(self.model, input_size=input_size, mask_ratio=mask_ratio)
+        return self._flops_cache[key]
 
-    def update(self, images, mask_ratio):
-        """Counts one optimizer step of `images` (global batch) at `mask_ratio`."""
+    def update(self, images, mask_ratio, input_size=None):
+        """Counts `images` trained at `mask_ratio` and model input size `input_size` ((H, W); None = the
+        model's own). One call per optimizer step, or per resolution group with mixed resolutions."""
+        h, w = self.model.input_size if input_size is None else tuple(input_size)
         self.images += images
-        self.flops += images * self._flops_per_image(float(mask_ratio))
+        self.tokens += images * (h // self.model.patch_size) * (w // self.model.patch_size)
+        self.flops += images * self._flops_per_image(float(mask_ratio), (h, w))
 
     def summary(self, reset=True):
         """dict: images_per_s, tokens_per_s (input patch tokens), tflops_per_device (achieved),
         mfu (when peak_flops is set), peak_mem_gib (this rank); then a new window starts."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = {"images_per_s": self.images / elapsed,
-               "tokens_per_s": self.images * self.tokens_per_image / elapsed,
+               "tokens_per_s": self.tokens / elapsed,
                "tflops_per_device": self.flops / elapsed / self.world_size / 1e12,
                "peak_mem_gib": peak_memory_gib(self.device)}
         if self.peak_flops:

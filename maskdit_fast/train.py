@@ -29,7 +29,7 @@ varlen stream, no padding):
                                 data size, multiples of the patch size; pixel data only), all
                                 groups through one encoder pass; each sample weighs the same in
                                 the loss. Sampling stays at the data's size. Throughput / MFU
-                                logs count every image at the data's size (an overestimate).
+                                logs count each group's images at the group's size.
 
 The loop is small composable functions (build_* / parallelize / train_step / save / load).
 """
@@ -530,7 +530,8 @@ def train(cfg, stop_at=None, progress=True):
                     say(f"warning: non-finite loss at step {state.step + 1}, update skipped "
                         f"({state.nan_skips}/{cfg.max_nan_skips})", file=sys.stderr)
                 state.step += 1
-                meter.update(cfg.batch_size, ratio)
+                for shape in shapes or [None]:  # mixed resolutions: each group at its own size
+                    meter.update(cfg.batch_size // max(1, len(shapes)), ratio, shape)
                 bar.update(1)
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                     m.update(mask_ratio=ratio, **meter.summary())

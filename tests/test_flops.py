@@ -51,8 +51,12 @@ def test_model_instance_and_errors():
         model = create_model("MaskDiT-S/2", input_size=16, in_channels=3)
     assert model_flops(model, mask_ratio=0.25) == model_flops("MaskDiT-S/2", 16, 3, mask_ratio=0.25)
     assert model_flops(torch.compile(model)) == model_flops(model)  # wrapper unwrapped, not compiled
+    # the same weights at another input size (mixed resolutions) count as the preset at that size
+    assert model_flops(model, input_size=(8, 16)) == model_flops("MaskDiT-S/2", (8, 16), 3)
     with pytest.raises(ValueError, match="differs"):
-        model_flops(model, input_size=32)
+        model_flops(model, in_channels=4)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model_flops(model, input_size=15)
     with pytest.raises(ValueError, match="DiT does not mask"):
         model_flops("DiT-S/2", mask_ratio=0.5)
     with pytest.raises(ValueError, match="mask_ratio"):

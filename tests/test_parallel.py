@@ -148,6 +148,12 @@ def test_throughput_meter():
     assert meter.images == 0  # a new window
     with pytest.raises(ValueError, match="peak_flops"):
         ThroughputMeter(net, peak_flops=0)
+    # mixed resolutions: each group's images count at the group's size (FLOPs and tokens)
+    meter.update(8, 0.5, (8, 8))
+    meter.update(8, 0.5, (4, 4))
+    assert meter.flops == 8 * (train_step_flops(net, input_size=8, mask_ratio=0.5)
+                               + train_step_flops(net, input_size=4, mask_ratio=0.5))
+    assert meter.tokens == 8 * 16 + 8 * 4 and meter.flops < 16 * train_step_flops(net, mask_ratio=0.5)
 
 
 def test_wrappers_need_a_process_group(monkeypatch):
