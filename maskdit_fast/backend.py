@@ -3,8 +3,8 @@
 Precedence: the per-call `backend=` keyword, then `set_backend(...)`, then the environment
 variable MASKDIT_FAST_BACKEND, then "auto". "auto" picks the fastest back-end that runs on the
 tensor's device, as measured on an H200 at MaskDiT-XL/2 shapes (benchmarks/results/2026-11-26-nvidia-h200*):
-the compiled "cuda" extension for the ops it implements (1.35-2.7x torch eager, forward + backward),
-else the "torch" reference (torch eager beat the Triton kernels' forward + backward there, 0.33-0.58x).
+the compiled "cuda" extension for the ops it implements (1.15-2.5x torch eager, forward + backward),
+else the "torch" reference (torch eager beat the Triton kernels' forward + backward there: 0.24-0.57x).
 "triton" is used only when asked for.
 """
 import contextlib
