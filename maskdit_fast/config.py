@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import List
 
+from maskdit_fast.backend import BACKENDS
+
 
 @dataclass
 class TrainConfig:
@@ -56,6 +58,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"             # fp32 | bf16 (autocast)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
+    ops_backend: str = "auto"           # maskdit_fast.ops back-end: auto (MASKDIT_FAST_BACKEND, else the
+    #                                     measured fastest) | torch | triton | cuda
     threads: int = 0                    # torch CPU threads (0 = leave torch's default)
     max_nan_skips: int = 0              # non-finite losses tolerated (step skipped) before stopping
     # scale-out (launch with torchrun; see maskdit_fast.parallel)
@@ -103,6 +107,8 @@ class TrainConfig:
              "lr_warmup_steps, lr_decay_steps and max_nan_skips must be >= 0"),
             (self.num_classes >= 1, "num_classes must be >= 1"),
             (self.parallel in ("none", "ddp", "fsdp"), f"parallel must be none, ddp or fsdp, got {self.parallel!r}"),
+            (self.ops_backend in ("auto",) + BACKENDS,
+             f"ops_backend must be one of {('auto',) + BACKENDS}, got {self.ops_backend!r}"),
             (self.activation_checkpointing in ("none", "full", "selective"),
              f"activation_checkpointing must be none, full or selective, got {self.activation_checkpointing!r}"),
             (self.peak_tflops >= 0 and self.debug_crash_at_step >= 0,

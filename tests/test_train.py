@@ -160,3 +160,12 @@ def test_config_precedence(tmp_path):
         parse_config(["--config", str(bad)])
     with pytest.raises(ValueError, match="not divisible by grad_accum"):
         parse_config(["--batch-size", "10", "--grad-accum", "3"])
+    with pytest.raises(ValueError, match="ops_backend must be one of"):
+        parse_config(["--ops-backend", "fast"])
+
+
+@pytest.mark.parametrize("name,expected", [("auto", None), ("torch", "torch"), ("triton", "triton")])
+def test_ops_backend_reaches_the_model(name, expected, tmp_path):
+    """--ops-backend sets the model's op back-end; auto leaves it to the process-wide switch."""
+    cfg = tiny(tmp_path, ops_backend=name)
+    assert T.build_model(cfg, (1, 8, 8)).backend == expected
