@@ -6,9 +6,12 @@ Precedence (later wins): dataclass defaults < preset (`--preset`, default "mnist
 """
 import argparse
 import dataclasses
+import inspect
+import io
 import json
 import os
 import numbers
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from typing import List
@@ -23,43 +26,42 @@ class TrainConfig:
     run_dir: str = ""                   # output directory (checkpoints, logs, grids)
     # data
     data: str = "mnist5k"               # "mnist5k" | "digits" | directory of latent shards
-    num_classes: int = 10
+    num_classes: int = 10               # label classes (CFG's null class comes on top)
     # model: maskdit_fast.models.create_model(model, input_size=, in_channels=, num_classes=, **model_kwargs)
-    model: str = "MaskDiT-S/2"
-    model_kwargs: dict = field(default_factory=dict)
+    model: str = "MaskDiT-S/2"          # preset: DiT-* or MaskDiT-* (e.g. MaskDiT-XL/2)
+    model_kwargs: dict = field(default_factory=dict)  # JSON overrides of the preset's architecture
     # EDM loss
-    P_mean: float = -1.2
-    P_std: float = 1.2
-    sigma_data: float = 0.5
-    mae_coef: float = 0.1
+    P_mean: float = -1.2                # EDM: mean of log sigma of the training noise
+    P_std: float = 1.2                  # EDM: std of log sigma
+    sigma_data: float = 0.5             # EDM: data standard deviation
+    mae_coef: float = 0.1               # weight of the MAE loss on masked patches
     mask_ratio: float = 0.5             # pre-training ratio; 0 = plain DiT / unmasked fine-tuning
     mask_schedule: str = "constant"     # constant | linear | cosine (mask_ratio -> mask_ratio_end)
-    mask_ratio_end: float = 0.0
+    mask_ratio_end: float = 0.0         # final ratio of the linear / cosine schedule
     unmasked_steps: int = 0             # final steps trained at ratio 0 (train/test mismatch fix)
     # per-sample mask ratios ~ U[low, high) during the masked phase, replacing mask_ratio (MaskDiT's
     # packed encoder); [] = off
-    mask_ratio_range: List[float] = field(default_factory=list)
+    mask_ratio_range: List[float] = field(default_factory=list)  # LOW HIGH (see above); empty = off
     # each global micro-batch split round-robin into groups at these image sizes (average-pooled
     # pixel data; MaskDiT, one packed encoder pass over all groups); [] = the data's own size only
-    mixed_resolutions: List[int] = field(default_factory=list)
+    mixed_resolutions: List[int] = field(default_factory=list)  # sizes of the groups (see above); empty = off
     label_dropout: float = 0.1          # fraction of labels replaced by the null class (CFG)
     # optimisation
     steps: int = 1000                   # total optimizer steps
     batch_size: int = 128               # global batch per optimizer step
     grad_accum: int = 1                 # micro-batches per step (batch_size % grad_accum == 0)
-    lr: float = 1e-4
+    lr: float = 1e-4                    # peak AdamW learning rate
     lr_warmup_steps: int = 0            # linear warm-up, then constant
     lr_decay_steps: int = 0             # final steps with linear decay to 0 (0 = constant lr)
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.999
+    weight_decay: float = 0.0           # AdamW weight decay
+    adam_beta2: float = 0.999           # AdamW beta2
     grad_clip: float = 0.0              # max grad norm (0 = off)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999           # EMA decay of the sampled / exported weights
     ema_warmup: bool = True             # decay = min(ema_decay, (1 + step) / (10 + step))
-    seed: int = 0
+    seed: int = 0                       # seeds the init, data order, masks and noise
     precision: str = "fp32"             # fp32 | bf16 (autocast)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    ops_backend: str = "auto"           # maskdit_fast.ops back-end: auto (MASKDIT_FAST_BACKEND, else the
-    #                                     measured fastest) | torch | triton | cuda
+    ops_backend: str = "auto"           # auto (MASKDIT_FAST_BACKEND, else the fastest) | torch | triton | cuda
     threads: int = 0                    # torch CPU threads (0 = leave torch's default)
     max_nan_skips: int = 0              # non-finite losses tolerated (step skipped) before stopping
     # scale-out (launch with torchrun; see maskdit_fast.parallel)
@@ -74,14 +76,14 @@ class TrainConfig:
     # run control
     resume: str = "auto"                # auto (latest in run dir) | never | path to a checkpoint
     init_from: str = ""                 # start a new stage from a checkpoint's weights (e.g. fine-tuning)
-    log_every: int = 50
-    ckpt_every: int = 500
-    keep_last: int = 3
+    log_every: int = 50                 # steps between metrics lines
+    ckpt_every: int = 500               # steps between checkpoints
+    keep_last: int = 3                  # checkpoints kept
     sample_every: int = 0               # sample grid every N steps (0 = only at the end)
     # sampling (grids and the final evaluation)
-    sample_steps: int = 18
-    sample_cfg: float = 1.5
-    sample_solver: str = "heun"
+    sample_steps: int = 18              # sampler steps (grids, final evaluation)
+    sample_cfg: float = 1.5             # classifier-free guidance scale when sampling
+    sample_solver: str = "heun"         # heun | euler
     sample_per_class: int = 10          # grid rows per class at the end; also the eval sample count
     eval_per_class: int = 50            # samples per class scored by the digit classifier (mnist5k)
 
@@ -243,6 +245,17 @@ def load_config_file(path):
 
 
 _HIDDEN = {"debug_crash_at_step"}  # test-only knobs, left out of --help
+
+
+def _field_help():
+    """{field: its trailing comment in TrainConfig's source}: the --help text of each flag."""
+    helps, line_field = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(TrainConfig)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            helps[line_field[tok.start[0]]] = tok.string.lstrip("#").strip().replace("%", "%%")  # argparse
+    return helps
 _NARGS = {"mask_ratio_range": 2}  # list flags with a fixed count (others take one or more values)
 
 
@@ -253,9 +266,10 @@ def build_parser():
                                      description="Train MaskDiT / DiT with the EDM loss.")
     parser.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="base recipe")
     parser.add_argument("--config", default=None, help="TOML or JSON file of config keys")
+    helps = _field_help()
     for name, typ in _field_types().items():
         flag = "--" + name.replace("_", "-")
-        hidden = dict(help=argparse.SUPPRESS) if name in _HIDDEN else {}
+        hidden = dict(help=argparse.SUPPRESS if name in _HIDDEN else helps.get(name))
         if typ is bool:
             parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, **hidden)
         elif typ is dict:

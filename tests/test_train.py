@@ -164,6 +164,13 @@ def test_config_precedence(tmp_path):
         parse_config(["--ops-backend", "fast"])
 
 
+def test_every_flag_has_help():
+    """--help text comes from the comments in TrainConfig: a new field without one fails here."""
+    from maskdit_fast.config import build_parser
+    missing = [a.dest for a in build_parser()._actions if a.option_strings and not a.help]
+    assert not missing, missing
+
+
 @pytest.mark.parametrize("name,expected", [("auto", None), ("torch", "torch"), ("triton", "triton")])
 def test_ops_backend_reaches_the_model(name, expected, tmp_path):
     """--ops-backend sets the model's op back-end; auto leaves it to the process-wide switch."""
