@@ -87,12 +87,10 @@ def generate(precond, labels, seeds, batch_size=64, **sampler_kwargs):
         raise ValueError(f"{len(seeds)} seeds for {labels.shape[0]} labels")
     net = precond.net
     device = next(net.parameters()).device
-    resolution = net.input_size[0] if isinstance(net.input_size, tuple) else net.input_size
     out = []
-    for i in range(0, len(seeds), batch_size):
+    for i in range(0, len(seeds), batch_size):  # sample() draws at the network's own (H, W)
         y = labels[i:i + batch_size].to(device)
-        out.append(sample(precond, y, seed=list(seeds[i:i + batch_size]), resolution=resolution,
-                          **sampler_kwargs).cpu())
+        out.append(sample(precond, y, seed=list(seeds[i:i + batch_size]), **sampler_kwargs).cpu())
     return torch.cat(out)
 
 

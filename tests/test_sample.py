@@ -73,3 +73,13 @@ def test_errors(run_dir, tmp_path):
         load_for_sampling(str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="save_grid needs"):
         save_grid(torch.zeros(2, 2, 4, 4), str(tmp_path / "x.png"), nrow=2)
+
+
+def test_generate_non_square_model():
+    """A model for H != W data samples at its own (H, W)."""
+    from maskdit_fast.diffusion import EDMPrecond
+    from maskdit_fast.models import MaskDiT
+    net = MaskDiT(input_size=(8, 16), patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                  num_classes=3, decoder_depth=1, decoder_hidden_size=32, decoder_num_heads=2).eval()
+    out = generate(EDMPrecond(net), torch.tensor([0, 2]), [0, 1], num_steps=2)
+    assert out.shape == (2, 1, 8, 16) and torch.isfinite(out).all()
