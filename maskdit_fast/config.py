@@ -115,6 +115,9 @@ class TrainConfig:
              f"activation_checkpointing must be none, full or selective, got {self.activation_checkpointing!r}"),
             (self.peak_tflops >= 0 and self.debug_crash_at_step >= 0,
              "peak_tflops and debug_crash_at_step must be >= 0"),
+            (self.sample_steps >= 1 and self.sample_cfg >= 0, "sample_steps must be >= 1 and sample_cfg >= 0"),
+            (min(self.sample_every, self.sample_per_class, self.eval_per_class, self.grad_clip) >= 0,
+             "sample_every, sample_per_class, eval_per_class and grad_clip must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

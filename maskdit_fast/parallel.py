@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from maskdit_fast.flops import train_step_flops
+from maskdit_fast.masking import num_kept
 
 AC_MODES = ("none", "full", "selective")
 PARALLEL_MODES = ("none", "ddp", "fsdp")
@@ -454,7 +455,10 @@ class ThroughputMeter:
         self.start, self.images, self.tokens, self.flops = time.perf_counter(), 0, 0, 0
 
     def _flops_per_image(self, mask_ratio, input_size):
-        key = (mask_ratio, input_size)
+        # keyed by the kept-token count (what the FLOPs depend on): a scheduled ratio, new every step,
+        # must not grow the cache without bound
+        tokens = (input_size[0] // self.model.patch_size) * (input_size[1] // self.model.patch_size)
+        key = (num_kept(tokens, mask_ratio), input_size)
         if key not in self._flops_cache:
             self._flops_cache[key] = train_step_flops(self.model, input_size=input_size, mask_ratio=mask_ratio)
         return self._flops_cache[key]

@@ -154,6 +154,10 @@ def test_throughput_meter():
     assert meter.flops == 8 * (train_step_flops(net, input_size=8, mask_ratio=0.5)
                                + train_step_flops(net, input_size=4, mask_ratio=0.5))
     assert meter.tokens == 8 * 16 + 8 * 4 and meter.flops < 16 * train_step_flops(net, mask_ratio=0.5)
+    # a scheduled ratio changes every step; the FLOP cache grows only with the kept-token count
+    for step in range(50):
+        meter.update(1, 0.5 * step / 50)
+    assert len(meter._flops_cache) <= 2 + 16
 
 
 def test_wrappers_need_a_process_group(monkeypatch):

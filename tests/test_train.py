@@ -162,6 +162,10 @@ def test_config_precedence(tmp_path):
         parse_config(["--batch-size", "10", "--grad-accum", "3"])
     with pytest.raises(ValueError, match="ops_backend must be one of"):
         parse_config(["--ops-backend", "fast"])
+    with pytest.raises(ValueError, match="sample_steps must be >= 1"):  # before training, not after it
+        parse_config(["--sample-steps", "0"])
+    with pytest.raises(ValueError, match="grad_clip must be >= 0"):
+        parse_config(["--grad-clip", "-1"])
 
 
 def test_every_flag_has_help():
