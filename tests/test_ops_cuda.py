@@ -167,6 +167,10 @@ META_CASES = [
      (_meta(2, 5, 8, dtype=f16), _meta(2, 5, 8, dtype=f16), _meta(2, 5, 8, dtype=f16))),
     ("gated_residual fixed gate", cb.gated_residual, md.gated_residual_ref,
      (_meta(2, 5, 8), _meta(2, 5, 8), _meta(2, 8, grad=False))),
+    ("layernorm_modulate [B, 1, D]", cb.layernorm_modulate, md.layernorm_modulate_ref,
+     (_meta(2, 5, 8, dtype=bf16), _meta(2, 1, 8, dtype=bf16), _meta(2, 1, 8, dtype=bf16))),
+    ("gated_residual [B, 1, D]", cb.gated_residual, md.gated_residual_ref,
+     (_meta(2, 5, 8), _meta(2, 5, 8), _meta(2, 1, 8))),
 ]
 
 

@@ -125,10 +125,14 @@ def _check_pos(pos_embed, L, D, device):
 
 
 def _check_cond(name, t, B, L, D, device):
+    """t as [B, D] (per sample; [B, 1, D] too, as the public op takes it) or [B, L, D] (per token)."""
     _check_float(name, t, device)
+    if tuple(t.shape) == (B, 1, D) and L != 1:
+        return t.reshape(B, D)
     if tuple(t.shape) not in ((B, D), (B, L, D)):
-        raise ValueError(f"backend 'cuda': {name} must be [B, D] = [{B}, {D}] or [B, L, D] = [{B}, {L}, {D}] "
-                         f"(got shape {tuple(t.shape)})")
+        raise ValueError(f"backend 'cuda': {name} must be [B, D] = [{B}, {D}], [B, 1, D] or [B, L, D] = "
+                         f"[{B}, {L}, {D}] (got shape {tuple(t.shape)})")
+    return t
 
 
 def _result_dtype(*tensors):
@@ -265,7 +269,7 @@ def layernorm_modulate(x, shift, scale, eps=1e-6):
 
     Args:
         x: [B, L, D] CUDA float32/float16/bfloat16.
-        shift, scale: [B, D] (per sample) or [B, L, D] (per token).
+        shift, scale: [B, D] or [B, 1, D] (per sample), or [B, L, D] (per token).
         eps: LayerNorm epsilon.
     Returns:
         [B, L, D] in the promoted dtype of x, shift and scale. Backward: dx; dshift = sum over
@@ -273,8 +277,8 @@ def layernorm_modulate(x, shift, scale, eps=1e-6):
     """
     _ops()
     B, L, D = _check_x("x", x)
-    _check_cond("shift", shift, B, L, D, x.device)
-    _check_cond("scale", scale, B, L, D, x.device)
+    shift = _check_cond("shift", shift, B, L, D, x.device)
+    scale = _check_cond("scale", scale, B, L, D, x.device)
     if shift.dim() != scale.dim():  # mixed per-sample / per-token: broadcast the per-sample one
         if shift.dim() == 2:
             shift = shift.unsqueeze(1).expand(B, L, D)
@@ -289,7 +293,7 @@ def gated_residual(x, y, gate):
 
     Args:
         x, y: [B, L, D] CUDA float32/float16/bfloat16.
-        gate: [B, D] (per sample, broadcast over tokens) or [B, L, D].
+        gate: [B, D] or [B, 1, D] (per sample, broadcast over tokens), or [B, L, D].
     Returns:
         [B, L, D] in the promoted dtype. Backward: dx = g, dy = gate * g, dgate = sum over tokens
         of g * y (per-token gate: no sum).
@@ -299,7 +303,7 @@ def gated_residual(x, y, gate):
     _check_float("y", y, x.device)
     if y.shape != x.shape:
         raise ValueError(f"backend 'cuda': y must match x {tuple(x.shape)} (got {tuple(y.shape)})")
-    _check_cond("gate", gate, B, L, D, x.device)
+    gate = _check_cond("gate", gate, B, L, D, x.device)
     dtype = _result_dtype(x, y, gate)
     return _GatedResidual.apply(_prep(x, dtype), _prep(y, dtype), _prep(gate, dtype))
 
