@@ -71,6 +71,8 @@ def op_benchmark(cfg, peaks, timed):
     record GB/s or TFLOP/s and % of floor in extra_info."""
 
     def run(case, backend, pass_):
+        if backend not in case.backends:
+            pytest.skip(f"{case.name} has no {backend} back-end")
         if backend == "compile" and not cfg.compile:
             pytest.skip(f"torch.compile off in mode {cfg.mode}")
         try:

@@ -14,8 +14,9 @@ _LABELS = [v[0] for v in bench.train_variants(bench.make_config("cpu", "cpu"))]
 @pytest.mark.parametrize("index", range(len(_LABELS)), ids=_LABELS)
 def test_train_step(index, cfg, peaks, timed, device):
     label, preset, overrides, backend, ratio = bench.train_variants(cfg)[index]
-    if backend == "auto" and device.type != "cuda":
-        pytest.skip("the fused back-end needs a CUDA GPU (auto resolves to torch on CPU)")
+    reason = bench.train_variant_skip(backend, device)
+    if reason:
+        pytest.skip(reason)
     step, model, batch = bench.prepare_train_variant(preset, overrides, backend, ratio, cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

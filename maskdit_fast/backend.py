@@ -61,8 +61,9 @@ def triton_available():
 def resolve_backend(backend, device, cuda_impl=True):
     """Returns the concrete back-end ("torch", "triton" or "cuda") for a call on `device`.
 
-    cuda_impl: whether the op has a "cuda" (csrc/) implementation, for "auto". Raises a clear error when
-    the requested back-end cannot run there.
+    cuda_impl: whether the op has a "cuda" (csrc/) implementation; ops without one run "torch" for "auto"
+    and "cuda" alike (the extension holds the dense glue ops only). Raises a clear error when the
+    requested back-end cannot run there.
     """
     name = backend or get_backend()
     device = torch.device(device)
@@ -74,6 +75,8 @@ def resolve_backend(backend, device, cuda_impl=True):
         return "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {('auto',) + BACKENDS}")
+    if name == "cuda" and not cuda_impl:
+        return "torch"
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend 'triton' requested but triton is not installed")

@@ -49,6 +49,7 @@ GPU_ONLY_BACKENDS = ("triton", "cuda", "flash_attn", "xformers", "sdpa_flash", "
                      "torch_varlen")
 # In priority order: a spent section budget drops the last ones first.
 OP_BACKENDS = ("torch", "triton", "cuda", "compile")
+VARLEN_OP_BACKENDS = ("torch", "triton", "compile")  # the CUDA extension has no varlen gather/scatter
 # ("cuda" has no attention kernel of its own: it runs "triton".)
 ATTENTION_BACKENDS = ("torch", "triton", "sdpa_flash", "sdpa_cudnn", "torch_varlen", "flash_attn", "xformers",
                       "sdpa_efficient")
@@ -262,10 +263,10 @@ def op_cases(cfg):
                OP_BACKENDS),
         OpCase("gather_tokens_varlen", f"[{B},{L},{D}] -> [{T},{D}] +pos, {varlen}", ops.gather_tokens_varlen,
                ops.gather_tokens_varlen_ref, gather_varlen_args, (0,), gather_tokens_cost(B, L, K, D, elem),
-               "memory", OP_BACKENDS),
+               "memory", VARLEN_OP_BACKENDS),
         OpCase("scatter_tokens_varlen", f"[{T},{Dd}] -> [{B},{L},{Dd}] +mask +pos, {varlen}",
                ops.scatter_tokens_varlen, ops.scatter_tokens_varlen_ref, scatter_varlen_args, (0, 3),
-               scatter_tokens_cost(B, L, K, Dd, elem), "memory", OP_BACKENDS),
+               scatter_tokens_cost(B, L, K, Dd, elem), "memory", VARLEN_OP_BACKENDS),
         OpCase("layernorm_modulate", f"[{B},{K},{D}]", ops.layernorm_modulate, ops.layernorm_modulate_ref,
                modulate_args, (0, 1, 2), layernorm_modulate_cost(B, K, D, elem), "memory", OP_BACKENDS),
         OpCase("gated_residual", f"[{B},{K},{D}]", ops.gated_residual, ops.gated_residual_ref, residual_args,
@@ -741,14 +742,21 @@ def _nominal_peak(device):
     return next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
 
 
+def train_variant_skip(backend, device):
+    """Why a train-step variant on `backend` cannot run on `device` (None when it can)."""
+    if backend in ("auto", "triton") and torch.device(device).type != "cuda":
+        return f"the {backend} back-end variant needs a CUDA GPU"
+    return None
+
+
 def run_train_section(cfg, budget, peaks, timer_factory=Timer):
     """Rows for every train_variants(cfg) entry, with `vs_baseline` = images/s over the baseline's
     (the pure-PyTorch MaskDiT). The fused variant needs a GPU and is skipped elsewhere."""
     rows = []
     for label, preset, overrides, backend, ratio in train_variants(cfg):
-        if backend in ("auto", "triton") and torch.device(cfg.device).type != "cuda":
-            rows.append(dict(variant=label, model=preset, status="skipped",
-                             reason=f"the {backend} back-end variant needs a CUDA GPU"))
+        reason = train_variant_skip(backend, cfg.device)
+        if reason:
+            rows.append(dict(variant=label, model=preset, status="skipped", reason=reason))
             continue
         if budget.spent():
             rows.append(dict(variant=label, model=preset, status="skipped",

@@ -43,6 +43,8 @@ def test_auto_on_cuda_is_the_extension_when_built_else_torch(built, monkeypatch)
     assert resolve_backend("auto", "cuda", cuda_impl=False) == "torch"
     assert resolve_attention_backend("auto", "cuda") == resolve_attention_backend("cuda", "cuda") == "torch"
     assert resolve_backend("auto", "cpu") == "torch"
+    # an explicit "cuda" for an op the extension lacks runs the reference, as attention always did
+    assert resolve_backend("cuda", "cuda", cuda_impl=False) == "torch"
 
 
 def test_use_backend_restores_on_exit_and_on_error():

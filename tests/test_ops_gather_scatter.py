@@ -326,3 +326,16 @@ def test_launchers_reject_non_contiguous(device):
 def test_gpu_checks_dit_xl_sizes():
     from maskdit_fast.ops.gpu_checks import run_checks
     assert_checks(run_checks(device="cuda", families=("gather_scatter",)))
+
+
+def test_cuda_backend_without_a_varlen_kernel_runs_the_reference():
+    """The CUDA extension has no varlen gather/scatter: backend="cuda" (e.g. --ops-backend cuda with
+    per-sample mask ratios) runs the torch reference instead of failing."""
+    gen = torch.Generator().manual_seed(11)
+    ids, cu = _packed([2, 0, 3], 6, gen, "cpu")
+    x, pos = torch.randn(3, 6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    assert torch.equal(gs.gather_tokens_varlen(x, ids, cu, pos, backend="cuda"),
+                       gs.gather_tokens_varlen_ref(x, ids, cu, pos))
+    src, fill = torch.randn(5, 8, generator=gen), torch.randn(8, generator=gen)
+    assert torch.equal(gs.scatter_tokens_varlen(src, ids, cu, fill, 6, pos, backend="cuda"),
+                       gs.scatter_tokens_varlen_ref(src, ids, cu, fill, 6, pos))

@@ -52,9 +52,7 @@ def resolve_attention_backend(backend, device):
         return name
     if name not in ("auto",) + ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto',) + ATTENTION_BACKENDS}")
-    if name == "cuda":  # no CUDA-extension attention: torch's SDPA / varlen_attn is the fast path
-        name = "torch"
-    return resolve_backend(name, device, cuda_impl=False)
+    return resolve_backend(name, device, cuda_impl=False)  # no CUDA-extension attention: "cuda" runs torch
 
 
 def _softmax_scale(softmax_scale, head_dim):

@@ -304,9 +304,7 @@ _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
 def _cuda_op(name):
-    from maskdit_fast.ops import cuda_backend
-    if not hasattr(cuda_backend, name):
-        raise NotImplementedError(f"{name}: backend 'cuda' does not implement it")
+    from maskdit_fast.ops import cuda_backend  # imported on first use, like the Triton kernels
     return getattr(cuda_backend, name)
 
 
@@ -385,8 +383,6 @@ def gather_tokens_varlen(x, ids_packed, cu_seqlens, pos_embed=None, *, backend=N
     name = resolve_backend(backend, x.device, cuda_impl=False)
     if name == "torch":
         return gather_tokens_varlen_ref(x, ids_packed, cu_seqlens, pos_embed)
-    if name == "cuda":
-        return _cuda_op("gather_tokens_varlen")(x, ids_packed, cu_seqlens, pos_embed)
     return _gather_op(x, ids_packed, cu_seqlens, pos_embed)
 
 
@@ -410,7 +406,4 @@ def scatter_tokens_varlen(x_packed, ids_packed, cu_seqlens, mask_token, length, 
     name = resolve_backend(backend, x_packed.device, cuda_impl=False)
     if name == "torch":
         return scatter_tokens_varlen_ref(x_packed, ids_packed, cu_seqlens, mask_token, length, pos_embed)
-    if name == "cuda":
-        return _cuda_op("scatter_tokens_varlen")(x_packed, ids_packed, cu_seqlens, mask_token, length,
-                                                 pos_embed)
     return _scatter_op(x_packed, ids_packed, cu_seqlens, mask_token, length, pos_embed)
