@@ -26,7 +26,7 @@ def cuda_extension():
         print(f"maskdit_fast: CUDA extension skipped (torch.version.cuda={torch.version.cuda}, "
               f"CUDA_HOME={CUDA_HOME})")
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # A100, H100/H200; PTX for newer cards
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     ext = CUDAExtension(

@@ -350,7 +350,8 @@ def write_reports(results, out):
 def main(argv=None):
     """CLI entry point (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results/reproduce_small", help="PNG / JSON / Markdown folder")
+    p.add_argument("--out", default=None, help="PNG / JSON / Markdown folder (default benchmarks/results/"
+                   "reproduce_small; runs/reproduce_small_quick with --quick, so the committed results stay)")
     p.add_argument("--runs", default=None, help="run dirs (default runs/reproduce_small; <out>/runs with --quick)")
     p.add_argument("--num-samples", type=int, default=None, help=f"samples per evaluation ({DEFAULT_SAMPLES})")
     p.add_argument("--sample-steps", type=int, default=None, help=f"EDM sampler steps ({DEFAULT_SAMPLE_STEPS})")
@@ -360,6 +361,8 @@ def main(argv=None):
     p.add_argument("--replot", action="store_true",
                    help="no training: redo the comparison, PNG and .md from <out>/results.json")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = "runs/reproduce_small_quick" if args.quick else "benchmarks/results/reproduce_small"
     if args.replot:
         with open(os.path.join(args.out, "results.json")) as f:
             results = json.load(f)

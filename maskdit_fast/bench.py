@@ -39,6 +39,7 @@ from maskdit_fast.bench_utils import (Rotation, Stats, Timer, achieved, attentio
                                       measure_copy_bandwidth, measure_matmul_peak, rotation_count,
                                       scatter_tokens_cost, time_calls, time_graph_replays, varlen_attention_cost)
 from maskdit_fast.flops import train_step_flops
+from maskdit_fast.parallel import default_peak_flops, peak_memory_gib
 from maskdit_fast.ops.gather_scatter import VALIDATE_ENV_VAR
 
 SCHEMA = 1
@@ -61,8 +62,6 @@ EXTERNAL_CHECKS = (("maskdit_fast.ops.gpu_checks", "run_checks"),
                    ("maskdit_fast.ops.attention_gpu_checks", "run_checks"),
                    ("maskdit_fast.ops.cuda_gpu_checks", "run_checks"))
 EXTERNAL_TIMINGS = (("maskdit_fast.ops.attention_gpu_checks", "benchmark"),)
-# Nominal dense bf16 tensor-core peaks (TFLOP/s, SXM parts) for the conventional MFU figure.
-NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -709,13 +708,13 @@ def train_figures(model, batch, mask_ratio, ms, device, peaks):
     peak) and CUDA peak memory for a step of `ms` milliseconds."""
     out = dict(images_per_s=batch / ms * 1e3, params_M=sum(p.numel() for p in model.parameters()) / 1e6)
     if torch.device(device).type == "cuda":
-        out["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_mem_GiB"] = peak_memory_gib(device)
     out["TFLOPs"] = train_step_flops(model, batch=batch, mask_ratio=mask_ratio) / ms / 1e9
     if peaks and peaks.get("matmul_TFLOPs"):
         out["mfu"] = out["TFLOPs"] / peaks["matmul_TFLOPs"]
-    nominal = _nominal_peak(device)
+    nominal = default_peak_flops(device)  # the card's nominal dense bf16 peak (the trainer's MFU basis)
     if nominal:
-        out["mfu_nominal"] = out["TFLOPs"] / nominal
+        out["mfu_nominal"] = out["TFLOPs"] * 1e12 / nominal
     return out
 
 
@@ -733,13 +732,6 @@ def run_train_variant(label, preset, overrides, backend, mask_ratio, cfg, peaks,
     del step, model
     _free_cuda()
     return row
-
-
-def _nominal_peak(device):
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_properties(device).name
-    return next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
 
 
 def train_variant_skip(backend, device):
@@ -1033,6 +1025,8 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.cpu_quick else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA device is available")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, streams and graph capture follow the current device
     if args.cpu_quick and device.type != "cpu":
         parser.error("--cpu-quick runs on the CPU only")
     if device.type == "cuda":

@@ -1,20 +1,18 @@
-"""Test setup. Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be
-set before triton is first imported, so it is decided here without importing torch."""
-import glob
+"""Test setup. Without a usable GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be
+set before triton is first imported (importing torch and asking it for CUDA does not import triton)."""
+import inspect
 import os
 
-HAS_GPU = bool(glob.glob("/dev/nvidia[0-9]*"))
-if not HAS_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-# Where the kernel tests run: the GPU when there is one (compiled kernels), else the CPU (Triton
+# Where the kernel tests run: the GPU when torch can use one (compiled kernels), else the CPU (Triton
 # interpreted). The same small odd-shape grids then check the real kernels on a GPU machine.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture
@@ -46,6 +44,8 @@ def _fix_old_interpreter_scalars():
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8):
         return
     patch_tensor = interpreter._patch_lang_tensor
+    if "scope" not in inspect.signature(patch_tensor).parameters:  # triton < 3.4 patches another way
+        return
 
     def patched(tensor, scope):
         patch_tensor(tensor, scope)
