@@ -94,8 +94,10 @@ def build_model(cfg, sample_shape):
     """The network for data of shape (C, H, W), from cfg.model / cfg.model_kwargs (fp32), running its ops
     on cfg.ops_backend ("auto": the process-wide switch, i.e. MASKDIT_FAST_BACKEND or the fastest)."""
     c, h, w = sample_shape
+    # check_inputs=False: the datasets validate every label when built and the trainer draws the masks
+    # itself, so the model's per-step value checks (device syncs) would only repeat them
     kwargs = dict(input_size=(h, w), in_channels=c, num_classes=cfg.num_classes,
-                  backend=None if cfg.ops_backend == "auto" else cfg.ops_backend)
+                  backend=None if cfg.ops_backend == "auto" else cfg.ops_backend, check_inputs=False)
     kwargs.update(cfg.model_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # init depends on the seed only, not on earlier RNG use

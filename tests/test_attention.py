@@ -221,6 +221,19 @@ def test_cu_seqlens_check_reruns_after_in_place_change():
         ops.varlen_attention(q, q, q, c, c, 7, 7, backend="torch")
 
 
+def test_validate_false_skips_the_cu_seqlens_value_check(monkeypatch):
+    """validate=False (the model's own cu_seqlens) skips the value check, its one device sync; the
+    structural checks still run."""
+    q, c = torch.randn(6, 1, 64), cu([2, 4])
+    attn_mod._checked_cu.clear()
+    ops.varlen_attention_qkvpacked(torch.stack([q, q, q], 1), c, 4, backend="torch", validate=False)
+    assert id(c) not in attn_mod._checked_cu
+    ops.varlen_attention_qkvpacked(torch.stack([q, q, q], 1), c, 4, backend="torch")
+    assert id(c) in attn_mod._checked_cu
+    with pytest.raises(TypeError, match="int32"):
+        ops.varlen_attention(q, q, q, c.long(), c.long(), 4, 4, backend="torch", validate=False)
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter run of the GPU check/benchmark code at toy "
                     "sizes; on a GPU test_gpu_kernels_match_float64 and the report script run it for real")
 def test_gpu_check_and_benchmark_code_paths_on_cpu():

@@ -73,6 +73,8 @@ def test_maskdit_float64_triton_ops_match_torch(monkeypatch, device):
         loss = (out * w).sum()
         results[backend] = loss.detach(), _grads(model, loss)
     (loss, grads), (want_loss, want_grads) = results["triton"], results["torch"]
-    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    # 1e-11: the random-weight net amplifies float64 rounding to ~1e-12 relative, and BLAS results shift
+    # with buffer alignment (this failed at 1.2e-12 after other test files ran); a wrong op is off by >1e-4
+    torch.testing.assert_close(loss, want_loss, rtol=1e-11, atol=0)
     for (name, _), g, w in zip(model.named_parameters(), grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12 * w.abs().max().item(), msg=name)

@@ -179,4 +179,6 @@ def test_every_flag_has_help():
 def test_ops_backend_reaches_the_model(name, expected, tmp_path):
     """--ops-backend sets the model's op back-end; auto leaves it to the process-wide switch."""
     cfg = tiny(tmp_path, ops_backend=name)
-    assert T.build_model(cfg, (1, 8, 8)).backend == expected
+    model = T.build_model(cfg, (1, 8, 8))
+    assert model.backend == expected
+    assert not model.check_inputs  # labels are checked when the dataset is built, masks drawn by the trainer

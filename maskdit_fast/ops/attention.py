@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from maskdit_fast.backend import get_backend, resolve_backend
+from maskdit_fast.ops.gather_scatter import validation_enabled
 
 ATTENTION_BACKENDS = ("torch", "triton", "flash_attn", "xformers", "cuda")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -200,7 +201,7 @@ def _packed_bwd_flops(dout, qkv, out, lse, cu_seqlens, max_seqlen, *args, out_va
 _checked_cu = {}  # id -> (weakref, _version, total, max_seqlen): one device sync per cu_seqlens tensor
 
 
-def _check_cu_seqlens(cu, name, total, max_seqlen, device):
+def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
         got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
         raise TypeError(f"{name} must be a 1-D int32 tensor [batch + 1], got {got}")
@@ -208,7 +209,7 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device):
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be >= 0, got {max_seqlen}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not validation_enabled(validate):  # the value checks wait for the device
         return
     entry = _checked_cu.get(id(cu))
     if entry is not None and entry[0]() is cu and entry[1:] == (cu._version, total, max_seqlen):
@@ -329,7 +330,7 @@ def _varlen_xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal):
 
 # ----------------------------------------------------------------------------------------- public API
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                     causal=False, *, return_lse=False, backend=None):
+                     causal=False, *, return_lse=False, backend=None, validate=None):
     """Attention over packed variable-length sequences (drop-in for flash-attn's flash_attn_varlen_func).
 
     Args:
@@ -337,20 +338,22 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             slice of a packed qkv).
         k, v: [total_k, H, D], same dtype and device.
         cu_seqlens_q, cu_seqlens_k: int32 [B+1], 0 = c[0] <= c[1] <= ... <= c[B] = total; sequence b is
-            tokens c[b]:c[b+1] (zero-length sequences allowed). Checked once per tensor (one device sync;
-            re-checked when modified in place).
+            tokens c[b]:c[b+1] (zero-length sequences allowed). Values checked once per tensor (one device
+            sync; re-checked when modified in place) unless validation is off.
         max_seqlen_q, max_seqlen_k: Python ints >= the longest sequence (size the launch grid only).
         softmax_scale: defaults to D ** -0.5.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
         return_lse: also return the log-sum-exp (natural log, float32) in flash-attn's varlen layout
             [H, total_q]; +inf for rows that see no key. Not differentiable. Not available with "xformers".
         backend: see the module docstring; None uses the global default.
+        validate: check the cu_seqlens values (a device sync); None = MASKDIT_FAST_VALIDATE (default on).
+            Off for cu_seqlens the caller built itself (as the model does).
     Returns:
         out [total_q, H, D] in q's dtype (rows that see no key are 0), or (out, lse).
     """
     _check_qkv(q, k, v)
-    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
-    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device)
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device, validate)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device, validate)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k hold different batch sizes "
                          f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})")
@@ -375,7 +378,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, *,
-                               return_lse=False, backend=None):
+                               return_lse=False, backend=None, validate=None):
     """Self-attention over packed sequences with q, k, v in one tensor (flash_attn_varlen_qkvpacked_func).
 
     Args:
@@ -391,9 +394,9 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, 
     name = resolve_attention_backend(backend, qkv.device)
     if name != "triton":
         return varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                softmax_scale, causal, return_lse=return_lse, backend=name)
+                                softmax_scale, causal, return_lse=return_lse, backend=name, validate=validate)
     _check_qkv(qkv[:, 0], qkv[:, 1], qkv[:, 2])
-    _check_cu_seqlens(cu_seqlens, "cu_seqlens", qkv.shape[0], max_seqlen, qkv.device)
+    _check_cu_seqlens(cu_seqlens, "cu_seqlens", qkv.shape[0], max_seqlen, qkv.device, validate)
     _check_triton_head_dim(qkv.shape[-1])
     out, lse = _packed_fwd_op(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
                               bool(causal))
