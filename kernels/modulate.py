@@ -183,6 +183,8 @@ def _is_per_token(cond, x):
 
 def _blocks(D, cap, rows):
     """(BLOCK_D, BLOCK_R): column block and rows per tile, no more rows than there are."""
+    if cap == LN_BLOCK_CAP and D > cap:  # the LayerNorm kernels hold whole rows: wider ones would be cut
+        raise ValueError(f"layernorm_modulate (triton): feature width {D} is over the {cap} columns a row tile holds")
     block = _common.block_d(D, cap)
     return block, min(_common.rows_per_tile(block), triton.next_power_of_2(max(rows, 1)))
 

@@ -121,7 +121,7 @@ def prepare_latents(images, vae, out, resolution=256, batch_size=32, shard_size=
     os.makedirs(out, exist_ok=True)
 
     shards, latent_shape = [], None
-    pending_m, pending_y = None, np.zeros(0, dtype=np.int64)  # encoded, not yet written
+    pending_m, pending_y = [], []  # encoded batches not yet written (joined once a shard is full)
 
     def write_shard(moments, labels):
         name = f"shard_{len(shards):05d}"
@@ -138,13 +138,16 @@ def prepare_latents(images, vae, out, resolution=256, batch_size=32, shard_size=
             x, y = torch.cat([x, x.flip(-1)]), np.concatenate([y, y])
         moments = encode_moments(vae, x).numpy()
         latent_shape = [moments.shape[1] // 2, moments.shape[2], moments.shape[3]]
-        pending_m = moments if pending_m is None else np.concatenate([pending_m, moments])
-        pending_y = np.concatenate([pending_y, y])
-        while len(pending_y) >= shard_size:
-            write_shard(pending_m[:shard_size], pending_y[:shard_size])
-            pending_m, pending_y = pending_m[shard_size:], pending_y[shard_size:]
-    if len(pending_y):
-        write_shard(pending_m, pending_y)
+        pending_m.append(moments)
+        pending_y.append(y)
+        if sum(map(len, pending_y)) >= shard_size:
+            m, labels = np.concatenate(pending_m), np.concatenate(pending_y)
+            while len(labels) >= shard_size:
+                write_shard(m[:shard_size], labels[:shard_size])
+                m, labels = m[shard_size:], labels[shard_size:]
+            pending_m, pending_y = [m], [labels]
+    if sum(map(len, pending_y)):
+        write_shard(np.concatenate(pending_m), np.concatenate(pending_y))
 
     manifest = {
         "format": LATENT_FORMAT, "version": LATENT_FORMAT_VERSION,

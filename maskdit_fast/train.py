@@ -368,6 +368,14 @@ def load_state(state, path, device):
         torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
+def _logged_step(line):
+    """Step of a metrics.jsonl line; a line cut short by a crash counts as after any resume point."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per record) plus TensorBoard scalars under tb/."""
 
@@ -376,7 +384,7 @@ class MetricsLog:
         if resume_step is not None and os.path.exists(self.path):
             # Drop records written after the checkpoint we resume from: they will be redone.
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in f if _logged_step(line) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
         elif resume_step is None and os.path.exists(self.path):

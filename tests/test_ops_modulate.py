@@ -211,3 +211,9 @@ def test_launchers_reject_non_contiguous(device):
 def test_gpu_checks_dit_xl_sizes():
     from maskdit_fast.ops.gpu_checks import run_checks
     assert_checks(run_checks(device="cuda", families=("modulate",)))
+
+
+def test_triton_layernorm_rejects_rows_wider_than_a_tile(device):
+    x, cond = torch.randn(1, 1, 65544, device=device), torch.randn(1, 65544, device=device)
+    with pytest.raises(ValueError, match="over the 65536 columns"):
+        LN(x, cond, cond)

@@ -168,6 +168,12 @@ def test_config_precedence(tmp_path):
         parse_config(["--grad-clip", "-1"])
 
 
+def test_metrics_log_resume_drops_a_line_cut_short_by_a_crash(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    T.MetricsLog(str(tmp_path), resume_step=2).close()
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
 def test_every_flag_has_help():
     """--help text comes from the comments in TrainConfig: a new field without one fails here."""
     from maskdit_fast.config import build_parser

@@ -19,7 +19,7 @@ from torch import Tensor
 from maskdit_fast.backend import resolve_backend
 
 
-def _per_token(t, x):
+def _per_token(t):
     """[B, D] conditioning broadcasts over tokens; [B, L, D] is already per token."""
     return t.unsqueeze(1) if t.dim() == 2 else t
 
@@ -27,12 +27,12 @@ def _per_token(t, x):
 def layernorm_modulate_ref(x, shift, scale, eps=1e-6):
     """Reference (the spec): LayerNorm(x) without affine, then * (1 + scale) + shift.
     x [B, L, D]; shift, scale [B, D] or [B, L, D]."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + _per_token(scale, x)) + _per_token(shift, x)
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + _per_token(scale)) + _per_token(shift)
 
 
 def gated_residual_ref(x, y, gate):
     """Reference (the spec): x + gate[:, None] * y. x, y [B, L, D]; gate [B, D] or [B, L, D]."""
-    return x + _per_token(gate, x) * y
+    return x + _per_token(gate) * y
 
 
 # ---------------------------------------------------------------------------------------------------
