@@ -17,7 +17,8 @@ lengths). Loops first run the key/query blocks that need no mask, then the few b
 
 Head dim: tl.arange needs powers of two, and tl.dot needs K, N >= 16, so D is split into two
 power-of-two chunks D = DA + DB' with DA the largest power of two <= D and DB' >= 16 the next power of
-two >= D - DA (masked loads fill the gap with zeros); every dot runs once per chunk. The dot products
+two >= D - DA; a D short of DA + DB' runs on zero-padded copies (`_pad_head_dim`), so every tile the
+kernels load or store is whole. Every dot runs once per chunk. The dot products
 then cost (DA + DB') / D: 72 -> 64 + 16 = 80 (1.11x, against 128/72 = 1.78x for padding to the next
 power of two); 64, 80 (64 + 16), 96 (64 + 32) and 128 are exact.
 """
@@ -53,19 +54,12 @@ def _load_rows(
     stride_row,               # element stride between rows (tokens)
     offs_d,                   # [chunk] int: columns of this chunk (unit stride on D)
     row_mask,                 # [rows] bool: rows inside the sequence (used only when MASK_ROWS)
-    HEAD_DIM: tl.constexpr,   # real head dim D; columns >= HEAD_DIM read as 0
-    CHUNK_END: tl.constexpr,  # one past the chunk's last column (DA, or DA + DB)
     MASK_ROWS: tl.constexpr,  # mask rows with row_mask (False: every row is in range)
     UPCAST: tl.constexpr,     # load as fp32 (bf16 under the interpreter)
 ):
-    """Loads a [rows, chunk] tile; columns >= HEAD_DIM (a padded chunk) and masked rows read as 0."""
+    """Loads a [rows, chunk] tile; masked rows read as 0."""
     ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :]
-    if CHUNK_END > HEAD_DIM:
-        mask = offs_d[None, :] < HEAD_DIM
-        if MASK_ROWS:
-            mask = mask & row_mask[:, None]
-        x = tl.load(ptrs, mask=mask, other=0.0)
-    elif MASK_ROWS:
+    if MASK_ROWS:
         x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
     else:
         x = tl.load(ptrs)
@@ -100,7 +94,6 @@ def _fwd_kv_block(
     offs_da, offs_db,         # [DA], [DB or 16] int: columns of the two D chunks
     MASK: tl.constexpr,       # block needs masking (past k_len, or on the causal diagonal)
     CAUSAL: tl.constexpr,     # apply the causal mask
-    HEAD_DIM: tl.constexpr,   # real head dim D
     DA: tl.constexpr,         # first (power-of-two) D chunk
     DB: tl.constexpr,         # second D chunk (0: none)
     UPCAST: tl.constexpr,     # compute the dots in fp32 (interpreter bf16)
@@ -108,10 +101,10 @@ def _fwd_kv_block(
 ):
     offs_k = start_n + offs_n
     k_mask = offs_k < k_len
-    ka = _load_rows(k_base, offs_k, stride_kt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
+    ka = _load_rows(k_base, offs_k, stride_kt, offs_da, k_mask, MASK, UPCAST)
     s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
     if DB > 0:
-        kb = _load_rows(k_base, offs_k, stride_kt, offs_db, k_mask, HEAD_DIM, DA + DB, MASK, UPCAST)
+        kb = _load_rows(k_base, offs_k, stride_kt, offs_db, k_mask, MASK, UPCAST)
         s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
     s = s * qk_scale
     if MASK:
@@ -126,10 +119,10 @@ def _fwd_kv_block(
     p = tl.exp2(s - m_shift[:, None])
     alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    va = _load_rows(v_base, offs_k, stride_vt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
+    va = _load_rows(v_base, offs_k, stride_vt, offs_da, k_mask, MASK, UPCAST)
     acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=PRECISION)
     if DB > 0:
-        vb = _load_rows(v_base, offs_k, stride_vt, offs_db, k_mask, HEAD_DIM, DA + DB, MASK, UPCAST)
+        vb = _load_rows(v_base, offs_k, stride_vt, offs_db, k_mask, MASK, UPCAST)
         acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=PRECISION)
     return acc_a, acc_b, l_i, m_new
 
@@ -167,7 +160,6 @@ def _fwd_kernel(
     stride_lse_h,             # element stride of LSE's head axis
     qk_scale,                 # softmax_scale * log2(e)
     CAUSAL: tl.constexpr,     # causal mask, bottom-right aligned
-    HEAD_DIM: tl.constexpr,   # real head dim D
     DA: tl.constexpr,         # first (power-of-two) D chunk
     DB: tl.constexpr,         # second D chunk (0: none)
     BLOCK_M: tl.constexpr,    # query rows per program
@@ -195,10 +187,10 @@ def _fwd_kernel(
     offs_da = tl.arange(0, DA)
     offs_db = DA + tl.arange(0, 16 if DB == 0 else DB)
     m_mask = offs_m < q_len
-    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
+    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, True, UPCAST)
     qb = qa
     if DB > 0:
-        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
+        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, True, UPCAST)
     acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
     acc_b = tl.zeros([BLOCK_M, 16 if DB == 0 else DB], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -208,11 +200,11 @@ def _fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc_a, acc_b, l_i, m_i = _fwd_kv_block(
             acc_a, acc_b, l_i, m_i, qa, qb, k_base, v_base, stride_kt, stride_vt, start_n, k_len, offs_m, shift,
-            qk_scale, offs_n, offs_da, offs_db, False, CAUSAL, HEAD_DIM, DA, DB, UPCAST, PRECISION)
+            qk_scale, offs_n, offs_da, offs_db, False, CAUSAL, DA, DB, UPCAST, PRECISION)
     for start_n in range(n_full, hi, BLOCK_N):
         acc_a, acc_b, l_i, m_i = _fwd_kv_block(
             acc_a, acc_b, l_i, m_i, qa, qb, k_base, v_base, stride_kt, stride_vt, start_n, k_len, offs_m, shift,
-            qk_scale, offs_n, offs_da, offs_db, True, CAUSAL, HEAD_DIM, DA, DB, UPCAST, PRECISION)
+            qk_scale, offs_n, offs_da, offs_db, True, CAUSAL, DA, DB, UPCAST, PRECISION)
 
     empty = l_i == 0.0  # row saw no key: output 0, lse +inf
     inv_l = 1.0 / tl.where(empty, 1.0, l_i)
@@ -222,7 +214,7 @@ def _fwd_kernel(
     tl.store(o_ptrs + offs_da[None, :], (acc_a * inv_l[:, None]).to(O.dtype.element_ty), mask=m_mask[:, None])
     if DB > 0:
         tl.store(o_ptrs + offs_db[None, :], (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
-                 mask=m_mask[:, None] & (offs_db[None, :] < HEAD_DIM))
+                 mask=m_mask[:, None])
 
 
 # ----------------------------------------------------------------------------------------------- backward
@@ -264,7 +256,6 @@ def _dkdv_q_block(
     qk_scale,                 # softmax_scale * log2(e)
     offs_da, offs_db,         # [DA], [DB or 16] int: columns of the two D chunks
     MASK: tl.constexpr,       # apply the causal mask (block on the diagonal)
-    HEAD_DIM: tl.constexpr,   # real head dim D
     DA: tl.constexpr,         # first (power-of-two) D chunk
     DB: tl.constexpr,         # second D chunk (0: none)
     BLOCK_M: tl.constexpr,    # queries per loop iteration
@@ -276,12 +267,12 @@ def _dkdv_q_block(
     # rows past the sequence read lse = +inf, so their P (and dS) are exactly 0
     lse2 = tl.load(lse_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
-    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
-    doa = _load_rows(do_base, offs_m, stride_dot, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
+    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, True, UPCAST)
+    doa = _load_rows(do_base, offs_m, stride_dot, offs_da, m_mask, True, UPCAST)
     s_t = tl.dot(ka, tl.trans(qa), input_precision=PRECISION)
     if DB > 0:
-        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
-        dob = _load_rows(do_base, offs_m, stride_dot, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
+        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, True, UPCAST)
+        dob = _load_rows(do_base, offs_m, stride_dot, offs_db, m_mask, True, UPCAST)
         s_t += tl.dot(kb, tl.trans(qb), input_precision=PRECISION)
     p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
     if MASK:  # causal (bottom-right): key j is seen by query i iff j <= i + shift
@@ -317,7 +308,6 @@ def _bwd_dkdv_kernel(
     qk_scale,                   # softmax_scale * log2(e)
     sm_scale,                   # softmax_scale (applied to dK)
     CAUSAL: tl.constexpr,       # causal mask, bottom-right aligned
-    HEAD_DIM: tl.constexpr,     # real head dim D
     DA: tl.constexpr,           # first (power-of-two) D chunk
     DB: tl.constexpr,           # second D chunk (0: none)
     BLOCK_M: tl.constexpr,      # queries per loop iteration
@@ -346,13 +336,13 @@ def _bwd_dkdv_kernel(
     offs_db = DA + tl.arange(0, 16 if DB == 0 else DB)
     n_mask = offs_n < k_len
     # keys past the sequence load as 0; their dK/dV rows are garbage-free of other rows and not stored
-    ka = _load_rows(k_base, offs_n, stride_kt, offs_da, n_mask, HEAD_DIM, DA, True, UPCAST)
-    va = _load_rows(v_base, offs_n, stride_vt, offs_da, n_mask, HEAD_DIM, DA, True, UPCAST)
+    ka = _load_rows(k_base, offs_n, stride_kt, offs_da, n_mask, True, UPCAST)
+    va = _load_rows(v_base, offs_n, stride_vt, offs_da, n_mask, True, UPCAST)
     kb = ka
     vb = va
     if DB > 0:
-        kb = _load_rows(k_base, offs_n, stride_kt, offs_db, n_mask, HEAD_DIM, DA + DB, True, UPCAST)
-        vb = _load_rows(v_base, offs_n, stride_vt, offs_db, n_mask, HEAD_DIM, DA + DB, True, UPCAST)
+        kb = _load_rows(k_base, offs_n, stride_kt, offs_db, n_mask, True, UPCAST)
+        vb = _load_rows(v_base, offs_n, stride_vt, offs_db, n_mask, True, UPCAST)
     dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
     dv_a = tl.zeros([BLOCK_N, DA], tl.float32)
     dk_b = tl.zeros([BLOCK_N, 16 if DB == 0 else DB], tl.float32)
@@ -367,21 +357,20 @@ def _bwd_dkdv_kernel(
             dk_a, dk_b, dv_a, dv_b = _dkdv_q_block(
                 dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base, stride_qt,
                 stride_dot, start_m, q_len, offs_n, shift, qk_scale, offs_da, offs_db,
-                True, HEAD_DIM, DA, DB, BLOCK_M, UPCAST, PRECISION)
+                True, DA, DB, BLOCK_M, UPCAST, PRECISION)
     for start_m in range(m_full, q_len, BLOCK_M):
         dk_a, dk_b, dv_a, dv_b = _dkdv_q_block(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base, stride_qt,
             stride_dot, start_m, q_len, offs_n, shift, qk_scale, offs_da, offs_db,
-            False, HEAD_DIM, DA, DB, BLOCK_M, UPCAST, PRECISION)
+            False, DA, DB, BLOCK_M, UPCAST, PRECISION)
 
     dk_ptrs = DK + k_start.to(tl.int64) * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt
     dv_ptrs = DV + k_start.to(tl.int64) * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt
     tl.store(dk_ptrs + offs_da[None, :], (dk_a * sm_scale).to(DK.dtype.element_ty), mask=n_mask[:, None])
     tl.store(dv_ptrs + offs_da[None, :], dv_a.to(DV.dtype.element_ty), mask=n_mask[:, None])
     if DB > 0:
-        mask_b = n_mask[:, None] & (offs_db[None, :] < HEAD_DIM)
-        tl.store(dk_ptrs + offs_db[None, :], (dk_b * sm_scale).to(DK.dtype.element_ty), mask=mask_b)
-        tl.store(dv_ptrs + offs_db[None, :], dv_b.to(DV.dtype.element_ty), mask=mask_b)
+        tl.store(dk_ptrs + offs_db[None, :], (dk_b * sm_scale).to(DK.dtype.element_ty), mask=n_mask[:, None])
+        tl.store(dv_ptrs + offs_db[None, :], dv_b.to(DV.dtype.element_ty), mask=n_mask[:, None])
 
 
 @triton.jit
@@ -402,7 +391,6 @@ def _dq_kv_block(
     offs_da, offs_db,         # [DA], [DB or 16] int: columns of the two D chunks
     MASK: tl.constexpr,       # block needs masking (past k_len, or on the causal diagonal)
     CAUSAL: tl.constexpr,     # apply the causal mask
-    HEAD_DIM: tl.constexpr,   # real head dim D
     DA: tl.constexpr,         # first (power-of-two) D chunk
     DB: tl.constexpr,         # second D chunk (0: none)
     UPCAST: tl.constexpr,     # compute the dots in fp32 (interpreter bf16)
@@ -410,13 +398,13 @@ def _dq_kv_block(
 ):
     offs_k = start_n + offs_n
     k_mask = offs_k < k_len
-    ka = _load_rows(k_base, offs_k, stride_kt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
-    va = _load_rows(v_base, offs_k, stride_vt, offs_da, k_mask, HEAD_DIM, DA, MASK, UPCAST)
+    ka = _load_rows(k_base, offs_k, stride_kt, offs_da, k_mask, MASK, UPCAST)
+    va = _load_rows(v_base, offs_k, stride_vt, offs_da, k_mask, MASK, UPCAST)
     s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
     dp = tl.dot(doa, tl.trans(va), input_precision=PRECISION)
     if DB > 0:
-        kb = _load_rows(k_base, offs_k, stride_kt, offs_db, k_mask, HEAD_DIM, DA + DB, MASK, UPCAST)
-        vb = _load_rows(v_base, offs_k, stride_vt, offs_db, k_mask, HEAD_DIM, DA + DB, MASK, UPCAST)
+        kb = _load_rows(k_base, offs_k, stride_kt, offs_db, k_mask, MASK, UPCAST)
+        vb = _load_rows(v_base, offs_k, stride_vt, offs_db, k_mask, MASK, UPCAST)
         s += tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
         dp += tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
     p = tl.exp2(s * qk_scale - lse2[:, None])
@@ -450,7 +438,6 @@ def _bwd_dq_kernel(
     qk_scale,                   # softmax_scale * log2(e)
     sm_scale,                   # softmax_scale (applied to dQ)
     CAUSAL: tl.constexpr,       # causal mask, bottom-right aligned
-    HEAD_DIM: tl.constexpr,     # real head dim D
     DA: tl.constexpr,           # first (power-of-two) D chunk
     DB: tl.constexpr,           # second D chunk (0: none)
     BLOCK_M: tl.constexpr,      # query rows per program
@@ -480,13 +467,13 @@ def _bwd_dq_kernel(
     lse2 = tl.load(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_m, mask=m_mask, other=float("inf"))
     lse2 = lse2 * 1.4426950408889634
     delta = tl.load(DELTA + h.to(tl.int64) * stride_lse_h + q_start + offs_m, mask=m_mask, other=0.0)
-    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
-    doa = _load_rows(do_base, offs_m, stride_dot, offs_da, m_mask, HEAD_DIM, DA, True, UPCAST)
+    qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, True, UPCAST)
+    doa = _load_rows(do_base, offs_m, stride_dot, offs_da, m_mask, True, UPCAST)
     qb = qa
     dob = doa
     if DB > 0:
-        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
-        dob = _load_rows(do_base, offs_m, stride_dot, offs_db, m_mask, HEAD_DIM, DA + DB, True, UPCAST)
+        qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, True, UPCAST)
+        dob = _load_rows(do_base, offs_m, stride_dot, offs_db, m_mask, True, UPCAST)
     dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
     dq_b = tl.zeros([BLOCK_M, 16 if DB == 0 else DB], tl.float32)
 
@@ -494,17 +481,17 @@ def _bwd_dq_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         dq_a, dq_b = _dq_kv_block(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, stride_kt, stride_vt,
                                   start_n, k_len, offs_m, shift, qk_scale, offs_n, offs_da, offs_db,
-                                  False, CAUSAL, HEAD_DIM, DA, DB, UPCAST, PRECISION)
+                                  False, CAUSAL, DA, DB, UPCAST, PRECISION)
     for start_n in range(n_full, hi, BLOCK_N):
         dq_a, dq_b = _dq_kv_block(dq_a, dq_b, qa, qb, doa, dob, lse2, delta, k_base, v_base, stride_kt, stride_vt,
                                   start_n, k_len, offs_m, shift, qk_scale, offs_n, offs_da, offs_db,
-                                  True, CAUSAL, HEAD_DIM, DA, DB, UPCAST, PRECISION)
+                                  True, CAUSAL, DA, DB, UPCAST, PRECISION)
 
     dq_ptrs = DQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt
     tl.store(dq_ptrs + offs_da[None, :], (dq_a * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None])
     if DB > 0:
         tl.store(dq_ptrs + offs_db[None, :], (dq_b * sm_scale).to(DQ.dtype.element_ty),
-                 mask=m_mask[:, None] & (offs_db[None, :] < HEAD_DIM))
+                 mask=m_mask[:, None])
 
 
 # ------------------------------------------------------------------------------------------------ launch
@@ -550,7 +537,7 @@ def _meta(head_dim, dtype, causal):
     # fp32 inputs: full-precision dots even where torch allows TF32 matmuls: with TF32 dots the D = 128
     # backward's dK error was 2.25x torch's own TF32 error on an H200 (2026-11-26), over the 2x rule.
     precision = "tf32" if dtype != torch.float32 else "ieee"
-    return dict(CAUSAL=causal, HEAD_DIM=head_dim, DA=da, DB=db, UPCAST=interp and dtype == torch.bfloat16,
+    return dict(CAUSAL=causal, DA=da, DB=db, UPCAST=interp and dtype == torch.bfloat16,
                 PRECISION=precision)
 
 
