@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from maskdit_fast.backend import result_dtype
 from maskdit_fast.kernels import _common
 from maskdit_fast.ops.gather_scatter import batch_size, sample_index
 
@@ -203,7 +204,7 @@ def gather_fwd(x, ids, cu_seqlens=None, pos_embed=None):
     if pos_embed is not None:
         _common.require_contiguous(pos_embed, "pos_embed")
     D = x.shape[-1]
-    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    dtype = result_dtype(x, pos_embed)
     out = _common.empty((*ids.shape, D), dtype, x.device)
     if out.numel() == 0:
         return out
@@ -231,7 +232,7 @@ def scatter_fwd(src, ids, cu_seqlens, mask_token, length, pos_embed=None):
         _common.require_contiguous(pos_embed, "pos_embed")
     D = src.shape[-1]
     B = batch_size(ids, cu_seqlens)
-    dtype = src.dtype if pos_embed is None else torch.promote_types(src.dtype, pos_embed.dtype)
+    dtype = result_dtype(src, pos_embed)
     out = _common.empty((B, length, D), dtype, src.device)
     if out.numel() == 0:
         return out

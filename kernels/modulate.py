@@ -10,10 +10,10 @@ sample's tokens, sums them in registers and writes one partial row of a [B, chun
 the launcher sums with torch (no float atomics); per-token conditioning grads are stored directly.
 L (tokens per sample) and the chunk length are runtime arguments (no recompiles per mask ratio).
 """
-import torch
 import triton
 import triton.language as tl
 
+from maskdit_fast.backend import result_dtype
 from maskdit_fast.kernels import _common
 
 LN_BLOCK_CAP = 65536   # LayerNorm keeps whole rows in registers: D up to this width
@@ -212,7 +212,7 @@ def layernorm_modulate_fwd(x, shift, scale, eps):
     (or [B, 1, D]) or [B, L, D], same shape. Returns [B, L, D], dtype promote(x, shift, scale)."""
     _check(x, shift, scale)
     B, L, D = x.shape
-    dtype = torch.promote_types(x.dtype, torch.promote_types(shift.dtype, scale.dtype))
+    dtype = result_dtype(x, shift, scale)
     out = _common.empty((B, L, D), dtype, x.device)
     if out.numel() == 0:
         return out
@@ -251,7 +251,7 @@ def gated_residual_fwd(x, y, gate):
     Returns [B, L, D], dtype promote(x, y, gate)."""
     _check(x, y, gate)
     B, L, D = x.shape
-    dtype = torch.promote_types(x.dtype, torch.promote_types(y.dtype, gate.dtype))
+    dtype = result_dtype(x, y, gate)
     out = _common.empty((B, L, D), dtype, x.device)
     if out.numel() == 0:
         return out

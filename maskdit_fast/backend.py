@@ -58,6 +58,15 @@ def triton_available():
     return _TRITON
 
 
+def result_dtype(*tensors):
+    """dtype of an op's output: torch's promotion over its float tensor arguments (None skipped)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def resolve_backend(backend, device, cuda_impl=True):
     """Returns the concrete back-end ("torch", "triton" or "cuda") for a call on `device`.
 

@@ -1,6 +1,5 @@
 """The sampling CLI: grid and .npz, seeded and batch-size independent, from .pt, sharded (DCP)
 folders or .safetensors."""
-import os
 
 import numpy as np
 import pytest

@@ -17,6 +17,7 @@ bad index stops the kernel with a device-side assert naming the problem, as torc
 import torch
 
 from maskdit_fast import _extension
+from maskdit_fast.backend import result_dtype
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NS = "maskdit_fast_C"
@@ -135,14 +136,6 @@ def _check_cond(name, t, B, L, D, device):
     return t
 
 
-def _result_dtype(*tensors):
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _prep(t, dtype):
     """Differentiable cast + contiguous copy only when needed (autograd routes grads back)."""
     return None if t is None else t.to(dtype).contiguous()
@@ -230,7 +223,7 @@ def gather_tokens(x, ids_keep, pos_embed=None):
     B, L, D = _check_x("x", x)
     ids_keep = _check_ids(ids_keep, B, L, x.device)
     pos_embed = _check_pos(pos_embed, L, D, x.device)
-    dtype = _result_dtype(x, pos_embed)
+    dtype = result_dtype(x, pos_embed)
     return _GatherTokens.apply(_prep(x, dtype), ids_keep, _prep(pos_embed, dtype))
 
 
@@ -258,7 +251,7 @@ def scatter_tokens(x_kept, ids_keep, mask_token, length, pos_embed=None):
     if mask_token.numel() != D:
         raise ValueError(f"backend 'cuda': mask_token must have D={D} elements (got shape {tuple(mask_token.shape)})")
     pos_embed = _check_pos(pos_embed, length, D, x_kept.device)
-    dtype = _result_dtype(x_kept, pos_embed)
+    dtype = result_dtype(x_kept, pos_embed)
     mask_token = mask_token.reshape(D).to(x_kept.dtype)
     return _ScatterTokens.apply(_prep(x_kept, dtype), ids_keep, _prep(mask_token, dtype), length,
                                 _prep(pos_embed, dtype))
@@ -284,7 +277,7 @@ def layernorm_modulate(x, shift, scale, eps=1e-6):
             shift = shift.unsqueeze(1).expand(B, L, D)
         else:
             scale = scale.unsqueeze(1).expand(B, L, D)
-    dtype = _result_dtype(x, shift, scale)
+    dtype = result_dtype(x, shift, scale)
     return _LayerNormModulate.apply(_prep(x, dtype), _prep(shift, dtype), _prep(scale, dtype), float(eps))
 
 
@@ -304,7 +297,7 @@ def gated_residual(x, y, gate):
     if y.shape != x.shape:
         raise ValueError(f"backend 'cuda': y must match x {tuple(x.shape)} (got {tuple(y.shape)})")
     gate = _check_cond("gate", gate, B, L, D, x.device)
-    dtype = _result_dtype(x, y, gate)
+    dtype = result_dtype(x, y, gate)
     return _GatedResidual.apply(_prep(x, dtype), _prep(y, dtype), _prep(gate, dtype))
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from maskdit_fast.backend import resolve_backend
+from maskdit_fast.backend import resolve_backend, result_dtype
 
 VALIDATE_ENV_VAR = "MASKDIT_FAST_VALIDATE"
 
@@ -202,10 +202,6 @@ def _kernels():
     return gather_scatter
 
 
-def _out_dtype(dtype, pos_embed):
-    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
-
-
 def _contiguous(t):
     return None if t is None else t.contiguous()
 
@@ -217,7 +213,7 @@ def _gather_op(x: Tensor, ids: Tensor, cu_seqlens: Optional[Tensor], pos_embed: 
 
 @_gather_op.register_fake
 def _(x, ids, cu_seqlens, pos_embed):
-    return x.new_empty((*ids.shape, x.shape[-1]), dtype=_out_dtype(x.dtype, pos_embed))
+    return x.new_empty((*ids.shape, x.shape[-1]), dtype=result_dtype(x, pos_embed))
 
 
 @torch.library.custom_op("maskdit_fast::gather_tokens_backward", mutates_args=())
@@ -262,7 +258,7 @@ def _scatter_op(src: Tensor, ids: Tensor, cu_seqlens: Optional[Tensor], mask_tok
 @_scatter_op.register_fake
 def _(src, ids, cu_seqlens, mask_token, length, pos_embed):
     return src.new_empty((batch_size(ids, cu_seqlens), length, src.shape[-1]),
-                         dtype=_out_dtype(src.dtype, pos_embed))
+                         dtype=result_dtype(src, pos_embed))
 
 
 @torch.library.custom_op("maskdit_fast::scatter_tokens_backward", mutates_args=())

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maskdit_fast.backend import resolve_backend
+from maskdit_fast.backend import resolve_backend, result_dtype
 
 
 def _per_token(t):
@@ -71,13 +71,6 @@ def _kernels():
     return modulate
 
 
-def _promote(*tensors):
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 @torch.library.custom_op("maskdit_fast::layernorm_modulate", mutates_args=())
 def _ln_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     return _kernels().layernorm_modulate_fwd(x.contiguous(), shift.contiguous(), scale.contiguous(), eps)
@@ -85,7 +78,7 @@ def _ln_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
 
 @_ln_op.register_fake
 def _(x, shift, scale, eps):
-    return x.new_empty(x.shape, dtype=_promote(x, shift, scale))
+    return x.new_empty(x.shape, dtype=result_dtype(x, shift, scale))
 
 
 @torch.library.custom_op("maskdit_fast::layernorm_modulate_backward", mutates_args=())
@@ -120,7 +113,7 @@ def _gate_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
 
 @_gate_op.register_fake
 def _(x, y, gate):
-    return x.new_empty(x.shape, dtype=_promote(x, y, gate))
+    return x.new_empty(x.shape, dtype=result_dtype(x, y, gate))
 
 
 @torch.library.custom_op("maskdit_fast::gated_residual_backward", mutates_args=())
