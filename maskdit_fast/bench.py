@@ -39,8 +39,9 @@ from maskdit_fast.bench_utils import (Rotation, Stats, Timer, achieved, attentio
                                       measure_copy_bandwidth, measure_matmul_peak, rotation_count,
                                       scatter_tokens_cost, time_calls, time_graph_replays, varlen_attention_cost)
 from maskdit_fast.flops import train_step_flops
-from maskdit_fast.parallel import default_peak_flops, peak_memory_gib
+from maskdit_fast.masking import cu_seqlens_from_counts, random_packed_ids
 from maskdit_fast.ops.gather_scatter import VALIDATE_ENV_VAR
+from maskdit_fast.parallel import default_peak_flops, peak_memory_gib
 
 SCHEMA = 1
 PASSES = ("fwd", "fwd+bwd")
@@ -213,14 +214,9 @@ def _varlen_layout(B, L, K, seed=0):
 
 
 def _packed_ids(counts, L, device, gen):
-    """ids_packed [T] int64 (the first counts[b] of a random permutation of each sample's L
-    positions, sample by sample) and cu_seqlens [B+1] int32."""
+    """ids_packed [T] int64 (random kept positions, sample by sample) and cu_seqlens [B+1] int32."""
     counts = counts.to(device)
-    order = torch.rand(counts.numel(), L, device=device, generator=gen).argsort(dim=1)
-    ids = order[torch.arange(L, device=device)[None] < counts[:, None]]
-    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=device)
-    cu[1:] = counts.cumsum(0)
-    return ids, cu
+    return random_packed_ids(counts, L, gen), cu_seqlens_from_counts(counts)
 
 
 def op_cases(cfg):

@@ -195,10 +195,23 @@ def sample_mask_ratios(batch, low, high, generator=None):
     return low + (high - low) * u
 
 
+def cu_seqlens_from_counts(counts, device=None):
+    """int32 [B+1] offsets 0, c0, c0 + c1, ... of per-sample token counts (a list, or a tensor kept on its
+    device unless `device` is given): the cu_seqlens of the varlen ops."""
+    counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
+def random_packed_ids(counts, length, generator=None):
+    """Packed positions [T] int64: the first counts[b] of a random permutation of sample b's `length`
+    positions, sample after sample (counts: int64 tensor [B] on the generator's device; 0 allowed)."""
+    order = torch.rand(counts.numel(), length, device=counts.device, generator=generator).argsort(dim=1)
+    return order[torch.arange(length, device=counts.device)[None] < counts[:, None]]
+
+
 def _packed(ids, counts):
     """PackedMask from packed positions and host keep counts (cu_seqlens built on the host)."""
-    cu = torch.tensor([0] + list(counts), dtype=torch.int64).cumsum(0).to(torch.int32)
-    return PackedMask(ids, cu.to(ids.device), tuple(counts))
+    return PackedMask(ids, cu_seqlens_from_counts(counts).to(ids.device), tuple(counts))
 
 
 def random_masking_packed(mask_ratio, length, generator=None, device=None):
@@ -291,7 +304,7 @@ def check_packed_mask(packed, batch, length, check_values=True):
         raise ValueError(f"PackedMask.counts sum to {sum(counts)} but ids has {ids.numel()} positions")
     if not check_values:
         return
-    expected = torch.tensor([0] + list(counts), dtype=torch.int64, device=cu.device).cumsum(0)
+    expected = cu_seqlens_from_counts(counts, cu.device)
     rows = sample_index(ids, cu)
     key = (rows * length + ids).sort().values
     bad = torch.stack([(cu.long() != expected).any(), ((ids < 0) | (ids >= length)).any(),

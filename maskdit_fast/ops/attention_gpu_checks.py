@@ -17,14 +17,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from maskdit_fast.masking import cu_seqlens_from_counts
 from maskdit_fast.ops.attention import (attention, attention_qkvpacked, varlen_attention, varlen_attention_qkvpacked,
                                         varlen_attention_ref)
-
-
-def _cu(lengths, device):
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-    out[1:] = torch.tensor(lengths, device=device).cumsum(0)
-    return out
 
 
 def check_correctness(device="cuda", dtypes=(torch.bfloat16, torch.float16), seed=0, batch=8, heads=16,
@@ -48,7 +43,7 @@ def check_correctness(device="cuda", dtypes=(torch.bfloat16, torch.float16), see
     for dtype in dtypes:
         for length in dense_lengths:
             b = max(1, batch * 128 // max(length, 128))
-            cu = _cu([length] * b, device)
+            cu = cu_seqlens_from_counts([length] * b, device)
 
             def dense_ref(qkv, cu=cu, length=length):
                 flat = qkv.flatten(0, 1)
@@ -70,7 +65,7 @@ def check_correctness(device="cuda", dtypes=(torch.bfloat16, torch.float16), see
         lengths = torch.randint(0, max_len + 1, (2, batch), device=device, generator=g)
         lengths[:, :2] = torch.tensor([[0, 1], [1, 0]], device=device)
         lq, lk = lengths.tolist()
-        cu_q, cu_k = _cu(lq, device), _cu(lk, device)
+        cu_q, cu_k = cu_seqlens_from_counts(lq, device), cu_seqlens_from_counts(lk, device)
         for causal in (False, True):
             def varlen_op(q, k, v, causal=causal, cu_q=cu_q, cu_k=cu_k, lq=lq, lk=lk):
                 return varlen_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.1, causal, backend="triton")
@@ -81,7 +76,7 @@ def check_correctness(device="cuda", dtypes=(torch.bfloat16, torch.float16), see
             args = (randn(sum(lq), 2, head_dim, dtype=dtype), randn(sum(lk), 2, head_dim, dtype=dtype),
                     randn(sum(lk), 2, head_dim, dtype=dtype))
             checks += check_op(name, varlen_op, varlen_ref, args, g)
-        cu_s = _cu(lq, device)
+        cu_s = cu_seqlens_from_counts(lq, device)
 
         def packed_op(qkv, cu_s=cu_s, lq=lq):
             return varlen_attention_qkvpacked(qkv, cu_s, max(lq), causal=True, backend="triton")

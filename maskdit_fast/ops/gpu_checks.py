@@ -21,6 +21,7 @@ from functools import partial
 
 import torch
 
+from maskdit_fast.masking import cu_seqlens_from_counts, random_packed_ids
 from maskdit_fast.ops import gather_scatter as gs
 from maskdit_fast.ops import modulate as md
 
@@ -132,10 +133,8 @@ def run_checks(device="cuda", dtype=torch.bfloat16, B=256, L=256, K=128, D=1152,
 
     ids = torch.rand(B, L, device=device, generator=g).argsort(1)[:, :K].contiguous()
     counts = torch.randint(0, L + 1, (B,), device=device, generator=g)
-    cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
-    cu[1:] = counts.cumsum(0)
-    order = torch.rand(B, L, device=device, generator=g).argsort(1)
-    ids_packed = order[torch.arange(L, device=device)[None] < counts[:, None]]  # row-major: by sample
+    cu = cu_seqlens_from_counts(counts)
+    ids_packed = random_packed_ids(counts, L, g)
     T = ids_packed.numel()
     tri = dict(backend="triton", validate=False)
 
