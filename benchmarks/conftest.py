@@ -13,8 +13,6 @@ import torch
 from maskdit_fast import bench
 from maskdit_fast.bench_utils import Stats, Timer, achieved
 
-# Index-value checks of the gather/scatter ops wait for the device: off, as in a training loop.
-os.environ.setdefault(bench.VALIDATE_ENV_VAR, "0")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu":
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
