@@ -20,6 +20,7 @@ both formats, so a run can resume from either whatever its world size. A sharded
 only when complete: its metadata, its train_state.pt and every file they list are present.
 """
 import fcntl
+import io
 import os
 import pickle
 import re
@@ -241,16 +242,20 @@ def is_dcp_checkpoint(path):
 def verify_checkpoint(path):
     """Raises CheckpointError (FileNotFoundError when absent) unless `path` is an intact
     checkpoint: a `.pt` file whose zip CRC-32s match, or a sharded folder whose train_state.pt
-    verifies, whose metadata reads safely and whose files are all present with the sizes and
-    CRC-32s recorded at commit (folders written before checksums were recorded: present and long
-    enough). Reads every byte once."""
+    verifies, whose metadata reads safely, whose files are all present with the sizes and CRC-32s
+    recorded at commit (folders written before checksums were recorded: present and long enough)
+    and whose non-tensor entries load with weights_only=True. Reads every byte once."""
     if not os.path.isdir(path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
         _verify_zip(path)
         return
+    if not is_dcp_checkpoint(path):
+        raise CheckpointError(f"{path!r} is not a complete DCP checkpoint (no {DCP_METADATA} or {TRAIN_STATE}, or "
+                              f"a file they list is missing)")
     state = load_checkpoint(os.path.join(path, TRAIN_STATE), required=("step",))
-    need = _dcp_listed_files(read_dcp_metadata(path), path)
+    metadata = read_dcp_metadata(path)
+    need = _dcp_listed_files(metadata, path)
     files = state.get(FILES_KEY)
     if files is None:
         files = {name: [size, None] for name, size in need.items()}
@@ -266,6 +271,28 @@ def verify_checkpoint(path):
                                   f"bytes, {'at least ' if crc is None else ''}{size} expected")
         if crc is not None and file_crc32(file) != crc:
             raise CheckpointError(f"sharded checkpoint {path!r} is corrupt: the CRC-32 of {name} does not match")
+    _check_dcp_objects(metadata, path)
+
+
+def _check_dcp_objects(metadata, path):
+    """The non-tensor entries of a DCP checkpoint (e.g. optimizer hyper-parameters, torch.save'd
+    bytes) load with weights_only=True: checked before any loading starts, so a rejected entry
+    never leaves a half-loaded model behind."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(getattr(index, "fqn", None)), BytesStorageMetadata):
+            continue
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"sharded checkpoint {path!r}: entry {index.fqn!r} is stored transformed "
+                                  f"({info.transform_descriptors}), which maskdit_fast never writes")
+        with open(os.path.join(path, info.relative_path), "rb") as f:
+            f.seek(int(info.offset))
+            data = f.read(int(info.length))
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"sharded checkpoint {path!r}: entry {index.fqn!r} holds objects a checkpoint "
+                                  f"never holds (rejected, nothing ran): {type(e).__name__}: {e}") from e
 
 
 def list_checkpoints(directory):

@@ -44,8 +44,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from maskdit_fast.checkpoint import (FILES_KEY, TRAIN_STATE, CheckpointDirectory, CheckpointError, _fsync_dir,
-                                     atomic_save, dcp_file_checksums, export_safetensors, is_dcp_checkpoint,
-                                     load_checkpoint, prune_checkpoints, read_dcp_metadata, verify_checkpoint)
+                                     atomic_save, dcp_file_checksums, export_safetensors, load_checkpoint,
+                                     prune_checkpoints, read_dcp_metadata, verify_checkpoint)
 from maskdit_fast.parallel import barrier, parameter_names, unwrap
 
 
@@ -181,7 +181,7 @@ def optimizer_state_by_name(optimizer_state, model):
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
 
 
-def load_training_state(path, model, optimizer, ema, map_location="cpu", required=("step",)):
+def load_training_state(path, model, optimizer, ema, map_location="cpu", required=("step",), verify=True):
     """Restores model, optimizer and EMA from either checkpoint format, whatever the world size and
     parallelism of the run that wrote it; returns the rest of the state (step, data position, RNG,
     config, ...: the train_state.pt dict, or the single-file dict minus its tensors' entries).
@@ -195,9 +195,12 @@ def load_training_state(path, model, optimizer, ema, map_location="cpu", require
         path: a `step_*.pt` file or a DCP `step_*` directory.
         model: plain, DDP or FSDP2 module; optimizer: built over its parameters; ema: ShardedEMA.
         required: entries the non-tensor state must have (CheckpointError otherwise).
+        verify: False skips the verification of a sharded checkpoint that `verify_everywhere`
+            has just passed (a .pt file's CRC-32s are checked as it loads, always).
     """
     if os.path.isdir(path):
-        verify_everywhere(path)
+        if verify:
+            verify_everywhere(path)
         extra = load_checkpoint(os.path.join(path, TRAIN_STATE), required=required)
         check_architecture(path, model, meta=extra.get("meta"))
         state = sharded_state(model, optimizer, ema)
@@ -212,13 +215,14 @@ def load_training_state(path, model, optimizer, ema, map_location="cpu", require
     return ckpt
 
 
-def load_weights(path, model, ema, map_location="cpu"):
+def load_weights(path, model, ema, map_location="cpu", verify=True):
     """Model and EMA weights only (a new training stage, e.g. unmasked fine-tuning: fresh optimizer
-    and step counter) from either checkpoint format, at any world size, verified and
-    architecture-checked first as `load_training_state`. Every rank must call it. Returns the step
-    the checkpoint was taken at."""
+    and step counter) from either checkpoint format, at any world size, verified (unless verify=
+    False, as `load_training_state`) and architecture-checked first. Every rank must call it.
+    Returns the step the checkpoint was taken at."""
     if os.path.isdir(path):
-        verify_everywhere(path)
+        if verify:
+            verify_everywhere(path)
         extra = load_checkpoint(os.path.join(path, TRAIN_STATE), required=("step",))
         check_architecture(path, model, meta=extra.get("meta"))
         state = {"model": get_model_state_dict(model), "ema": ema.state_dict()}
@@ -353,9 +357,6 @@ def load_ema_state(path):
     if not os.path.isdir(path):
         ckpt = load_checkpoint(path, required=("ema",))
         return ckpt["ema"], ckpt.get("meta")
-    if not is_dcp_checkpoint(path):
-        raise CheckpointError(f"{path!r} is not a complete DCP checkpoint (no .metadata or {TRAIN_STATE}, "
-                              f"or a file its metadata lists is missing)")
     verify_checkpoint(path)
     reader = _SafeReader(path)
     entries = reader.read_metadata().state_dict_metadata

@@ -58,7 +58,7 @@ from maskdit_fast.config import parse_config
 from maskdit_fast.data import DataStream, LatentShards, build_dataset
 from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss, mask_ratio_schedule
 from maskdit_fast.dist_checkpoint import (DistCheckpointManager, check_architecture, export_ema_safetensors,
-                                          load_training_state, load_weights)
+                                          load_training_state, load_weights, verify_everywhere)
 from maskdit_fast.ema import ema_decay
 from maskdit_fast.masking import PackedMask, num_kept, random_masking_ids, random_masking_packed, sample_mask_ratios
 from maskdit_fast.models import MaskDiT, create_model
@@ -388,11 +388,11 @@ def save_checkpoint(ckpts, cfg, state, meta):
                                        optimizer=state.optimizer.state_dict()))
 
 
-def load_state(state, path, device):
+def load_state(state, path, device, verify=True):
     """Restores the full training state (resume) from a checkpoint of either format, written at
-    any world size."""
+    any world size (verified first unless verify=False: see load_training_state)."""
     ckpt = load_training_state(path, state.net, state.optimizer, state.ema, map_location=device,
-                               required=("step", "nan_skips", "data", "rng"))
+                               required=("step", "nan_skips", "data", "rng"), verify=verify)
     state.stream.load_state_dict(ckpt["data"])
     state.step, state.nan_skips = int(ckpt["step"]), int(ckpt["nan_skips"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -548,13 +548,14 @@ def open_run_dir(cfg, run_dir):
 
 
 def check_sources(cfg, net):
-    """An explicit --resume path and --init-from must be checkpoints of this architecture: checked
-    before anything is written (cheap: no tensor is read; corruption is found when loading)."""
+    """An explicit --resume path and --init-from must be intact checkpoints (verified: rank 0 reads
+    them whole) of this architecture: checked before anything is written. Collective."""
     for flag, path in (("--resume", cfg.resume if cfg.resume not in ("auto", "never") else ""),
                        ("--init-from", cfg.init_from)):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path!r} does not exist")
         if path:
+            verify_everywhere(path)
             check_architecture(path, net)
 
 
@@ -563,7 +564,7 @@ def restore(cfg, state, ckpts, device, info, say):
     newest checkpoint in the run dir that verifies (corrupt, incomplete or unsafe ones are moved
     aside as <name>.corrupt, saying so); else --init-from's weights. Returns the resumed path or None."""
     if cfg.resume not in ("auto", "never"):
-        load_state(state, cfg.resume, device)
+        load_state(state, cfg.resume, device, verify=False)  # check_sources verified it
         say(f"resumed from {cfg.resume} at step {state.step}")
         return cfg.resume
     if cfg.resume == "auto" and not cfg.restart:
@@ -577,7 +578,7 @@ def restore(cfg, state, ckpts, device, info, say):
             say(f"resumed from {path} at step {state.step}")
             return path
     if cfg.init_from:  # a new stage (e.g. unmasked fine-tuning): weights only, fresh optimizer
-        step = load_weights(cfg.init_from, state.net, state.ema, map_location=device)
+        step = load_weights(cfg.init_from, state.net, state.ema, map_location=device, verify=False)
         say(f"initialised weights from {cfg.init_from} (step {step})")
     return None
 
