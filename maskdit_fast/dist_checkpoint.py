@@ -108,27 +108,29 @@ def verify_everywhere(path):
         raise error
 
 
-def saved_model_shapes(path):
-    """{name: shape} of the model weights in a checkpoint of either format, without loading them
-    (DCP: its metadata; .pt: memory-mapped, nothing verified yet)."""
+def saved_model(path):
+    """({name: shape} of the model weights, model metadata dict or None) of a checkpoint of either
+    format, without reading its tensors (DCP: its metadata and train_state.pt; .pt: memory-mapped)."""
     if os.path.isdir(path):
         entries = read_dcp_metadata(path).state_dict_metadata
-        return {k[len("model."):]: tuple(md.size) for k, md in entries.items()
-                if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+        shapes = {k[len("model."):]: tuple(md.size) for k, md in entries.items()
+                  if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+        return shapes, load_checkpoint(os.path.join(path, TRAIN_STATE)).get("meta")
     try:
-        model = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("model")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path!r} is unreadable: {type(e).__name__}: {e}") from e
-    if not isinstance(model, dict):
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"checkpoint {path!r} has no 'model' weights")
-    return {k: tuple(v.shape) for k, v in model.items()}
+    return {k: tuple(v.shape) for k, v in ckpt["model"].items()}, ckpt.get("meta")
 
 
 def check_architecture(path, model, saved=None, meta=None):
     """Raises ValueError naming what differs when the checkpoint `path` (its model weights' names
-    and shapes `saved`, default read from it; its model metadata `meta` if known) was not written
-    by the architecture of `model` (plain, DDP or FSDP2: global shapes compared)."""
-    saved = saved_model_shapes(path) if saved is None else saved
+    and shapes `saved` and model metadata `meta`; both read from it when `saved` is None) was not
+    written by the architecture of `model` (plain, DDP or FSDP2: global shapes compared)."""
+    if saved is None:
+        saved, meta = saved_model(path)
     live = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items()}
     missing, unexpected = sorted(live.keys() - saved.keys()), sorted(saved.keys() - live.keys())
     shapes = [f"{k} {saved[k]} vs {live[k]}" for k in sorted(live.keys() & saved.keys()) if saved[k] != live[k]]

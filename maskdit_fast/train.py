@@ -448,11 +448,13 @@ class MetricsLog:
 
 
 @contextlib.contextmanager
-def stop_signals():
+def stop_signals(exiting=False):
     """Turns SIGTERM/SIGINT into a flag (`flag["signal"]`, the first signal's name) checked between
-    steps; restores the previous handlers on exit. Further signals change nothing (the stop save
-    is already coming; raising would abort it): however many arrive, the run saves once and
-    exits. SIGKILL still ends a process that must not save."""
+    steps. Further signals change nothing (the stop save is already coming; raising would abort
+    it): however many arrive, the run saves once and exits. SIGKILL still ends a process that must
+    not save. On exit the previous handlers come back, except with `exiting` (the process ends
+    next: the CLI) after a stop signal: further ones then stay ignored, as a default SIGTERM
+    handler would turn the clean exit into a kill."""
     flag = {"signal": None}
 
     def handler(signum, frame):
@@ -472,7 +474,7 @@ def stop_signals():
         yield flag
     finally:
         for sig, h in previous.items():
-            signal.signal(sig, h)
+            signal.signal(sig, signal.SIG_IGN if exiting and flag["signal"] else h)
 
 
 def grid_labels(cfg, per_class):
@@ -603,7 +605,7 @@ def check_step(cfg, state, m, ckpts, say):
         file=sys.stderr)
 
 
-def train(cfg, stop_at=None, progress=True):
+def train(cfg, stop_at=None, progress=True, exiting=False):
     """Runs (or resumes) training for `cfg` (a TrainConfig).
 
     Everything is validated (config, data, model, parallelism, explicit checkpoints) before the
@@ -613,6 +615,8 @@ def train(cfg, stop_at=None, progress=True):
         stop_at: stop after this step as if interrupted (checkpoint, then return); for tests and
             time-sliced jobs.
         progress: show a tqdm bar.
+        exiting: the process exits when this returns (the CLI): after a stop signal, further
+            SIGTERM / SIGINT stay ignored (see stop_signals).
     Returns:
         dict: run_dir, step, last metrics, and (at the end of an MNIST-5k run) sample_accuracy,
         grid path; interrupted=True when stopped early.
@@ -638,13 +642,13 @@ def train(cfg, stop_at=None, progress=True):
     run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
     lock = rank0_call(lambda: open_run_dir(cfg, run_dir))  # the first write; the other ranks act under it
     try:
-        return run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, progress)
+        return run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, progress, exiting)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, progress):
+def run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, progress, exiting):
     """The training loop of `train`, in the locked run dir."""
     device, net = info.device, state.net
     say = print if info.is_main else (lambda *args, **kwargs: None)
@@ -654,25 +658,27 @@ def run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, pro
     else:
         ckpts = CheckpointManager(ckpt_dir, cfg.keep_last)
     log, bar = None, None
-    try:
-        resume_path = restore(cfg, state, ckpts, device, info, say)
-        if info.is_main:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=1)
-            log = MetricsLog(run_dir, resume_step=state.step if resume_path else None)
-        say(f"run dir: {os.path.abspath(run_dir)}  ({n_params / 1e6:.2f}M parameters, {len(dataset)} training "
-            f"samples of shape {dataset.sample_shape}, device {device}, {info.world_size} process(es), parallel "
-            f"{cfg.parallel})", flush=True)
+    with contextlib.ExitStack() as signals:
+        stop = signals.enter_context(stop_signals(exiting))  # from here on, a stop signal ends the current step
+        try:
+            resume_path = restore(cfg, state, ckpts, device, info, say)
+            if info.is_main:
+                with open(os.path.join(run_dir, "config.json"), "w") as f:
+                    json.dump(cfg.to_dict(), f, indent=1)
+                log = MetricsLog(run_dir, resume_step=state.step if resume_path else None)
+            say(f"run dir: {os.path.abspath(run_dir)}  ({n_params / 1e6:.2f}M parameters, {len(dataset)} training "
+                f"samples of shape {dataset.sample_shape}, device {device}, {info.world_size} process(es), "
+                f"parallel {cfg.parallel})", flush=True)
 
-        loss_fn, ratio_at = build_loss(cfg), mask_ratio_fn(cfg)
-        latent = isinstance(dataset, LatentShards)
-        result = {"run_dir": run_dir, "interrupted": False}
-        peak = cfg.peak_tflops * 1e12 or default_peak_flops(
-            device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
-        meter = ThroughputMeter(net, info.world_size, peak, device)
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and info.is_main), dynamic_ncols=True)
-        with stop_signals() as stop:
+            loss_fn, ratio_at = build_loss(cfg), mask_ratio_fn(cfg)
+            latent = isinstance(dataset, LatentShards)
+            result = {"run_dir": run_dir, "interrupted": False}
+            peak = cfg.peak_tflops * 1e12 or default_peak_flops(
+                device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+            meter = ThroughputMeter(net, info.world_size, peak, device)
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and info.is_main),
+                       dynamic_ncols=True)
             state.net.train()
             while state.step < cfg.steps:
                 ratio = ratio_at(state.step)
@@ -706,25 +712,26 @@ def run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, pro
                     reason = reason or "another rank's signal"
                 if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps or reason:
                     save_checkpoint(ckpts, cfg, state, meta)
-                if reason:
+                if reason:  # returns with the stop handlers still in place, the closing included
                     if isinstance(ckpts, DistCheckpointManager):
                         ckpts.wait()
                     say(f"\nstopped at step {state.step} ({reason}); checkpoint {ckpts.latest()}; run the same "
                         f"command again to resume", flush=True)
                     result.update(interrupted=True, step=state.step)
                     return result
-        bar.close()
-        result["step"] = state.step
-        if isinstance(ckpts, DistCheckpointManager):
-            ckpts.wait()
-        finish(cfg, state, meta, run_dir, device, latent, log, result, info.is_main)
-    finally:
-        if bar is not None:
+            signals.close()  # training is over: signals act as usual during the export and sampling
             bar.close()
-        if isinstance(ckpts, DistCheckpointManager):
-            ckpts.close()
-        if log is not None:
-            log.close()
+            result["step"] = state.step
+            if isinstance(ckpts, DistCheckpointManager):
+                ckpts.wait()
+            finish(cfg, state, meta, run_dir, device, latent, log, result, info.is_main)
+        finally:
+            if bar is not None:
+                bar.close()
+            if isinstance(ckpts, DistCheckpointManager):
+                ckpts.close()
+            if log is not None:
+                log.close()
     return result
 
 
@@ -762,7 +769,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     t0 = time.perf_counter()
     try:
-        result = train(cfg)
+        result = train(cfg, exiting=True)
     finally:
         destroy_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
