@@ -124,7 +124,8 @@ def prepare_latents(images, vae, out, resolution=256, batch_size=32, shard_size=
 
     def write_shard(moments, labels):
         name = f"shard_{len(shards):05d}"
-        moments = moments.astype(dtype)
+        with np.errstate(over="ignore"):  # checked next
+            moments = moments.astype(dtype)
         if not np.isfinite(moments).all():  # the VAE's outputs were checked: float16 overflowed
             raise ValueError(f"{name}: the latent moments overflow {dtype}; use dtype float32 (--dtype)")
         for suffix, array in ((".moments.npy", moments), (".labels.npy", labels)):
