@@ -204,7 +204,7 @@ def load_training_state(path, model, optimizer, ema, map_location="cpu", require
         if verify:
             verify_everywhere(path)
         extra = load_checkpoint(os.path.join(path, TRAIN_STATE), required=required)
-        check_architecture(path, model, meta=extra.get("meta"))
+        check_architecture(path, model)
         state = sharded_state(model, optimizer, ema)
         _dcp_load(state, path)
         _apply_state(model, optimizer, ema, state, full=False)
@@ -226,7 +226,7 @@ def load_weights(path, model, ema, map_location="cpu", verify=True):
         if verify:
             verify_everywhere(path)
         extra = load_checkpoint(os.path.join(path, TRAIN_STATE), required=("step",))
-        check_architecture(path, model, meta=extra.get("meta"))
+        check_architecture(path, model)
         state = {"model": get_model_state_dict(model), "ema": ema.state_dict()}
         _dcp_load(state, path)
         set_model_state_dict(model, state["model"])

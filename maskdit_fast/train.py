@@ -516,8 +516,8 @@ def previous_outputs(run_dir):
     """Names of a previous run's outputs in `run_dir` (what the trainer writes there), sorted."""
     if not os.path.isdir(run_dir):
         return []
-    names = [n for n in os.listdir(run_dir) if n in RUN_OUTPUTS or (n.startswith("grid_") and n.endswith((".png",
-                                                                                                        ".npz")))]
+    names = [n for n in os.listdir(run_dir)
+             if n in RUN_OUTPUTS or (n.startswith("grid_") and n.endswith((".png", ".npz")))]
     return sorted(n for n in names if not (n == "checkpoints" and not os.listdir(os.path.join(run_dir, n))))
 
 
@@ -574,6 +574,7 @@ def restore(cfg, state, ckpts, device, info, say):
             try:
                 load_state(state, path, device)
             except CheckpointError as e:  # raised before anything was loaded, on every rank
+                barrier()  # no rank still reads it
                 aside = set_aside(path) if info.is_main else None
                 say(f"warning: skipped checkpoint {path}: {e}; moved it to {aside}", file=sys.stderr, flush=True)
                 continue

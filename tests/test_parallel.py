@@ -254,7 +254,9 @@ def test_fsdp_and_ddp_match_single_process_and_resume_across_world_sizes(tmp_pat
                    "ref_single_file": str(tmp_path / "ref.pt")}, f)
     ref += W.train(ref_net, ref_opt, ref_ema, W.RESUME_AT, W.STEPS)
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(__file__))
+    import maskdit_fast  # the workers import the package under test, wherever this process found it
+    package_root = os.path.dirname(os.path.dirname(maskdit_fast.__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), package_root]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            W.__file__, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
