@@ -9,8 +9,9 @@ import dataclasses
 import inspect
 import io
 import json
-import os
+import math
 import numbers
+import os
 import tokenize
 import typing
 from dataclasses import dataclass, field
@@ -74,7 +75,8 @@ class TrainConfig:
     peak_tflops: float = 0.0            # per-device peak for MFU; 0 = known GPUs' bf16 / TF32 peak
     debug_crash_at_step: int = 0        # tests: the last rank SIGKILLs itself after this step
     # run control
-    resume: str = "auto"                # auto (latest in run dir) | never | path to a checkpoint
+    resume: str = "auto"                # auto (newest verified in run dir) | never | path to a checkpoint
+    restart: bool = False               # start over: move a previous run's outputs in the run dir aside
     init_from: str = ""                 # start a new stage from a checkpoint's weights (e.g. fine-tuning)
     log_every: int = 50                 # steps between metrics lines
     ckpt_every: int = 500               # steps between checkpoints
@@ -89,6 +91,10 @@ class TrainConfig:
 
     def validate(self):
         """Raises ValueError on inconsistent settings; returns self."""
+        for f in dataclasses.fields(self):  # NaN passes every comparison below; inf is never meant
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config: {f.name} must be a finite number, got {value}")
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
@@ -118,6 +124,8 @@ class TrainConfig:
             (self.sample_steps >= 1 and self.sample_cfg >= 0, "sample_steps must be >= 1 and sample_cfg >= 0"),
             (min(self.sample_every, self.sample_per_class, self.eval_per_class, self.grad_clip) >= 0,
              "sample_every, sample_per_class, eval_per_class and grad_clip must be >= 0"),
+            (not (self.restart and self.resume not in ("auto", "never")),
+             f"restart starts over; it cannot resume {self.resume!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -234,17 +242,22 @@ def _coerce(value, typ, what):
 
 
 def load_config_file(path):
-    """Reads a .toml (tomllib) or .json config file into a dict."""
+    """Reads a .toml (tomllib) or .json config file into a dict; ValueError naming the file when it
+    does not parse or does not hold a table / object of config keys."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
-    if path.endswith(".toml"):
-        import tomllib  # Python >= 3.11
+    if not path.endswith((".toml", ".json")):
+        raise ValueError(f"config file {path!r}: expected a .toml or .json file")
+    import tomllib  # Python >= 3.11
+    try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
-    if path.endswith(".json"):
-        with open(path) as f:
-            return json.load(f)
-    raise ValueError(f"config file {path!r}: expected a .toml or .json file")
+            values = tomllib.load(f) if path.endswith(".toml") else json.loads(f.read().decode("utf-8"))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path!r} is not valid {path[-4:].upper()}: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a table / object of config keys, got a "
+                         f"{type(values).__name__}")
+    return values
 
 
 _HIDDEN = {"debug_crash_at_step"}  # test-only knobs, left out of --help

@@ -1,8 +1,10 @@
 """Training data: the embedded digit sets (pixel space) and precomputed VAE-latent shards.
 
-Every dataset is validated completely when it is built (files, shapes, dtypes, label range), so
-bad data fails before the first training step, and is read in batches by `DataStream`, whose
-position (epoch + index within the epoch's seeded permutation) is part of a checkpoint.
+Every dataset is validated when it is built (files, shapes, dtypes, label range; in-memory images
+also for NaN / infinity), so bad data fails before the first training step, and is read in batches
+by `DataStream`, whose position (epoch + index within the epoch's seeded permutation) is part of a
+checkpoint. Latent values are memory-mapped (too large to scan up front): each batch read is
+checked for NaN / infinity, naming the shard file and row.
 
 Latent shard layout (written by `maskdit_fast.prepare_latents`), in one directory:
     manifest.json                       format, latent shape, scale factor, classes, shard list
@@ -95,6 +97,9 @@ class TensorImages:
         if images.dim() != 4 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"images must be [N, C, H, W] with N = len(labels); got {tuple(images.shape)} "
                              f"for {labels.shape[0]} labels")
+        finite = torch.isfinite(images).flatten(1).all(1)
+        if not finite.all():
+            raise ValueError(f"images: image {int((~finite).nonzero()[0])} holds NaN or infinite values")
         self.images, self.labels, self.num_classes = images.float().contiguous(), labels.long(), num_classes
         self.sample_shape = tuple(images.shape[1:])
 
@@ -165,6 +170,13 @@ class LatentShards:
             local = idx[sel] - self.offsets[s]
             order = np.argsort(local)  # sorted reads are kinder to a memory map
             moments[sel[order]] = self.moments[s][local[order]]
+        finite = np.isfinite(moments.reshape(len(idx), -1)).all(1)
+        if not finite.all():
+            i = int(idx[np.argmin(finite)])
+            s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+            raise ValueError(f"latent data: {self.root}/{self.manifest['shards'][s]['moments']} row "
+                             f"{i - int(self.offsets[s])} holds NaN or infinite values (re-encode it with "
+                             f"maskdit_fast.prepare_latents)")
         moments = torch.from_numpy(moments)
         mean, logvar = moments.chunk(2, dim=1)
         if eps is None:

@@ -2,8 +2,8 @@
 Diffusion-Based Generative Models"; MaskDiT's loss from Zheng et al. 2023).
 
 - `EDMPrecond`: wraps a network `net(x, t, y, mask_ratio=, ids_keep=) -> ModelOutput(sample, mask)`
-  into the EDM denoiser D(x; sigma) with the standard c_skip / c_out / c_in / c_noise scalings;
-  `forward_packed` does the same for MaskDiT's packed forward over groups of resolutions.
+  into the EDM denoiser D(x; sigma) with the standard c_skip / c_out / c_in / c_noise scalings; x
+  may also be a list of groups of resolutions (MaskDiT's packed forward).
 - `MaskDiTLoss` (alias `EDMLoss`): EDM denoising score matching on the kept patches plus an
   MAE-style reconstruction of the masked patches; at mask ratio 0 the plain EDM loss. Mask ratios
   may be per sample (MaskDiT's packed path), and `MaskDiTLoss.grouped` takes a mixed-resolution
@@ -105,7 +105,10 @@ class EDMPrecond(nn.Module):
         """Denoises x at noise level sigma.
 
         Args:
-            x: [B, C, H, W] noisy input (any float dtype; computed in fp32).
+            x: [B, C, H, W] noisy input (any float dtype; computed in fp32). Or a list of G groups
+                [B_g, C, H_g, W_g] (one resolution per group), denoised in one packed network pass
+                (MaskDiT's forward on lists); sigma, y, mask_ratio and ids_keep are then lists of G
+                entries (y may be None), as MaskDiT's forward takes them.
             sigma: python number, 0-d / [1] / [B] tensor of noise levels (> 0).
             y: [B] int64 class labels in [0, num_classes] (num_classes = null class).
             mask_ratio: fraction of patches the network drops (0 at inference), or B per-sample
@@ -113,31 +116,20 @@ class EDMPrecond(nn.Module):
             ids_keep: optional kept patch positions (overrides random masking): [B, K] int64, or
                 per-sample (a PackedMask / list of B 1-D int64 tensors, MaskDiT's packed path).
         Returns:
-            ModelOutput(sample=D_x [B, C, H, W] fp32, mask=[B, L] or None, as the network returned).
+            ModelOutput(sample=D_x [B, C, H, W] fp32, mask=[B, L] or None, as the network returned);
+            for groups, a list of G of them.
         """
+        if isinstance(x, (list, tuple)):
+            if not isinstance(sigma, (list, tuple)) or len(sigma) != len(x):
+                raise ValueError("EDMPrecond: groups need lists x and sigma with one entry per group")
+            scaled = [self._scalings(xg, sg) for xg, sg in zip(x, sigma)]
+            # the network itself is called (not a method of it): DDP / FSDP wrappers hook its call
+            outs = self.net([c_in * xg for xg, _, _, c_in, _ in scaled], [c_noise for *_, c_noise in scaled], y,
+                            mask_ratio=mask_ratio, ids_keep=ids_keep)
+            return [self._denoised(xg, out, c_skip, c_out) for (xg, c_skip, c_out, _, _), out in zip(scaled, outs)]
         x, c_skip, c_out, c_in, c_noise = self._scalings(x, sigma)
         out = self.net(c_in * x, c_noise, y, mask_ratio=mask_ratio, ids_keep=ids_keep)
         return self._denoised(x, out, c_skip, c_out)
-
-    def forward_packed(self, x, sigma, y=None, mask_ratio=0.0, ids_keep=None):
-        """Denoises G groups of samples (one resolution per group) in one packed network pass
-        (`net.forward_packed`, e.g. MaskDiT's).
-
-        Args:
-            x: list of G noisy inputs [B_g, C, H_g, W_g].
-            sigma: list of G noise levels (number or [B_g] tensor each).
-            y: list of G [B_g] int64 labels (None entries: null class), or None.
-            mask_ratio, ids_keep: per group, as MaskDiT.forward_packed.
-        Returns:
-            list of G ModelOutput(sample=D_x [B_g, C, H_g, W_g] fp32, mask [B_g, L_g]).
-        """
-        if not isinstance(x, (list, tuple)) or not isinstance(sigma, (list, tuple)) or len(sigma) != len(x):
-            raise ValueError("forward_packed takes lists x and sigma with one entry per group")
-        scaled = [self._scalings(xg, sg) for xg, sg in zip(x, sigma)]
-        outs = self.net.forward_packed([c_in * xg for xg, _, _, c_in, _ in scaled],
-                                       [c_noise for *_, c_noise in scaled], y, mask_ratio=mask_ratio,
-                                       ids_keep=ids_keep)
-        return [self._denoised(xg, out, c_skip, c_out) for (xg, c_skip, c_out, _, _), out in zip(scaled, outs)]
 
     def _scalings(self, x, sigma):
         """Checks x and returns (x fp32, c_skip, c_out, c_in [B, 1, 1, 1], c_noise [B])."""
@@ -231,7 +223,7 @@ class MaskDiTLoss:
 
     def grouped(self, precond, x, y, mask_ratio=0.0, ids_keep=None, generator=None, sigma=None, noise=None):
         """The loss of a mixed-resolution batch: G groups of samples, one resolution per group, all
-        through one packed encoder pass (`precond.forward_packed`, MaskDiT only).
+        through one packed encoder pass (`precond` called on lists of groups, MaskDiT only).
 
         The per-sample terms are those of `__call__` on each group; loss, dsm and mae are means over
         all B = sum_g B_g samples (each sample weighs the same whatever its resolution).
@@ -243,7 +235,7 @@ class MaskDiTLoss:
             mask_ratio: a number for every sample, or a list of G entries (number or B_g per-sample
                 ratios each).
             ids_keep: None or a list of G entries (None, PackedMask, [B_g, K] tensor or list of 1-D
-                tensors), as MaskDiT.forward_packed.
+                tensors), as MaskDiT's forward takes them for groups.
             generator: torch.Generator: sigma for all B samples first, then each group's noise.
             sigma: optional override: number or [B] tensor (groups in order).
             noise: optional override: list of G [B_g, C, H_g, W_g] standard-normal tensors.
@@ -260,8 +252,7 @@ class MaskDiTLoss:
         sigma = self._sigma(sigma, sum(sizes), x[0].device, generator).split(sizes)
         noised = [self._noised(xg, sg, None if noise is None else noise[g], generator)
                   for g, (xg, sg) in enumerate(zip(x, sigma))]
-        outs = precond.forward_packed([xn for _, xn in noised], list(sigma), y, mask_ratio=mask_ratio,
-                                      ids_keep=ids_keep)
+        outs = precond([xn for _, xn in noised], list(sigma), y, mask_ratio=mask_ratio, ids_keep=ids_keep)
         terms = [self._terms(out.sample, xc, xn, sg, out.mask, precond.patch_size)
                  for out, (xc, xn), sg in zip(outs, noised, sigma)]
         return self._output(torch.cat([dsm for dsm, _ in terms]), torch.cat([mae for _, mae in terms]))

@@ -322,8 +322,11 @@ def folder_features(folder, model, batch_size=64):
     for start in range(0, len(files), batch_size):
         batch = []
         for f in files[start:start + batch_size]:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB"))
+            try:
+                with Image.open(f) as im:
+                    arr = np.asarray(im.convert("RGB"))
+            except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, unidentified or broken files
+                raise ValueError(f"cannot read reference image {f!r}: {e}") from e
             if size is None:
                 size = arr.shape
             elif arr.shape != size:

@@ -20,7 +20,7 @@ int(L * (1 - mask_ratio)) random tokens per sample, or exactly the complement of
 official code, masking does not depend on train/eval mode: it happens whenever it is asked for.
 Per-sample ratios (mask_ratio a [B] float tensor or list) or per-sample kept positions (ids_keep a
 `maskdit_fast.masking.PackedMask` or a list of B 1-D tensors) run MaskDiT's packed (varlen) encoder,
-and `MaskDiT.forward_packed` takes mixed-resolution batches as a list of groups (see MaskDiT).
+and MaskDiT also takes mixed-resolution batches as lists with one entry per group (see MaskDiT.forward).
 
 Presets, by name `"{DiT|MaskDiT}-{S|B|L|XL}/{2|4|8}"` (`create_model`):
 
@@ -482,9 +482,9 @@ class MaskDiT(_DiffusionTransformer):
       packed  (varlen) per-sample keep counts: the kept tokens of all samples form one stream
               [1, T, D] with cu_seqlens, the adaLN vectors are indexed by each token's sample and
               attention is varlen (no padding). Used by `forward` when mask_ratio holds per-sample
-              ratios or ids_keep is a PackedMask / list of per-sample positions, and by
-              `forward_packed`, which also takes batches of several resolutions at once. The decoder
-              always runs dense on each sample's full grid. With equal keep counts both layouts
+              ratios or ids_keep is a PackedMask / list of per-sample positions, or when x is a
+              list of groups (batches of several resolutions at once). The decoder always runs
+              dense on each sample's full grid. With equal keep counts both layouts
               compute the same function (up to float rounding).
 
     Args (beyond DiT's):
@@ -551,9 +551,9 @@ class MaskDiT(_DiffusionTransformer):
                     decoder_num_heads=self.decoder_num_heads)
 
     def forward(self, x, t, y, mask_ratio=0.0, ids_keep=None):
-        """MaskDiT forward.
+        """MaskDiT forward, on one batch or on G groups of samples of their own resolutions.
 
-        Args:
+        One batch (x a tensor):
             x: [B, C, H, W] (EDM: c_in * noisy latent), H, W = input_size.
             t: [B] or scalar, the EDM c_noise.
             y: int64 [B] class ids in [0, num_classes] (num_classes = null), or None (all null).
@@ -563,10 +563,31 @@ class MaskDiT(_DiffusionTransformer):
                 be 0 or give the same keep counts).
             ids_keep: optional kept positions (fixes the mask): [B, K] int64 (dense path), or a
                 PackedMask / list of B 1-D int64 tensors (per-sample counts; the packed path).
-        Returns:
-            ModelOutput(sample [B, C_out, H, W] for all tokens, mask [B, L] float 1 = masked, or
-            None when the dense path masked nothing; the packed path always returns the mask).
+            Returns ModelOutput(sample [B, C_out, H, W] for all tokens, mask [B, L] float 1 = masked,
+            or None when the dense path masked nothing; the packed path always returns the mask).
+
+        G groups (x a list; the packed path): the encoder runs once on the kept tokens of all groups
+        packed into one stream [1, T, D] (per-sample keep counts, per-resolution position
+        embeddings, attention within each sample); the decoder then runs dense on each group's full
+        grid. Samples of any resolution (multiples of patch_size; see `pos_embeds`) can share one
+        encoder pass. Going through forward (not a side method) keeps DDP's gradient sync and
+        FSDP's parameter gathering, which hook the module's call.
+            x: list of G tensors [B_g, C, H_g, W_g].
+            t: list of G noise-level inputs, [B_g] or scalars.
+            y: list of G int64 label tensors [B_g] (or None entries: null class), or None.
+            mask_ratio: a number for every sample, or a list of G entries, each a number or B_g
+                per-sample ratios (1-D float tensor, list or tuple), in [0, 1). Sample b of a group
+                with L_g tokens keeps int(L_g * (1 - ratio_b)) of them, drawn at random (global RNG,
+                the same draw as the dense path); all-kept groups draw nothing.
+            ids_keep: None, or a list of G entries, each None (random, from mask_ratio), a
+                PackedMask, a [B_g, K] int64 tensor or a list of B_g 1-D int64 tensors of kept
+                positions. With ids_keep given, the group's mask_ratio must be 0 or give the same
+                keep counts.
+            Returns a list of G ModelOutput(sample [B_g, C_out, H_g, W_g], mask [B_g, L_g] float,
+            1 = masked).
         """
+        if isinstance(x, (list, tuple)) or isinstance(t, (list, tuple)):  # groups (checked there)
+            return self._forward_packed(x, t, y, mask_ratio, ids_keep, any_size=True)
         if is_per_sample(mask_ratio) or isinstance(ids_keep, (PackedMask, list, tuple)):
             return self._forward_packed([x], [t], [y], [mask_ratio], [ids_keep], any_size=False)[0]
         t, y = self._checked_inputs(x, t, y)
@@ -604,31 +625,6 @@ class MaskDiT(_DiffusionTransformer):
             tokens = block(tokens, c, backend=self.backend)
         sample = self.unpatchify(self.final_layer(tokens, c, backend=self.backend))
         return ModelOutput(sample, mask)
-
-    def forward_packed(self, x, t, y=None, mask_ratio=0.0, ids_keep=None):
-        """Packed (varlen) forward over G groups of samples, each group of one resolution.
-
-        The encoder runs once on the kept tokens of all groups packed into one stream [1, T, D]
-        (per-sample keep counts, per-resolution position embeddings, attention within each sample);
-        the decoder then runs dense on each group's full grid. Samples of any resolution (multiples
-        of patch_size; see `pos_embeds`) can share one encoder pass.
-
-        Args:
-            x: list of G tensors [B_g, C, H_g, W_g].
-            t: list of G noise-level inputs, [B_g] or scalars.
-            y: list of G int64 label tensors [B_g] (or None entries: null class), or None.
-            mask_ratio: a number for every sample, or a list of G entries, each a number or B_g
-                per-sample ratios (1-D float tensor, list or tuple), in [0, 1). Sample b of a group
-                with L_g tokens keeps int(L_g * (1 - ratio_b)) of them, drawn at random (global RNG,
-                the same draw as the dense path); all-kept groups draw nothing.
-            ids_keep: None, or a list of G entries, each None (random, from mask_ratio), a
-                PackedMask, a [B_g, K] int64 tensor or a list of B_g 1-D int64 tensors of kept
-                positions. With ids_keep given, the group's mask_ratio must be 0 or give the same
-                keep counts.
-        Returns:
-            list of G ModelOutput(sample [B_g, C_out, H_g, W_g], mask [B_g, L_g] float, 1 = masked).
-        """
-        return self._forward_packed(x, t, y, mask_ratio, ids_keep, any_size=True)
 
     def _forward_packed(self, x, t, y, mask_ratio, ids_keep, any_size):
         x = self._group_list("x", x, None)
@@ -678,10 +674,10 @@ class MaskDiT(_DiffusionTransformer):
     @staticmethod
     def _group_list(name, value, groups):
         if not isinstance(value, (list, tuple)) or not value:
-            raise TypeError(f"forward_packed: {name} must be a non-empty list (one entry per group), "
+            raise TypeError(f"MaskDiT groups: {name} must be a non-empty list (one entry per group), "
                             f"got {type(value).__name__}")
         if groups is not None and len(value) != groups:
-            raise ValueError(f"forward_packed: {name} has {len(value)} entries for {groups} groups")
+            raise ValueError(f"MaskDiT groups: {name} has {len(value)} entries for {groups} groups")
         return list(value)
 
     def _group_mask(self, ids_keep, mask_ratio, batch, length, device, check_values, g):

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import inspect
 import os
 import resource
 import time
@@ -150,6 +151,33 @@ def any_rank(flag):
     return bool(t.item())
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank; `obj` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank0_call(fn):
+    """fn() on rank 0 only; its exception re-raised there and, as a RuntimeError with its message,
+    on every other rank (which would otherwise wait for rank 0 in the next collective).
+    Collective. Returns fn's result on rank 0, None elsewhere."""
+    result, error = None, None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0: {message}")
+    return result
+
+
 def all_gather_floats(value):
     """[value of rank 0, value of rank 1, ...] for a python float (a list of one without a group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -180,13 +208,24 @@ def transformer_blocks(model):
 
 class _DDP(nn.parallel.DistributedDataParallel):
     """DDP that reads missing attributes from the wrapped model (patch_size, num_patches, config,
-    ...), so code written for the bare model (EDMPrecond, the loss) takes the DDP module as is."""
+    ...), so code written for the bare model (EDMPrecond, the loss) takes the DDP module as is.
+
+    Methods of the wrapped model are not handed out: running one would skip DDP's forward, whose
+    hooks synchronise the gradients (the replicas would silently diverge). Every computation goes
+    through the wrapper's call; `unwrap(model).method` reaches them deliberately."""
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("module"), name)
+            module = super().__getattr__("module")
+            value = getattr(module, name)
+            if inspect.ismethod(value):
+                raise AttributeError(
+                    f"DDP does not hand out {type(module).__name__}.{name}: calling it would bypass DDP's "
+                    f"forward and its gradient sync; call the DDP module itself, or unwrap(model).{name} "
+                    f"outside training") from None
+            return value
 
 
 def apply_ddp(model, info, find_unused_parameters=False):
@@ -234,12 +273,23 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_afte
 
 def clip_grad_norm_(model, max_norm):
     """torch.nn.utils.clip_grad_norm_ over the model's parameters (plain, DDP or FSDP2-sharded
-    gradients alike; max_norm=inf only measures). Returns the total norm before clipping as a
-    python float (the same on every rank)."""
+    gradients alike; max_norm=inf only measures). Returns the total norm before clipping as a 0-d
+    tensor on the gradients' device, the same on every rank (no host sync: read it together with
+    the step's other numbers). A non-finite norm leaves non-finite or zero gradients: skip the step."""
     norm = nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return float(norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def nonfinite(tensors):
+    """0-d float32 tensor on the tensors' device: 1.0 when any local element (this rank's shard of a
+    DTensor) is NaN or infinite, else 0.0; no host sync (one max-abs reduction per tensor, fused by
+    torch._foreach_norm)."""
+    local = [_local(t).detach() for t in tensors]
+    local = [t for t in local if t.numel()]
+    if not local:
+        return torch.zeros(())
+    peak = torch.stack([n.float() for n in torch._foreach_norm(local, float("inf"))]).max()
+    return (~torch.isfinite(peak)).float()  # max propagates NaN
 
 
 @contextlib.contextmanager
@@ -357,6 +407,11 @@ class ShardedEMA:
     def _live(model):
         # state_dict(keep_vars=True): the live parameters and buffers under their checkpoint names
         return [(k, t) for k, t in unwrap(model).state_dict(keep_vars=True).items() if t.is_floating_point()]
+
+    def nonfinite(self):
+        """0-d float tensor: 1.0 when this rank's EMA holds a NaN or infinity (which the EMA of a
+        model takes from the first non-finite weights of an update), else 0.0. No host sync."""
+        return nonfinite(self.shadow)
 
     @torch.no_grad()
     def update(self, model, decay):

@@ -124,7 +124,11 @@ def prepare_latents(images, vae, out, resolution=256, batch_size=32, shard_size=
 
     def write_shard(moments, labels):
         name = f"shard_{len(shards):05d}"
-        for suffix, array in ((".moments.npy", moments.astype(dtype)), (".labels.npy", labels)):
+        with np.errstate(over="ignore"):  # checked next
+            moments = moments.astype(dtype)
+        if not np.isfinite(moments).all():  # the VAE's outputs were checked: float16 overflowed
+            raise ValueError(f"{name}: the latent moments overflow {dtype}; use dtype float32 (--dtype)")
+        for suffix, array in ((".moments.npy", moments), (".labels.npy", labels)):
             atomic_write(os.path.join(out, name + suffix), lambda f: np.save(f, array, allow_pickle=False))
         shards.append({"moments": name + ".moments.npy", "labels": name + ".labels.npy", "count": len(labels)})
 
@@ -136,6 +140,10 @@ def prepare_latents(images, vae, out, resolution=256, batch_size=32, shard_size=
         if flip:
             x, y = torch.cat([x, x.flip(-1)]), np.concatenate([y, y])
         moments = encode_moments(vae, x).numpy()
+        finite = np.isfinite(moments.reshape(len(moments), -1)).all(1)
+        if not finite.all():
+            path = chunk[int(np.argmin(finite)) % len(chunk)][0]  # a flipped copy maps to its image
+            raise ValueError(f"the VAE encoded {path} to NaN or infinite latents; check the image and the VAE")
         latent_shape = [moments.shape[1] // 2, moments.shape[2], moments.shape[3]]
         pending_m.append(moments)
         pending_y.append(y)

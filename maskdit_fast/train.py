@@ -3,9 +3,17 @@
 With no arguments it trains a small MaskDiT on the embedded MNIST-5k digits on the CPU (about ten
 minutes) and ends with a sample grid and the class accuracy of those samples. Everything is in
 the run dir (default runs/<name>): checkpoints/ (atomic, last N kept), metrics.jsonl, tb/
-(TensorBoard), grid_*.png, ema.safetensors. Re-running the same command resumes from the latest
-checkpoint; the resumed run reproduces the uninterrupted one exactly (same seeds, data position
-and RNG states). SIGTERM / SIGINT write a checkpoint and exit cleanly.
+(TensorBoard), grid_*.png, ema.safetensors. Re-running the same command resumes from the newest
+checkpoint that verifies (corrupt ones are set aside, named); the resumed run reproduces the
+uninterrupted one exactly (same seeds, data position and RNG states). Any number of SIGTERM /
+SIGINT write one checkpoint and exit cleanly. One trainer per run dir (a lock); `--resume never`
+refuses a run dir holding a previous run's outputs unless `--restart` moves them aside.
+
+Non-finite steps: a step whose loss or gradient norm is NaN/inf (also when clipping) is never
+applied (skipped up to --max-nan-skips times, else the run stops); an update that made the
+weights non-finite stops the run (checked from the EMA in the next step's one host sync, and
+before every save), so every checkpoint holds finite weights, EMA and optimizer state, and the
+stop message names the newest one.
 
 Scale-out (torchrun; see maskdit_fast.parallel and maskdit_fast.dist_checkpoint):
 
@@ -45,19 +53,19 @@ import time
 import numpy as np
 import torch
 
-from maskdit_fast.checkpoint import CheckpointManager
+from maskdit_fast.checkpoint import CheckpointError, CheckpointManager, RunDirLock, set_aside
 from maskdit_fast.config import parse_config
 from maskdit_fast.data import DataStream, LatentShards, build_dataset
 from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss, mask_ratio_schedule
-from maskdit_fast.dist_checkpoint import (DistCheckpointManager, export_ema_safetensors, load_training_state,
-                                          load_weights)
+from maskdit_fast.dist_checkpoint import (DistCheckpointManager, check_architecture, export_ema_safetensors,
+                                          load_training_state, load_weights, verify_everywhere)
 from maskdit_fast.ema import ema_decay
 from maskdit_fast.masking import PackedMask, num_kept, random_masking_ids, random_masking_packed, sample_mask_ratios
 from maskdit_fast.models import MaskDiT, create_model
 from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, all_gather_floats, all_reduce_mean, any_rank,
                                    apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, barrier,
-                                   clip_grad_norm_, default_peak_flops, destroy_distributed, gradient_sync,
-                                   init_distributed, unwrap)
+                                   broadcast_object, clip_grad_norm_, default_peak_flops, destroy_distributed,
+                                   gradient_sync, init_distributed, nonfinite, rank0_call, unwrap)
 from maskdit_fast.sample import build_from_metadata, generate, model_metadata, save_grid
 
 GRID_SEED = 1_000_000  # sample seeds of the fixed-label grids (distinct from training seeds)
@@ -237,8 +245,8 @@ def draw_mask(cfg, state, mask_ratio, batch, length, rows):
     for all of them (every rank alike) and returned for the samples `rows`.
 
     Returns (mask_ratio argument, ids_keep) for the loss: (0.0, None) when nothing is masked;
-    with cfg.mask_ratio_range, (per-sample ratios [len(rows)] float64, PackedMask), the ratios
-    from state.ratio_gen, the positions from state.loss_gen; else (mask_ratio, ids_keep
+    with cfg.mask_ratio_range, (per-sample ratios: a list of len(rows) floats, PackedMask), the
+    ratios from state.ratio_gen, the positions from state.loss_gen; else (mask_ratio, ids_keep
     [len(rows), K]). With low == high the kept positions equal the plain ratio's: both layouts
     use the same draw from state.loss_gen.
     """
@@ -247,7 +255,9 @@ def draw_mask(cfg, state, mask_ratio, batch, length, rows):
     if cfg.mask_ratio_range:
         ratios = sample_mask_ratios(batch, *cfg.mask_ratio_range, generator=state.ratio_gen)
         packed = random_masking_packed(ratios, length, generator=state.loss_gen)[0]
-        return ratios[rows], packed_rows(packed, rows)
+        # a list, not a float tensor: FSDP's mixed precision casts floating tensor inputs (bf16
+        # ratios would change the keep counts); a CPU tensor's tolist() does not sync the device
+        return ratios[rows].tolist(), packed_rows(packed, rows)
     return mask_ratio, random_masking_ids(batch, length, mask_ratio, generator=state.loss_gen)[0][rows]
 
 
@@ -290,9 +300,16 @@ def train_step(cfg, state, loss_fn, mask_ratio, device, shapes=()):
     ratio from `mask_ratio_fn` (0: nothing masked; with cfg.mask_ratio_range any value > 0 means
     per-sample ratios are drawn); `shapes` the mixed-resolution groups (`group_shapes`).
 
+    The step's one host sync reads the loss terms (all-reduced), the gradient norm and whether the
+    EMA, hence the previous update's weights, is finite. A step whose loss or gradient norm is
+    not finite (clipping included: an infinite norm would scale the gradients to 0 or NaN) is
+    not applied.
+
     Returns:
         dict of python floats: loss, dsm, mae (means over micro-batches and ranks), grad_norm, lr,
-        and finite (1.0 / 0.0). A non-finite loss leaves weights, optimizer and EMA unchanged.
+        finite (1.0 / 0.0: loss and gradient norm finite, so the step was applied; else weights,
+        optimizer and EMA are unchanged) and weights_finite (1.0 / 0.0: the weights the previous
+        update left, checked through the EMA; 0.0 means the run cannot go on).
     """
     net, opt = state.net, state.optimizer
     precond = EDMPrecond(net, cfg.sigma_data)
@@ -312,15 +329,17 @@ def train_step(cfg, state, loss_fn, mask_ratio, device, shapes=()):
                 out = micro_step_loss(cfg, state, loss_fn, precond, x, y, mask_ratio, shapes)
             (out.loss / cfg.grad_accum).backward()
         totals += torch.stack([out.loss.detach(), out.dsm.detach(), out.mae.detach()])
-    loss, dsm, mae = all_reduce_mean(totals / cfg.grad_accum).tolist()
-    finite = math.isfinite(loss)  # the same on every rank
-    grad_norm = float("nan")
+    ema_bad = state.ema.nonfinite().to(device)  # the EMA takes any NaN / inf of the weights it averages
+    stats = all_reduce_mean(torch.cat([totals / cfg.grad_accum, ema_bad.reshape(1)]))
+    norm = clip_grad_norm_(net, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    loss, dsm, mae, ema_bad, grad_norm = torch.cat([stats, norm.reshape(1).float()]).tolist()  # the one sync
+    finite = math.isfinite(loss) and math.isfinite(grad_norm) and not ema_bad  # the same on every rank
     if finite:
-        grad_norm = clip_grad_norm_(net, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         state.ema.update(net, ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup))
     opt.zero_grad(set_to_none=True)
-    return {"loss": loss, "dsm": dsm, "mae": mae, "grad_norm": grad_norm, "lr": lr, "finite": float(finite)}
+    return {"loss": loss, "dsm": dsm, "mae": mae, "grad_norm": grad_norm, "lr": lr, "finite": float(finite),
+            "weights_finite": float(not ema_bad)}
 
 
 def data_info(cfg, dataset):
@@ -342,9 +361,26 @@ def train_state(cfg, state, meta):
             "config": cfg.to_dict(), "meta": meta}
 
 
+def nonfinite_parts(state):
+    """Which of the model weights, the EMA and the optimizer state hold a NaN or infinity on some
+    rank: a list of those names, [] when all are finite. Collective; one host sync."""
+    optim = [t for s in state.optimizer.state.values() for t in s.values()
+             if torch.is_tensor(t) and t.is_floating_point()]
+    parts = {"model weights": nonfinite(list(state.net.parameters())), "EMA": state.ema.nonfinite(),
+             "optimizer state": nonfinite(optim)}
+    device = next(state.net.parameters()).device
+    flags = all_reduce_mean(torch.stack([f.to(device) for f in parts.values()])).tolist()
+    return [name for name, flag in zip(parts, flags) if flag > 0]
+
+
 def save_checkpoint(ckpts, cfg, state, meta):
     """A checkpoint of step state.step: sharded (DCP, every rank writes its part) with a
-    DistCheckpointManager, else one file holding model, EMA, optimizer and `train_state`."""
+    DistCheckpointManager, else one file holding model, EMA, optimizer and `train_state`.
+    Refuses (RuntimeError naming the newest checkpoint) a state holding NaN or infinite values."""
+    bad = nonfinite_parts(state)
+    if bad:
+        raise RuntimeError(f"refusing to save step {state.step}: the {' and '.join(bad)} hold NaN or infinite "
+                           f"values; the last good checkpoint is {ckpts.latest()}. Lower --lr or set --grad-clip.")
     extra = train_state(cfg, state, meta)
     if isinstance(ckpts, DistCheckpointManager):
         return ckpts.save(state.step, state.net, state.optimizer, state.ema, extra)
@@ -352,10 +388,11 @@ def save_checkpoint(ckpts, cfg, state, meta):
                                        optimizer=state.optimizer.state_dict()))
 
 
-def load_state(state, path, device):
+def load_state(state, path, device, verify=True):
     """Restores the full training state (resume) from a checkpoint of either format, written at
-    any world size."""
-    ckpt = load_training_state(path, state.net, state.optimizer, state.ema, map_location=device)
+    any world size (verified first unless verify=False: see load_training_state)."""
+    ckpt = load_training_state(path, state.net, state.optimizer, state.ema, map_location=device,
+                               required=("step", "nan_skips", "data", "rng"), verify=verify)
     state.stream.load_state_dict(ckpt["data"])
     state.step, state.nan_skips = int(ckpt["step"]), int(ckpt["nan_skips"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -411,15 +448,21 @@ class MetricsLog:
 
 
 @contextlib.contextmanager
-def stop_signals():
-    """Turns SIGTERM/SIGINT into a flag (`flag["signal"]`) checked between steps; restores the
-    previous handlers on exit. A second signal while stopping raises KeyboardInterrupt."""
+def stop_signals(exiting=False):
+    """Turns SIGTERM/SIGINT into a flag (`flag["signal"]`, the first signal's name) checked between
+    steps. Further signals change nothing (the stop save is already coming; raising would abort
+    it): however many arrive, the run saves once and exits. SIGKILL still ends a process that must
+    not save. On exit the previous handlers come back, except with `exiting` (the process ends
+    next: the CLI) after a stop signal: further ones then stay ignored, as a default SIGTERM
+    handler would turn the clean exit into a kill."""
     flag = {"signal": None}
 
     def handler(signum, frame):
-        if flag["signal"] is not None:
-            raise KeyboardInterrupt
-        flag["signal"] = signal.Signals(signum).name
+        if flag["signal"] is None:
+            flag["signal"] = signal.Signals(signum).name
+        else:  # os.write: print is not safe inside a signal handler (reentrant buffered I/O)
+            os.write(2, f"{signal.Signals(signum).name}: already stopping after this step (SIGKILL to abort "
+                        f"without a checkpoint)\n".encode())
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -431,7 +474,7 @@ def stop_signals():
         yield flag
     finally:
         for sig, h in previous.items():
-            signal.signal(sig, h)
+            signal.signal(sig, signal.SIG_IGN if exiting and flag["signal"] else h)
 
 
 def grid_labels(cfg, per_class):
@@ -466,13 +509,115 @@ def write_grid(run_dir, step, x, per_class, latent):
     return path
 
 
-def train(cfg, stop_at=None, progress=True):
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "tb", "ema.safetensors")  # plus grid_*
+
+
+def previous_outputs(run_dir):
+    """Names of a previous run's outputs in `run_dir` (what the trainer writes there), sorted."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = [n for n in os.listdir(run_dir)
+             if n in RUN_OUTPUTS or (n.startswith("grid_") and n.endswith((".png", ".npz")))]
+    return sorted(n for n in names if not (n == "checkpoints" and not os.listdir(os.path.join(run_dir, n))))
+
+
+def open_run_dir(cfg, run_dir):
+    """Creates and locks the run dir (one trainer per run dir; call on rank 0 only). A previous
+    run's outputs there are moved aside with cfg.restart (to previous-<time>/, nothing deleted),
+    and refused with cfg.resume "never" (they would be mixed with this run's: pruned by its
+    --keep-last, resumed by a later run). Returns the held RunDirLock."""
+    lock = RunDirLock(run_dir).acquire()
+    try:
+        previous = previous_outputs(run_dir)
+        if previous and cfg.restart:
+            base = aside = os.path.join(run_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+            n = 1
+            while os.path.exists(aside):
+                aside, n = f"{base}-{n}", n + 1
+            os.makedirs(aside)
+            for name in previous:
+                os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+            print(f"--restart: moved the previous run's {', '.join(previous)} to {aside}")
+        elif previous and cfg.resume == "never":
+            raise ValueError(f"--resume never: run dir {run_dir!r} holds a previous run's {', '.join(previous)}; "
+                             f"they would mix with this run's (checkpoints pruned and resumed as its own). Pass "
+                             f"--restart to move them aside and start over, --resume auto to continue that run, "
+                             f"or another --run-dir")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def check_sources(cfg, net):
+    """An explicit --resume path and --init-from must be intact checkpoints (verified: rank 0 reads
+    them whole) of this architecture: checked before anything is written. Collective."""
+    for flag, path in (("--resume", cfg.resume if cfg.resume not in ("auto", "never") else ""),
+                       ("--init-from", cfg.init_from)):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path!r} does not exist")
+        if path:
+            verify_everywhere(path)
+            check_architecture(path, net)
+
+
+def restore(cfg, state, ckpts, device, info, say):
+    """Loads the state training starts from: an explicit --resume path; with --resume auto the
+    newest checkpoint in the run dir that verifies (corrupt, incomplete or unsafe ones are moved
+    aside as <name>.corrupt, saying so); else --init-from's weights. Returns the resumed path or None."""
+    if cfg.resume not in ("auto", "never"):
+        load_state(state, cfg.resume, device, verify=False)  # check_sources verified it
+        say(f"resumed from {cfg.resume} at step {state.step}")
+        return cfg.resume
+    if cfg.resume == "auto" and not cfg.restart:
+        for path in broadcast_object(ckpts.newest_first()):
+            try:
+                load_state(state, path, device)
+            except CheckpointError as e:  # raised before anything was loaded, on every rank
+                barrier()  # no rank still reads it
+                aside = set_aside(path) if info.is_main else None
+                say(f"warning: skipped checkpoint {path}: {e}; moved it to {aside}", file=sys.stderr, flush=True)
+                continue
+            say(f"resumed from {path} at step {state.step}")
+            return path
+    if cfg.init_from:  # a new stage (e.g. unmasked fine-tuning): weights only, fresh optimizer
+        step = load_weights(cfg.init_from, state.net, state.ema, map_location=device, verify=False)
+        say(f"initialised weights from {cfg.init_from} (step {step})")
+    return None
+
+
+def check_step(cfg, state, m, ckpts, say):
+    """After a step: stop (RuntimeError naming the newest checkpoint, which holds finite values)
+    when the previous update made the weights non-finite (nothing can undo it) or when a
+    non-finite step exceeds cfg.max_nan_skips; else count a skipped step."""
+    if not m["weights_finite"]:
+        raise RuntimeError(f"the update of step {state.step} made weights NaN or infinite; stopping. The last "
+                           f"good checkpoint is {ckpts.latest()}. Lower --lr or set --grad-clip.")
+    if m["finite"]:
+        return
+    what = (f"non-finite loss ({m['loss']})" if not math.isfinite(m["loss"])
+            else f"non-finite gradient norm ({m['grad_norm']}, loss {m['loss']:.4g})")
+    if state.nan_skips >= cfg.max_nan_skips:
+        raise RuntimeError(f"{what} at step {state.step + 1} (after {state.nan_skips} skipped); stopping. The last "
+                           f"good checkpoint is {ckpts.latest()}. Lower --lr, set --grad-clip, or allow skips with "
+                           f"--max-nan-skips N.")
+    state.nan_skips += 1
+    say(f"warning: {what} at step {state.step + 1}, update skipped ({state.nan_skips}/{cfg.max_nan_skips})",
+        file=sys.stderr)
+
+
+def train(cfg, stop_at=None, progress=True, exiting=False):
     """Runs (or resumes) training for `cfg` (a TrainConfig).
+
+    Everything is validated (config, data, model, parallelism, explicit checkpoints) before the
+    run dir is created or anything written.
 
     Args:
         stop_at: stop after this step as if interrupted (checkpoint, then return); for tests and
             time-sliced jobs.
         progress: show a tqdm bar.
+        exiting: the process exits when this returns (the CLI): after a stop signal, further
+            SIGTERM / SIGINT stay ignored (see stop_signals).
     Returns:
         dict: run_dir, step, last metrics, and (at the end of an MNIST-5k run) sample_accuracy,
         grid path; interrupted=True when stopped early.
@@ -483,12 +628,10 @@ def train(cfg, stop_at=None, progress=True):
     info = init_distributed(cfg.device)  # torchrun: joins the process group; else world size 1
     device = info.device
     say = print if info.is_main else (lambda *args, **kwargs: None)
-    dataset, stream = build_data(cfg, info)  # validates the data and options before anything is written
+    dataset, stream = build_data(cfg, info)
     model = build_model(cfg, dataset.sample_shape).to(device)
     check_packed_options(cfg, model, dataset, info)
     shapes = group_shapes(cfg, dataset.sample_shape, model.patch_size)
-    run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
-    os.makedirs(run_dir, exist_ok=True)
     meta = model_metadata(model, cfg.sigma_data, data_info(cfg, dataset))
     n_params = sum(p.numel() for p in model.parameters())
     net = parallelize(cfg, model, info)
@@ -496,51 +639,52 @@ def train(cfg, stop_at=None, progress=True):
                        loss_gen=torch.Generator(device).manual_seed(cfg.seed),
                        data_gen=torch.Generator().manual_seed(cfg.seed + 1),
                        ratio_gen=torch.Generator().manual_seed(cfg.seed + 2))
+    check_sources(cfg, net)
+    run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
+    lock = rank0_call(lambda: open_run_dir(cfg, run_dir))  # the first write; the other ranks act under it
+    try:
+        return run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, progress, exiting)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, progress, exiting):
+    """The training loop of `train`, in the locked run dir."""
+    device, net = info.device, state.net
+    say = print if info.is_main else (lambda *args, **kwargs: None)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if info.world_size > 1 or cfg.parallel == "fsdp":
         ckpts = DistCheckpointManager(ckpt_dir, cfg.keep_last, async_save=cfg.async_checkpoint)
     else:
         ckpts = CheckpointManager(ckpt_dir, cfg.keep_last)
+    log, bar = None, None
+    with contextlib.ExitStack() as signals:
+        stop = signals.enter_context(stop_signals(exiting))  # from here on, a stop signal ends the current step
+        try:
+            resume_path = restore(cfg, state, ckpts, device, info, say)
+            if info.is_main:
+                with open(os.path.join(run_dir, "config.json"), "w") as f:
+                    json.dump(cfg.to_dict(), f, indent=1)
+                log = MetricsLog(run_dir, resume_step=state.step if resume_path else None)
+            say(f"run dir: {os.path.abspath(run_dir)}  ({n_params / 1e6:.2f}M parameters, {len(dataset)} training "
+                f"samples of shape {dataset.sample_shape}, device {device}, {info.world_size} process(es), "
+                f"parallel {cfg.parallel})", flush=True)
 
-    resume_path = ckpts.latest() if cfg.resume == "auto" else (None if cfg.resume == "never" else cfg.resume)
-    if resume_path:
-        load_state(state, resume_path, device)
-        say(f"resumed from {resume_path} at step {state.step}")
-    elif cfg.init_from:  # a new stage (e.g. unmasked fine-tuning): weights only, fresh optimizer
-        step = load_weights(cfg.init_from, state.net, state.ema, map_location=device)
-        say(f"initialised weights from {cfg.init_from} (step {step})")
-    log = None
-    if info.is_main:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=1)
-        log = MetricsLog(run_dir, resume_step=state.step if resume_path else None)
-    say(f"run dir: {os.path.abspath(run_dir)}  ({n_params / 1e6:.2f}M parameters, {len(dataset)} training "
-        f"samples of shape {dataset.sample_shape}, device {device}, {info.world_size} process(es), parallel "
-        f"{cfg.parallel})", flush=True)
-
-    loss_fn, ratio_at = build_loss(cfg), mask_ratio_fn(cfg)
-    latent = isinstance(dataset, LatentShards)
-    result = {"run_dir": run_dir, "interrupted": False}
-    peak = cfg.peak_tflops * 1e12 or default_peak_flops(
-        device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
-    meter = ThroughputMeter(net, info.world_size, peak, device)
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and info.is_main), dynamic_ncols=True)
-    try:
-        with stop_signals() as stop:
+            loss_fn, ratio_at = build_loss(cfg), mask_ratio_fn(cfg)
+            latent = isinstance(dataset, LatentShards)
+            result = {"run_dir": run_dir, "interrupted": False}
+            peak = cfg.peak_tflops * 1e12 or default_peak_flops(
+                device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+            meter = ThroughputMeter(net, info.world_size, peak, device)
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and info.is_main),
+                       dynamic_ncols=True)
             state.net.train()
             while state.step < cfg.steps:
                 ratio = ratio_at(state.step)
                 m = train_step(cfg, state, loss_fn, ratio, device, shapes)
-                if not m["finite"]:
-                    if state.nan_skips >= cfg.max_nan_skips:
-                        raise RuntimeError(
-                            f"non-finite loss ({m['loss']}) at step {state.step + 1} (after {state.nan_skips} "
-                            f"skipped); stopping. The last good checkpoint is {ckpts.latest()}. Lower --lr, "
-                            f"set --grad-clip, or allow skips with --max-nan-skips N.")
-                    state.nan_skips += 1
-                    say(f"warning: non-finite loss at step {state.step + 1}, update skipped "
-                        f"({state.nan_skips}/{cfg.max_nan_skips})", file=sys.stderr)
+                check_step(cfg, state, m, ckpts, say)
                 state.step += 1
                 for shape in shapes or [None]:  # mixed resolutions: each group at its own size
                     meter.update(cfg.batch_size // max(1, len(shapes)), ratio, shape)
@@ -569,24 +713,26 @@ def train(cfg, stop_at=None, progress=True):
                     reason = reason or "another rank's signal"
                 if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps or reason:
                     save_checkpoint(ckpts, cfg, state, meta)
-                if reason:
+                if reason:  # returns with the stop handlers still in place, the closing included
                     if isinstance(ckpts, DistCheckpointManager):
                         ckpts.wait()
                     say(f"\nstopped at step {state.step} ({reason}); checkpoint {ckpts.latest()}; run the same "
                         f"command again to resume", flush=True)
                     result.update(interrupted=True, step=state.step)
                     return result
-        bar.close()
-        result["step"] = state.step
-        if isinstance(ckpts, DistCheckpointManager):
-            ckpts.wait()
-        finish(cfg, state, meta, run_dir, device, latent, log, result, info.is_main)
-    finally:
-        bar.close()
-        if isinstance(ckpts, DistCheckpointManager):
-            ckpts.close()
-        if log is not None:
-            log.close()
+            signals.close()  # training is over: signals act as usual during the export and sampling
+            bar.close()
+            result["step"] = state.step
+            if isinstance(ckpts, DistCheckpointManager):
+                ckpts.wait()
+            finish(cfg, state, meta, run_dir, device, latent, log, result, info.is_main)
+        finally:
+            if bar is not None:
+                bar.close()
+            if isinstance(ckpts, DistCheckpointManager):
+                ckpts.close()
+            if log is not None:
+                log.close()
     return result
 
 
@@ -624,7 +770,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     t0 = time.perf_counter()
     try:
-        result = train(cfg)
+        result = train(cfg, exiting=True)
     finally:
         destroy_distributed()
     if int(os.environ.get("RANK", "0")) == 0:

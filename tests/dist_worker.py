@@ -60,7 +60,7 @@ def train(net, opt, ema, start, stop, rank=0, world=1, accum=1):
                 loss = (net(x, t, y, ids_keep=ids).sample - x).square().mean()
                 (loss / accum).backward()
             total += loss.detach() / accum
-        norm = clip_grad_norm_(net, 0.5)
+        norm = float(clip_grad_norm_(net, 0.5))
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(net, 0.8)

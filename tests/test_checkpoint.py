@@ -78,3 +78,83 @@ def test_export_safetensors(tmp_path):
 def test_ema_decay():
     assert ema_decay(0, 0.999) == pytest.approx(0.1) and ema_decay(10**6, 0.999) == 0.999
     assert ema_decay(0, 0.999, warmup=False) == 0.999
+
+
+def _flip_byte(path, offset=None):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2 if offset is None else offset] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_flipped_bit_is_caught(tmp_path):
+    """torch.load does not check the zip CRC-32s: a flipped bit loaded silently."""
+    path = str(tmp_path / "x.pt")
+    atomic_save({"w": torch.randn(4096)}, path)
+    _flip_byte(path)
+    with pytest.raises(RuntimeError, match=r"x.pt' is corrupt: the CRC-32 of its entry '.*/data/0' does not match"):
+        load_checkpoint(path)
+
+
+def _dcp_folder(tmp_path):
+    """A sharded checkpoint as DistCheckpointManager commits it (one process, no process group)."""
+    from maskdit_fast.dist_checkpoint import DistCheckpointManager
+    from maskdit_fast.parallel import ShardedEMA
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    return DistCheckpointManager(str(tmp_path / "ckpts")).save(1, net, opt, ShardedEMA(net), {"step": 1})
+
+
+def test_sharded_checkpoint_integrity(tmp_path):
+    from maskdit_fast.checkpoint import CheckpointError, is_dcp_checkpoint, verify_checkpoint
+    from maskdit_fast.dist_checkpoint import load_ema_state
+    folder = _dcp_folder(tmp_path)
+    verify_checkpoint(folder)
+    assert set(torch.load(os.path.join(folder, "train_state.pt"))["files"]) == set(os.listdir(folder)) - {
+        "train_state.pt"}
+    data = next(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".distcp"))
+    _flip_byte(data)
+    with pytest.raises(CheckpointError, match=r"corrupt: the CRC-32 of .*\.distcp does not match"):
+        verify_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        load_ema_state(folder)  # sampling and the EMA export verify too
+    # a folder missing a file its metadata lists is not complete (it used to count as a checkpoint)
+    os.unlink(data)
+    assert not is_dcp_checkpoint(folder)
+    assert CheckpointManager(os.path.dirname(folder)).steps() == []
+
+
+def test_sharded_checkpoint_without_checksums_needs_its_listed_files(tmp_path):
+    """Folders committed before checksums were recorded: complete when every file the metadata lists is there."""
+    from maskdit_fast.checkpoint import is_dcp_checkpoint, verify_checkpoint
+    folder = _dcp_folder(tmp_path)
+    state = torch.load(os.path.join(folder, "train_state.pt"))
+    del state["files"]
+    torch.save(state, os.path.join(folder, "train_state.pt"))
+    verify_checkpoint(folder)
+    assert is_dcp_checkpoint(folder)
+    os.unlink(next(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".distcp")))
+    assert not is_dcp_checkpoint(folder)
+
+
+def test_metadata_unpickler_allows_only_metadata(tmp_path):
+    """The restricted reader accepts DCP's metadata and refuses any other global, and setting the
+    state of anything but a metadata object (e.g. patching a class attribute through BUILD)."""
+    import pickle
+    from maskdit_fast.checkpoint import CheckpointError, read_dcp_metadata
+    folder = _dcp_folder(tmp_path)
+    metadata = read_dcp_metadata(folder)
+    assert any(k.startswith("ema.") for k in metadata.state_dict_metadata)
+    for name, payload in [
+        ("global", pickle.dumps(print)),
+        ("reduce", b"cbuiltins\ngetattr\n(cbuiltins\nobject\nX\x08\x00\x00\x00__subclasses__tR."),
+        # BUILD with a slot state on the Metadata class itself: setattr(Metadata, "evil", 1)
+        ("build", b"ctorch.distributed.checkpoint.metadata\nMetadata\n(N}X\x04\x00\x00\x00evilK\x01stb."),
+    ]:
+        with open(os.path.join(folder, ".metadata"), "wb") as f:
+            f.write(payload)
+        with pytest.raises(CheckpointError, match="nothing ran"):
+            read_dcp_metadata(folder)
+    from torch.distributed.checkpoint.metadata import Metadata
+    assert not hasattr(Metadata, "evil")

@@ -101,3 +101,23 @@ def test_bad_latents(tmp_path):
     os.unlink(os.path.join(missing, "s0.labels.npy"))
     with pytest.raises(FileNotFoundError, match="s0.labels.npy"):
         build_dataset(missing)
+
+
+def test_non_finite_values_are_named():
+    """NaN in the data used to surface as a non-finite loss ("lower --lr")."""
+    from maskdit_fast.data import TensorImages
+    images = torch.zeros(4, 1, 2, 2)
+    images[2, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="image 2 holds NaN or infinite values"):
+        TensorImages(images, torch.zeros(4, dtype=torch.long), 1)
+
+
+def test_non_finite_latents_name_the_shard_and_row(tmp_path):
+    root = write_latents(tmp_path / "lat", n=6, shards=2)
+    moments = np.load(os.path.join(root, "s1.moments.npy"))
+    moments[1, 0, 1, 0] = np.inf
+    np.save(os.path.join(root, "s1.moments.npy"), moments)
+    ds = build_dataset(root)
+    ds.get_batch(torch.tensor([0, 1, 2, 3]))  # rows without the bad value read fine
+    with pytest.raises(ValueError, match=r"s1\.moments\.npy row 1 holds NaN or infinite values"):
+        ds.get_batch(torch.tensor([5, 4, 0]))

@@ -1,6 +1,9 @@
 """The trainer under torchrun (2 CPU ranks, gloo) against single-process runs of the same global
-batch: FSDP2 and DDP follow the same loss trajectory, checkpoints move between world sizes 1 and 2
-in both directions, a rank killed mid-run leaves the last checkpoint intact, and --compile runs."""
+batch: FSDP2 and DDP follow the same loss trajectory (also with the packed options
+--mixed-resolutions / --mask-ratio-range, whose grouped forward must go through the wrappers: DDP
+replicas stay identical), checkpoints move between world sizes 1 and 2 in both directions, a rank
+killed mid-run leaves the last checkpoint intact, a locked run dir stops every rank, and --compile
+runs. Losses agree to rel 1e-5 and EMA weights to 1e-5 (float reduction order differs)."""
 import json
 import math
 import os
@@ -25,10 +28,10 @@ def run_single(run_dir, *extra):
     return T.train(parse_config(ARGS + ["--run-dir", str(run_dir), *extra]), progress=False)
 
 
-def torchrun(run_dir, *extra):
+def torchrun(run_dir, *extra, worker=("-m", "maskdit_fast.train")):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "maskdit_fast.train", *ARGS, "--run-dir", str(run_dir), *extra]
+           *worker, *ARGS, "--run-dir", str(run_dir), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -107,3 +110,72 @@ def test_distributed_config_errors(tmp_path):
         T.parallelize(cfg, torch.nn.Linear(1, 1), DistInfo(0, 2, 0, torch.device("cpu")))
     with pytest.raises(RuntimeError, match="torchrun"):
         run_single(tmp_path, "--parallel", "fsdp")
+
+
+PACKED = ["--mixed-resolutions", "8", "4", "--mask-ratio-range", "0.2", "0.6", "--steps", "4"]
+
+
+def assert_same_ema(run_dir, ref_dir):
+    from safetensors.torch import load_file
+    got, want = load_file(str(run_dir / "ema.safetensors")), load_file(str(ref_dir / "ema.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+
+
+def test_packed_options_through_ddp_and_fsdp(tmp_path):
+    """The grouped loss called forward_packed on the wrapped model: DDP handed back the inner
+    method (no gradient sync: replicas diverged, one checkpointed), FSDP skipped its parameter
+    gathering (crash). Now both match one process, and DDP's replicas stay bitwise equal. A run dir
+    locked by another trainer stops every rank before anything is written."""
+    run_single(tmp_path / "single", *PACKED)
+    want = losses(tmp_path / "single")
+    worker = (os.path.join(os.path.dirname(__file__), "train_worker.py"),)
+    from maskdit_fast.checkpoint import RunDirLock
+    lock = RunDirLock(str(tmp_path / "ddp")).acquire()
+    try:
+        proc = torchrun(tmp_path / "ddp", "--parallel", "ddp", *PACKED, worker=worker)
+    finally:
+        lock.release()
+    assert proc.returncode != 0 and "in use by another trainer" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "ddp")) == [".lock"]
+    for parallel in ("ddp", "fsdp"):
+        proc = torchrun(tmp_path / parallel, "--parallel", parallel, *PACKED, worker=worker)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_same_losses(losses(tmp_path / parallel), want, range(1, 5))
+        assert_same_ema(tmp_path / parallel, tmp_path / "single")
+    for step in (2, 4):  # --ckpt-every 2
+        replicas = [torch.load(tmp_path / "ddp" / f"replica_{rank}_{step}.pt") for rank in (0, 1)]
+        for name, value in replicas[0].items():
+            assert torch.equal(value, replicas[1][name]), (step, name)
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """The torchrun environment of a world of one: the trainer joins a real (gloo) process group."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    yield
+    from maskdit_fast.parallel import destroy_distributed
+    destroy_distributed()
+
+
+def test_packed_options_under_fsdp_bf16(tmp_path, one_rank_group):
+    """FSDP's mixed precision casts floating tensor inputs to bf16: per-sample mask ratios passed
+    as a tensor would change their keep counts (0.3126 -> 0.3125 keeps 11 of 16 tokens, not 10, and
+    the model rejects the mismatch with the drawn masks). The trainer passes them as a list."""
+    flags = ["--parallel", "fsdp", "--precision", "bf16", "--mixed-resolutions", "8", "4", "--mask-ratio-range",
+             "0.3126", "0.3126", "--steps", "2", "--ckpt-every", "2"]
+    result = T.train(T.parse_config(ARGS + ["--run-dir", str(tmp_path), *flags]), progress=False)
+    assert result["step"] == 2 and all(r["finite"] == 1.0 for r in losses_records(tmp_path))
+    assert is_dcp_checkpoint(str(tmp_path / "checkpoints" / "step_00000002"))
+
+
+def losses_records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]

@@ -338,3 +338,16 @@ def test_load_ref_stats_errors(inception, tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no images"):
         fid.load_ref_stats(str(empty), inception)
+
+
+def test_unreadable_reference_image_is_named(tmp_path):
+    """A truncated image failed inside PIL without saying which file."""
+    from PIL import Image
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / "a.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "b.png")
+    data = (folder / "b.png").read_bytes()
+    (folder / "b.png").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read reference image .*b\.png"):
+        fid.folder_features(str(folder), model=None)  # fails while reading, before any model call

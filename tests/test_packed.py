@@ -176,8 +176,8 @@ def test_mixed_resolution_equals_each_group_through_the_dense_path():
     ids_s = random_masking_ids(3, 16, 0.5, generator=torch.Generator().manual_seed(10))[0]
     ids_b = random_masking_ids(2, 64, 0.75, generator=torch.Generator().manual_seed(11))[0]
 
-    # forward_packed outputs == dense outputs of the model built for each size
-    outs = model.forward_packed([xs, xb], [ss, sb], [ys, yb], ids_keep=[ids_s, ids_b])
+    # grouped (list) forward outputs == dense outputs of the model built for each size
+    outs = model([xs, xb], [ss, sb], [ys, yb], ids_keep=[ids_s, ids_b])
     for out, net, x, t, y, ids in ((outs[0], model, xs, ss, ys, ids_s), (outs[1], big, xb, sb, yb, ids_b)):
         ref = net(x, t, y, ids_keep=ids)
         _assert_close_to_scale(out.sample, ref.sample)
@@ -206,7 +206,7 @@ def test_mixed_resolution_equals_each_group_through_the_dense_path():
     out = MaskDiTLoss().grouped(small_pre, [xs, xb], [ys, None], mask_ratio=[torch.tensor([0.0, 0.5, 0.75]), 0.5],
                                 generator=torch.Generator().manual_seed(1))
     assert out.per_sample.shape == (5,) and torch.isfinite(out.loss)
-    masks = [o.mask for o in model.forward_packed([xs, xb], [ss, sb], None, mask_ratio=[[0.0, 0.5, 0.75], 0.5])]
+    masks = [o.mask for o in model([xs, xb], [ss, sb], None, mask_ratio=[[0.0, 0.5, 0.75], 0.5])]
     assert masks[0].sum(1).tolist() == [0, 8, 12] and masks[1].sum(1).tolist() == [32, 32]
 
 
@@ -243,14 +243,14 @@ def test_packed_errors_for_bad_inputs():
     model(x, t, y, mask_ratio=[0.875, 0.8125], ids_keep=good)  # consistent ratios are accepted
     with pytest.raises(ValueError, match="is on meta"):
         model(x, t, y, ids_keep=PackedMask(good.ids.to("meta"), good.cu_seqlens.to("meta"), good.counts))
-    with pytest.raises(ValueError, match="input_size"):  # forward keeps the model's size; forward_packed not
+    with pytest.raises(ValueError, match="input_size"):  # one batch keeps the model's size; groups not
         model(torch.randn(2, 3, 16, 16), t, y, mask_ratio=[0.5, 0.5])
     with pytest.raises(TypeError, match="list"):
-        model.forward_packed(x, [t], [y])
+        model(x, [t], [y])
     with pytest.raises(ValueError, match="entries for 2 groups"):
-        model.forward_packed([x, x], [t], [y, y])
+        model([x, x], [t], [y, y])
     with pytest.raises(ValueError, match="multiple of patch_size"):
-        model.forward_packed([torch.randn(2, 3, 8, 7)], [t], [y])
+        model([torch.randn(2, 3, 8, 7)], [t], [y])
     with pytest.raises(ValueError, match="DiT"):
         DiT(**TINY)(x, t, y, mask_ratio=[0.5, 0.5])
     with pytest.raises(ValueError, match="noise"):

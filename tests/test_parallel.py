@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_worker as W
+from test_distributed import one_rank_group  # noqa: F401 (fixture)
 from maskdit_fast.checkpoint import atomic_save, list_checkpoints
 from maskdit_fast.dist_checkpoint import DistCheckpointManager, export_ema_safetensors, load_training_state, load_weights
 from maskdit_fast.dist_checkpoint import main as export_main
@@ -253,7 +254,9 @@ def test_fsdp_and_ddp_match_single_process_and_resume_across_world_sizes(tmp_pat
                    "ref_single_file": str(tmp_path / "ref.pt")}, f)
     ref += W.train(ref_net, ref_opt, ref_ema, W.RESUME_AT, W.STEPS)
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(__file__))
+    import maskdit_fast  # the workers import the package under test, wherever this process found it
+    package_root = os.path.dirname(os.path.dirname(maskdit_fast.__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), package_root]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            W.__file__, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -285,3 +288,19 @@ def test_fsdp_and_ddp_match_single_process_and_resume_across_world_sizes(tmp_pat
     exported = load_file(str(tmp_path / "fsdp_ema.safetensors"))
     for k, v in ref_state_at_resume["ema"].items():
         torch.testing.assert_close(exported[k], v, rtol=0, atol=2e-5)
+
+
+def test_ddp_hands_out_attributes_but_not_methods(one_rank_group):
+    """A method read through the DDP wrapper ran outside DDP's forward (no gradient sync: the
+    grouped loss's forward_packed did that). Attributes still read through; the grouped (list)
+    forward goes through the wrapper's call."""
+    info = init_distributed("cpu")
+    net = W.build("ddp", info)[0]
+    assert net.num_patches == 16 and net.patch_size == 2
+    with pytest.raises(AttributeError, match="bypass DDP's forward"):
+        net.unpatchify
+    x, t, y, _ = _inputs()
+    outs = net([x, x[:, :, ::2, ::2]], [t, t], [y, y], mask_ratio=0.5)
+    sum(o.sample.square().mean() for o in outs).backward()
+    assert [o.sample.shape for o in outs] == [(4, 1, 8, 8), (4, 1, 4, 4)]
+    assert all(p.grad is not None for p in net.parameters())

@@ -82,3 +82,22 @@ def test_float16_and_errors(tiny_vae_dir, image_folder, tmp_path):
     os.makedirs(tmp_path / "empty" / "a")
     with pytest.raises(ValueError, match="no images"):
         prepare_latents(str(tmp_path / "empty"), tiny_vae_dir, out, resolution=RES)
+
+
+def test_non_finite_latents_are_refused(tiny_vae_dir, image_folder, tmp_path, monkeypatch):
+    """NaN from the VAE, or moments that overflow float16, would only show up in training."""
+    import maskdit_fast.prepare_latents as P
+    real = P.encode_moments
+
+    def poisoned(vae, images):
+        moments = real(vae, images)
+        moments[1, 0, 0, 0] = float("nan")
+        return moments
+    monkeypatch.setattr(P, "encode_moments", poisoned)
+    with pytest.raises(ValueError, match=r"the VAE encoded .*cat.1\.png to NaN or infinite latents"):
+        prepare_latents(image_folder, tiny_vae_dir, str(tmp_path / "nan"), resolution=RES, batch_size=4,
+                        progress=False)
+    monkeypatch.setattr(P, "encode_moments", lambda vae, images: real(vae, images) * 1e6)
+    with pytest.raises(ValueError, match="overflow float16; use dtype float32"):
+        prepare_latents(image_folder, tiny_vae_dir, str(tmp_path / "big"), resolution=RES, batch_size=4,
+                        progress=False)

@@ -17,12 +17,13 @@ from test_train import metrics, tiny
 
 @pytest.fixture
 def packed_calls(monkeypatch):
-    """Records (x shapes, mask ratios, PackedMask counts) of every MaskDiT packed forward."""
+    """Records (x shapes, mask ratios (lists as float64 tensors), masks) of every MaskDiT packed forward."""
     calls, real = [], MaskDiT._forward_packed
 
     def spy(self, x, t, y, mask_ratio, ids_keep, any_size):
         outs = real(self, x, t, y, mask_ratio, ids_keep, any_size)
-        calls.append(([tuple(xg.shape) for xg in x], list(mask_ratio), [o.mask for o in outs]))
+        ratios = [torch.tensor(r, dtype=torch.float64) if isinstance(r, list) else r for r in mask_ratio]
+        calls.append(([tuple(xg.shape) for xg in x], ratios, [o.mask for o in outs]))
         return outs
 
     monkeypatch.setattr(MaskDiT, "_forward_packed", spy)
