@@ -59,6 +59,7 @@ class TrainConfig:
     grad_clip: float = 0.0              # max grad norm (0 = off)
     ema_decay: float = 0.9999           # EMA decay of the sampled / exported weights
     ema_warmup: bool = True             # decay = min(ema_decay, (1 + step) / (10 + step))
+    ema_restart: bool = False           # the EMA starts over (= the weights) at the first unmasked step
     seed: int = 0                       # seeds the init, data order, masks and noise
     precision: str = "fp32"             # fp32 | bf16 (autocast)
     device: str = "auto"                # auto | cpu | cuda | cuda:N

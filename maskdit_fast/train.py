@@ -336,7 +336,8 @@ def train_step(cfg, state, loss_fn, mask_ratio, device, shapes=()):
     finite = math.isfinite(loss) and math.isfinite(grad_norm) and not ema_bad  # the same on every rank
     if finite:
         opt.step()
-        state.ema.update(net, ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup))
+        restart = cfg.steps - cfg.unmasked_steps if cfg.ema_restart and cfg.unmasked_steps else None
+        state.ema.update(net, ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup, restart))
     opt.zero_grad(set_to_none=True)
     return {"loss": loss, "dsm": dsm, "mae": mae, "grad_norm": grad_norm, "lr": lr, "finite": float(finite),
             "weights_finite": float(not ema_bad)}
