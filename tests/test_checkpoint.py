@@ -1,5 +1,5 @@
 """Atomic checkpoints (a writer killed mid-save leaves the last one loadable), pruning, safetensors
-export, and the EMA decay schedule."""
+export, integrity checks of both formats, and the EMA decay schedule."""
 import os
 import subprocess
 import sys
@@ -8,12 +8,19 @@ import textwrap
 import pytest
 import torch
 
-from maskdit_fast.checkpoint import CheckpointManager, atomic_save, export_safetensors, load_checkpoint
-from maskdit_fast.ema import ema_decay
+from maskdit_fast.checkpoint import (FileCheckpointer, atomic_save, export_safetensors, list_checkpoints,
+                                     load_checkpoint)
+from maskdit_fast.ema import ShardedEMA, ema_decay
+
+
+def _file_checkpointer(directory, keep_last):
+    """A FileCheckpointer of a small model, its optimizer and EMA."""
+    net = torch.nn.Linear(3, 2)
+    return FileCheckpointer(directory, net, torch.optim.AdamW(net.parameters()), ShardedEMA(net), keep_last=keep_last)
 
 
 def test_round_trip_and_pruning(tmp_path):
-    mgr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2)
+    mgr = _file_checkpointer(str(tmp_path / "ckpt"), keep_last=2)
     assert mgr.latest() is None
     for step in (10, 20, 30):
         mgr.save(step, {"step": step, "w": torch.full((3,), float(step)), "rng": torch.get_rng_state(),
@@ -21,6 +28,7 @@ def test_round_trip_and_pruning(tmp_path):
     assert mgr.steps() == [20, 30]
     ckpt = load_checkpoint(mgr.latest())
     assert ckpt["step"] == 30 and torch.equal(ckpt["w"], torch.full((3,), 30.0)) and ckpt["cfg"]["shape"] == [1, 2]
+    assert torch.equal(ckpt["model"]["weight"], mgr.model.weight.detach()) and set(ckpt["ema"]) == {"weight", "bias"}
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "none.pt"))
     bad = tmp_path / "bad.pt"
@@ -38,8 +46,10 @@ def test_weights_only_rejects_arbitrary_objects(tmp_path):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys, torch
-    from maskdit_fast.checkpoint import CheckpointManager
-    mgr = CheckpointManager(sys.argv[1], keep_last=3)
+    from maskdit_fast.checkpoint import FileCheckpointer
+    from maskdit_fast.ema import ShardedEMA
+    net = torch.nn.Linear(3, 2)
+    mgr = FileCheckpointer(sys.argv[1], net, torch.optim.AdamW(net.parameters()), ShardedEMA(net), keep_last=3)
     mgr.save(1, {"step": 1, "w": torch.ones(1000)})
     real_save = torch.save
     def dying_save(obj, f, *args, **kwargs):
@@ -58,7 +68,7 @@ def test_kill_mid_save_leaves_last_checkpoint(tmp_path):
     assert proc.returncode == -9, proc.stderr
     leftovers = os.listdir(directory)
     assert any(name.endswith(".tmp") for name in leftovers), leftovers  # the write really was cut off
-    mgr = CheckpointManager(directory)
+    mgr = _file_checkpointer(directory, keep_last=3)
     assert mgr.steps() == [1]
     ckpt = load_checkpoint(mgr.latest())
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(1000))
@@ -96,19 +106,18 @@ def test_a_flipped_bit_is_caught(tmp_path):
 
 
 def _dcp_folder(tmp_path):
-    """A sharded checkpoint as DistCheckpointManager commits it (one process, no process group)."""
-    from maskdit_fast.dist_checkpoint import DistCheckpointManager
-    from maskdit_fast.parallel import ShardedEMA
+    """A sharded checkpoint as ShardedCheckpointer commits it (one process, no process group)."""
+    from maskdit_fast.checkpoint import ShardedCheckpointer
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
     opt = torch.optim.AdamW(net.parameters())
     net(torch.randn(2, 8)).sum().backward()
     opt.step()
-    return DistCheckpointManager(str(tmp_path / "ckpts")).save(1, net, opt, ShardedEMA(net), {"step": 1})
+    return ShardedCheckpointer(str(tmp_path / "ckpts"), net, opt, ShardedEMA(net)).save(1, {"step": 1})
 
 
 def test_sharded_checkpoint_integrity(tmp_path):
     from maskdit_fast.checkpoint import CheckpointError, is_dcp_checkpoint, verify_checkpoint
-    from maskdit_fast.dist_checkpoint import load_ema_state
+    from maskdit_fast.checkpoint import load_ema_state
     folder = _dcp_folder(tmp_path)
     verify_checkpoint(folder)
     assert set(torch.load(os.path.join(folder, "train_state.pt"))["files"]) == set(os.listdir(folder)) - {
@@ -122,7 +131,7 @@ def test_sharded_checkpoint_integrity(tmp_path):
     # a folder missing a file its metadata lists is not complete (it used to count as a checkpoint)
     os.unlink(data)
     assert not is_dcp_checkpoint(folder)
-    assert CheckpointManager(os.path.dirname(folder)).steps() == []
+    assert list_checkpoints(os.path.dirname(folder)) == {}
 
 
 def test_sharded_checkpoint_without_checksums_needs_its_listed_files(tmp_path):
