@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from maskdit_fast.checkpoint import (FileCheckpointer, atomic_save, export_safetensors, list_checkpoints,
-                                     load_checkpoint)
+from maskdit_fast.checkpoint import (CheckpointError, FileCheckpointer, ShardedCheckpointer, atomic_save,
+                                     export_safetensors, list_checkpoints, load_checkpoint, make_checkpointer)
 from maskdit_fast.ema import ShardedEMA, ema_decay
 
 
@@ -105,13 +105,54 @@ def test_a_flipped_bit_is_caught(tmp_path):
         load_checkpoint(path)
 
 
-def _dcp_folder(tmp_path):
-    """A sharded checkpoint as ShardedCheckpointer commits it (one process, no process group)."""
-    from maskdit_fast.checkpoint import ShardedCheckpointer
+def _trained(seed):
+    """(model, optimizer, EMA) of a small network after one step from `seed`'s init."""
+    torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
-    opt = torch.optim.AdamW(net.parameters())
+    opt, ema = torch.optim.AdamW(net.parameters()), ShardedEMA(net)
     net(torch.randn(2, 8)).sum().backward()
     opt.step()
+    ema.update(net, 0.5)
+    return net, opt, ema
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_checkpointer_interface_is_the_same_for_both_formats(tmp_path, sharded):
+    """The calls the trainer makes (save, steps, latest, load_latest, load, load_weights, wait,
+    close) on either format; reading does not depend on the format written. The newest checkpoint
+    corrupted: load_latest restores the one before and sets it aside."""
+    net, opt, ema = _trained(0)
+    ckpt = make_checkpointer(str(tmp_path), net, opt, ema, sharded=sharded, keep_last=2)
+    paths = [ckpt.save(step, {"step": step, "x": [step]}) for step in (1, 2, 3)]
+    ckpt.close()
+    assert ckpt.steps() == [2, 3] and ckpt.latest() == paths[-1] == ckpt.path(3)
+    assert ckpt.path(3).endswith("step_00000003" if sharded else "step_00000003.pt")
+    bad = paths[-1] if not sharded else next(
+        os.path.join(paths[-1], n) for n in os.listdir(paths[-1]) if n.endswith(".distcp"))
+    _flip_byte(bad)
+
+    fresh = _trained(1)
+    other = make_checkpointer(str(tmp_path), *fresh, sharded=not sharded)
+    path, extra = other.load_latest(required=("step", "x"))
+    assert path == paths[1] and extra["step"] == 2 and extra["x"] == [2]
+    assert other.steps() == [2] and os.path.exists(paths[-1] + ".corrupt")
+    assert all(torch.equal(v, fresh[0].state_dict()[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(s[key], fresh[1].state_dict()["state"][i][key])
+               for i, s in opt.state_dict()["state"].items() for key in ("exp_avg", "exp_avg_sq", "step"))
+    assert all(torch.equal(v, fresh[2].state_dict()[k]) for k, v in ema.state_dict().items())
+    with pytest.raises(CheckpointError, match="lacks"):
+        other.load(path, required=("step", "missing"))
+    weights_only = _trained(2)
+    assert make_checkpointer(str(tmp_path), *weights_only, sharded=sharded).load_weights(path) == 2
+    assert all(torch.equal(v, weights_only[0].state_dict()[k]) for k, v in net.state_dict().items())
+    assert not all(torch.equal(opt.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
+                   for i, s in weights_only[1].state_dict()["state"].items())  # the optimizer stays as it was
+    assert make_checkpointer(str(tmp_path / "empty"), *_trained(3), sharded=sharded).load_latest() == (None, None)
+
+
+def _dcp_folder(tmp_path):
+    """A sharded checkpoint as ShardedCheckpointer commits it (one process, no process group)."""
+    net, opt, _ = _trained(0)
     return ShardedCheckpointer(str(tmp_path / "ckpts"), net, opt, ShardedEMA(net)).save(1, {"step": 1})
 
 

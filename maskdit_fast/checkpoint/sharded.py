@@ -122,7 +122,7 @@ def _dcp_listed_files(metadata, path):
 def dcp_file_checksums(path):
     """{name: [size, crc32]} of the files of a DCP checkpoint folder being committed (all but
     train_state.pt), after checking that every file its metadata lists is there. Stored in
-    train_state.pt under FILES_KEY and checked by `verify_checkpoint`."""
+    train_state.pt under FILES_KEY and checked by `verify_dcp_checkpoint`."""
     present = {name for name in os.listdir(path) if name != TRAIN_STATE}
     missing = sorted(set(_dcp_listed_files(read_dcp_metadata(path), path)) - present)
     if missing:
@@ -139,7 +139,7 @@ def _has_bytes(path, name, size, exact):
 def is_dcp_checkpoint(path):
     """True for a complete DCP checkpoint directory: its metadata, its train_state.pt and every
     file they list present (with the recorded sizes). Whether the bytes are intact is
-    `verify_checkpoint`'s question: a folder whose train_state.pt or metadata cannot be read
+    `verify_dcp_checkpoint`'s question: a folder whose train_state.pt or metadata cannot be read
     counts as complete here and fails there."""
     if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, DCP_METADATA))
             and os.path.isfile(os.path.join(path, TRAIN_STATE))):
@@ -150,7 +150,7 @@ def is_dcp_checkpoint(path):
             return all(_has_bytes(path, name, size, exact=False)
                        for name, size in _dcp_listed_files(read_dcp_metadata(path), path).items())
         return all(_has_bytes(path, name, size, exact=True) for name, (size, _) in files.items())
-    except Exception:  # unreadable: listed, and rejected by verify_checkpoint
+    except Exception:  # unreadable: listed, and rejected by verify_dcp_checkpoint
         return True
 
 
