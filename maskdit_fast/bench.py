@@ -40,7 +40,7 @@ from maskdit_fast.bench_utils import (Rotation, Stats, Timer, achieved, attentio
                                       scatter_tokens_cost, time_calls, time_graph_replays, varlen_attention_cost)
 from maskdit_fast.flops import train_step_flops
 from maskdit_fast.masking import cu_seqlens_from_counts, random_packed_ids
-from maskdit_fast.parallel import default_peak_flops, peak_memory_gib
+from maskdit_fast.metrics import default_peak_flops, peak_memory_gib
 
 SCHEMA = 1
 PASSES = ("fwd", "fwd+bwd")

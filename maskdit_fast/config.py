@@ -74,7 +74,6 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | selective (keep matmul/attention outputs)
     async_checkpoint: bool = False      # sharded (DCP) checkpoints written in a background thread
     peak_tflops: float = 0.0            # per-device peak for MFU; 0 = known GPUs' bf16 / TF32 peak
-    debug_crash_at_step: int = 0        # tests: the last rank SIGKILLs itself after this step
     # run control
     resume: str = "auto"                # auto (newest verified in run dir) | never | path to a checkpoint
     restart: bool = False               # start over: move a previous run's outputs in the run dir aside
@@ -120,8 +119,7 @@ class TrainConfig:
              f"ops_backend must be one of {('auto',) + BACKENDS}, got {self.ops_backend!r}"),
             (self.activation_checkpointing in ("none", "full", "selective"),
              f"activation_checkpointing must be none, full or selective, got {self.activation_checkpointing!r}"),
-            (self.peak_tflops >= 0 and self.debug_crash_at_step >= 0,
-             "peak_tflops and debug_crash_at_step must be >= 0"),
+            (self.peak_tflops >= 0, "peak_tflops must be >= 0"),
             (self.sample_steps >= 1 and self.sample_cfg >= 0, "sample_steps must be >= 1 and sample_cfg >= 0"),
             (min(self.sample_every, self.sample_per_class, self.eval_per_class, self.grad_clip) >= 0,
              "sample_every, sample_per_class, eval_per_class and grad_clip must be >= 0"),
@@ -261,9 +259,6 @@ def load_config_file(path):
     return values
 
 
-_HIDDEN = {"debug_crash_at_step"}  # test-only knobs, left out of --help
-
-
 def _field_help():
     """{field: its trailing comment in TrainConfig's source}: the --help text of each flag."""
     helps, line_field = {}, {}
@@ -273,6 +268,8 @@ def _field_help():
         elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
             helps[line_field[tok.start[0]]] = tok.string.lstrip("#").strip().replace("%", "%%")  # argparse
     return helps
+
+
 _NARGS = {"mask_ratio_range": 2}  # list flags with a fixed count (others take one or more values)
 
 
@@ -286,15 +283,15 @@ def build_parser():
     helps = _field_help()
     for name, typ in _field_types().items():
         flag = "--" + name.replace("_", "-")
-        hidden = dict(help=argparse.SUPPRESS if name in _HIDDEN else helps.get(name))
+        text = helps.get(name)
         if typ is bool:
-            parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, **hidden)
+            parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=text)
         elif typ is dict:
-            parser.add_argument(flag, default=None, type=json.loads, metavar="JSON", **hidden)
+            parser.add_argument(flag, default=None, type=json.loads, metavar="JSON", help=text)
         elif _list_item(typ) is not None:
-            parser.add_argument(flag, default=None, type=_list_item(typ), nargs=_NARGS.get(name, "+"), **hidden)
+            parser.add_argument(flag, default=None, type=_list_item(typ), nargs=_NARGS.get(name, "+"), help=text)
         else:
-            parser.add_argument(flag, default=None, type=typ, **hidden)
+            parser.add_argument(flag, default=None, type=typ, help=text)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Scale-out building blocks on PyTorch's own distributed stack (torchrun, DDP, FSDP2, DTensor).
+"""Process groups and model wrappers on PyTorch's own distributed stack (torchrun, DDP, FSDP2, DTensor).
 
 Small composable functions in the torchtitan style; the trainer applies them in this order:
 
@@ -8,8 +8,11 @@ Small composable functions in the torchtitan style; the trainer applies them in 
     apply_compile(model)                                   # per block, torch.compile
     model = apply_fsdp(model, param_dtype=torch.bfloat16)  # fully_shard per block, then the root
       (or model = apply_ddp(model, info))
-    ema = ShardedEMA(model)                                # fp32, sharded like the parameters
-    meter = ThroughputMeter(model, info.world_size, peak_flops=...)
+
+plus the collectives the trainer needs (barrier, any_rank, all_reduce_mean, ...) and the helpers
+that see through the wrappers (unwrap, parameter_names, clip_grad_norm_ and nonfinite over DTensor
+shards). The EMA of a sharded model is `maskdit_fast.ema.ShardedEMA`, throughput / MFU
+`maskdit_fast.metrics`, sharded checkpoints `maskdit_fast.checkpoint`.
 
 Everything also runs in one process without torchrun (world size 1, no process group), and on CPU
 with the gloo back-end (how the tests run it). The model's fused ops are torch.library custom ops,
@@ -21,16 +24,11 @@ import datetime
 import gc
 import inspect
 import os
-import resource
-import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
-
-from maskdit_fast.flops import train_step_flops
-from maskdit_fast.masking import num_kept
+from torch.distributed.tensor import DTensor
 
 AC_MODES = ("none", "full", "selective")
 PARALLEL_MODES = ("none", "ddp", "fsdp")
@@ -111,6 +109,20 @@ def init_distributed(device="auto", timeout_s=1800):
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
+def is_distributed():
+    """True when a process group is initialised (launched by torchrun, any world size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_rank():
+    """This process's rank in the default process group (0 without one)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def destroy_distributed():
     """Tears every process group down (no-op without one).
 
@@ -118,7 +130,7 @@ def destroy_distributed():
     and after, so no gloo work object (and the tensors it holds) outlives its group: one that is
     only freed during interpreter shutdown aborts the process ("terminate called without an active
     exception")."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
         gc.collect()
         dist.destroy_process_group()
@@ -127,7 +139,7 @@ def destroy_distributed():
 
 def barrier():
     """dist.barrier() when a process group exists, else nothing."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
@@ -135,7 +147,7 @@ def all_reduce_mean(values):
     """Mean over ranks of a float tensor (any shape, any device the group supports); the tensor
     itself without a process group. Returns a new tensor."""
     out = values.detach().clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= dist.get_world_size()
     return out
@@ -144,7 +156,7 @@ def all_reduce_mean(values):
 def any_rank(flag):
     """True on every rank when `flag` is true on at least one (a CPU all-reduce; gloo serves it
     beside nccl); the flag itself without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return bool(flag)
     t = torch.tensor([int(bool(flag))])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -153,7 +165,7 @@ def any_rank(flag):
 
 def broadcast_object(obj):
     """Rank 0's `obj` (picklable) on every rank; `obj` itself without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -165,7 +177,7 @@ def rank0_call(fn):
     on every other rank (which would otherwise wait for rank 0 in the next collective).
     Collective. Returns fn's result on rank 0, None elsewhere."""
     result, error = None, None
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if global_rank() == 0:
         try:
             result = fn()
         except Exception as e:
@@ -180,7 +192,7 @@ def rank0_call(fn):
 
 def all_gather_floats(value):
     """[value of rank 0, value of rank 1, ...] for a python float (a list of one without a group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return [float(value)]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, float(value))
@@ -192,6 +204,19 @@ def unwrap(model):
     """The user module inside DDP (`.module`); FSDP2, per-block compile and checkpoint wrappers
     keep the module itself, so anything else is returned unchanged."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def parameter_names(model):
+    """State-dict names of `model.parameters()` (of the module inside DDP), in that order: the
+    checkpoint keys, free of wrapper prefixes such as activation checkpointing's."""
+    module = unwrap(model)
+    name_of = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
+    return [name_of[id(p)] for p in module.parameters()]
+
+
+def local_tensor(t):
+    """This rank's shard of a DTensor (FSDP2 parameters, EMA, optimizer state); any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def transformer_blocks(model):
@@ -237,7 +262,7 @@ def apply_ddp(model, info, find_unused_parameters=False):
     Returns:
         the DDP module (a DistributedDataParallel; the model's own attributes read through).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         raise RuntimeError("apply_ddp needs an initialised process group: launch with torchrun")
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return _DDP(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
@@ -260,7 +285,7 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_afte
         the same module, now an FSDPModule.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         raise RuntimeError("apply_fsdp needs an initialised process group: launch with torchrun")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("apply_fsdp: got a DDP module; use either DDP or FSDP")
@@ -284,7 +309,7 @@ def nonfinite(tensors):
     """0-d float32 tensor on the tensors' device: 1.0 when any local element (this rank's shard of a
     DTensor) is NaN or infinite, else 0.0; no host sync (one max-abs reduction per tensor, fused by
     torch._foreach_norm)."""
-    local = [_local(t).detach() for t in tensors]
+    local = [local_tensor(t).detach() for t in tensors]
     local = [t for t in local if t.numel()]
     if not local:
         return torch.zeros(())
@@ -367,175 +392,3 @@ def apply_activation_checkpointing(model, mode):
     for blocks, i in transformer_blocks(model):
         blocks[i] = checkpoint_wrapper(blocks[i], **kwargs)
     return model
-
-
-# ------------------------------------------------------------------------------------------------ EMA
-def parameter_names(model):
-    """State-dict names of `model.parameters()` (of the module inside DDP), in that order: the
-    checkpoint keys, free of wrapper prefixes such as activation checkpointing's."""
-    module = unwrap(model)
-    name_of = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
-    return [name_of[id(p)] for p in module.parameters()]
-
-
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-class ShardedEMA:
-    """Exponential moving average of a (possibly FSDP2-sharded) model, in fp32.
-
-    Each EMA tensor is a copy of the model's parameter (or floating buffer) with the same
-    placement: under FSDP2 a DTensor holding exactly this rank's shard, so the update is local
-    (no communication) and the memory is divided by the world size; under DDP / one process a
-    plain tensor. Names are the model's state_dict keys (wrapper prefixes removed), so
-    `state_dict()` checkpoints with torch.distributed.checkpoint and `full_state_dict()` loads
-    into an unwrapped model.
-
-    Args:
-        model: the model as trained (plain, DDP, or after apply_fsdp), its parameters holding the
-            initial EMA weights.
-    """
-
-    def __init__(self, model):
-        self.names, self.shadow = [], []
-        for name, t in self._live(model):
-            self.names.append(name)
-            self.shadow.append(t.detach().to(torch.float32, copy=True))
-
-    @staticmethod
-    def _live(model):
-        # state_dict(keep_vars=True): the live parameters and buffers under their checkpoint names
-        return [(k, t) for k, t in unwrap(model).state_dict(keep_vars=True).items() if t.is_floating_point()]
-
-    def nonfinite(self):
-        """0-d float tensor: 1.0 when this rank's EMA holds a NaN or infinity (which the EMA of a
-        model takes from the first non-finite weights of an update), else 0.0. No host sync."""
-        return nonfinite(self.shadow)
-
-    @torch.no_grad()
-    def update(self, model, decay):
-        """ema <- decay * ema + (1 - decay) * model, on the local shards (fp32 arithmetic)."""
-        live = self._live(model)
-        if [n for n, _ in live] != self.names:
-            raise RuntimeError("ShardedEMA.update: the model's parameters differ from the ones the EMA was built from")
-        model_t = [_local(t).float() for _, t in live]
-        torch._foreach_lerp_([_local(e) for e in self.shadow], model_t, 1.0 - decay)
-
-    def state_dict(self):
-        """name -> fp32 tensor (DTensor shards under FSDP2), the live EMA storage (for DCP)."""
-        return dict(zip(self.names, self.shadow))
-
-    @torch.no_grad()
-    def load_state_dict(self, state_dict):
-        """Copies name -> tensor values in. Each value may be full (a plain tensor of the
-        parameter's full shape, e.g. from a single-file checkpoint or an EMA module) or already
-        sharded like this EMA (a DTensor); missing or unexpected names raise RuntimeError."""
-        missing, unexpected = set(self.names) - set(state_dict), set(state_dict) - set(self.names)
-        if missing or unexpected:
-            raise RuntimeError(f"EMA state dict mismatch: missing {sorted(missing)[:5]}, "
-                               f"unexpected {sorted(unexpected)[:5]}")
-        for name, dst in zip(self.names, self.shadow):
-            src = state_dict[name]
-            if isinstance(dst, DTensor) and not isinstance(src, DTensor):
-                src = distribute_tensor(src.to(dst.device, torch.float32), dst.device_mesh, dst.placements)
-            if tuple(src.shape) != tuple(dst.shape):
-                raise RuntimeError(f"EMA {name}: shape {tuple(src.shape)} != {tuple(dst.shape)}")
-            _local(dst).copy_(_local(src))
-
-    @torch.no_grad()
-    def full_state_dict(self, rank0_only=False):
-        """name -> full fp32 CPU tensor, gathering the shards one tensor at a time. Under FSDP2
-        this is a collective: every rank must call it. With rank0_only, other ranks get {}."""
-        out = {}
-        is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        for name, t in zip(self.names, self.shadow):
-            full = t.full_tensor() if isinstance(t, DTensor) else t
-            if is_main or not rank0_only:
-                out[name] = full.detach().to("cpu", copy=True)
-        return out
-
-
-# ----------------------------------------------------------------------------------------- throughput
-# Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs; TF32 is half of it. Matched against
-# torch.cuda.get_device_name; anything else needs an explicit peak.
-PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.4, "H100": 989.4, "A100": 312.0}
-
-
-def default_peak_flops(device, dtype=torch.bfloat16):
-    """Peak FLOP/s of one `device` for `dtype` training (bf16 / fp16 tensor cores, fp32 as TF32)
-    from PEAK_BF16_TFLOPS, or None when unknown (CPUs, other GPUs: pass a peak explicitly)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12 * (0.5 if dtype == torch.float32 else 1.0)
-    return None
-
-
-def peak_memory_gib(device):
-    """Peak memory of this process in GiB: CUDA max_memory_allocated on a GPU, the peak resident
-    set size (ru_maxrss) on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
-
-
-class ThroughputMeter:
-    """Images/s, tokens/s, achieved FLOP/s and MFU over a window of training steps.
-
-    FLOPs come from the analytic counter `maskdit_fast.flops.train_step_flops` (forward + backward
-    matmul work at the step's mask ratio), so MFU = achieved FLOP/s per device / peak_flops.
-
-    Args:
-        model: the DiT / MaskDiT (any wrapper).
-        world_size: devices sharing each global batch.
-        peak_flops: peak FLOP/s of one device (None: MFU is not reported).
-        device: where peak memory is read.
-    """
-
-    def __init__(self, model, world_size=1, peak_flops=None, device="cpu"):
-        if peak_flops is not None and not peak_flops > 0:
-            raise ValueError(f"peak_flops must be > 0 or None, got {peak_flops!r}")
-        self.model = unwrap(model)
-        self.world_size, self.peak_flops, self.device = int(world_size), peak_flops, torch.device(device)
-        self._flops_cache = {}
-        self.reset()
-
-    def reset(self):
-        """Starts a new window now."""
-        self.start, self.images, self.tokens, self.flops = time.perf_counter(), 0, 0, 0
-
-    def _flops_per_image(self, mask_ratio, input_size):
-        # keyed by the kept-token count (what the FLOPs depend on): a scheduled ratio, new every step,
-        # must not grow the cache without bound
-        tokens = (input_size[0] // self.model.patch_size) * (input_size[1] // self.model.patch_size)
-        key = (num_kept(tokens, mask_ratio), input_size)
-        if key not in self._flops_cache:
-            self._flops_cache[key] = train_step_flops(self.model, input_size=input_size, mask_ratio=mask_ratio)
-        return self._flops_cache[key]
-
-    def update(self, images, mask_ratio, input_size=None):
-        """Counts `images` trained at `mask_ratio` and model input size `input_size` ((H, W); None = the
-        model's own). One call per optimizer step, or per resolution group with mixed resolutions."""
-        h, w = self.model.input_size if input_size is None else tuple(input_size)
-        self.images += images
-        self.tokens += images * (h // self.model.patch_size) * (w // self.model.patch_size)
-        self.flops += images * self._flops_per_image(float(mask_ratio), (h, w))
-
-    def summary(self, reset=True):
-        """dict: images_per_s, tokens_per_s (input patch tokens), tflops_per_device (achieved),
-        mfu (when peak_flops is set), peak_mem_gib (this rank); then a new window starts."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"images_per_s": self.images / elapsed,
-               "tokens_per_s": self.tokens / elapsed,
-               "tflops_per_device": self.flops / elapsed / self.world_size / 1e12,
-               "peak_mem_gib": peak_memory_gib(self.device)}
-        if self.peak_flops:
-            out["mfu"] = self.flops / elapsed / self.world_size / self.peak_flops
-        if reset:
-            self.reset()
-        return out

@@ -16,9 +16,8 @@ import os
 import numpy as np
 import torch
 
-from maskdit_fast.checkpoint import load_checkpoint
+from maskdit_fast.checkpoint import load_checkpoint, load_ema_state
 from maskdit_fast.diffusion import EDMPrecond, sample
-from maskdit_fast.dist_checkpoint import load_ema_state
 from maskdit_fast.models import MODEL_CLASSES
 
 

@@ -15,7 +15,7 @@ weights non-finite stops the run (checked from the EMA in the next step's one ho
 before every save), so every checkpoint holds finite weights, EMA and optimizer state, and the
 stop message names the newest one.
 
-Scale-out (torchrun; see maskdit_fast.parallel and maskdit_fast.dist_checkpoint):
+Scale-out (torchrun; see maskdit_fast.parallel and maskdit_fast.checkpoint):
 
     torchrun --standalone --nproc_per_node 8 -m maskdit_fast.train --preset imagenet-xl2 \
         --data latents/ --parallel fsdp --activation-checkpointing selective --compile
@@ -39,7 +39,12 @@ varlen stream, no padding):
                                 the loss. Sampling stays at the data's size. Throughput / MFU
                                 logs count each group's images at the group's size.
 
-The loop is small composable functions (build_* / parallelize / train_step / save / load).
+Layout: `train` (at the end of this file) builds the run from the config (build_* / parallelize,
+the run dir, the checkpointer, metrics) and runs the loop, one call per concern: `train_step`
+(one optimizer step), `check_finite` (non-finite steps), `TrainMetrics.step` (metering and
+logging, maskdit_fast.metrics), `sample_grid`, `stop_reason` (stop signals agreed across ranks),
+`save_checkpoint` (through a maskdit_fast.checkpoint.Checkpointer, whichever format the run
+writes), then `finish`. The EMA is maskdit_fast.ema, the run-dir lock maskdit_fast.run_dir.
 """
 import contextlib
 import dataclasses
@@ -53,22 +58,22 @@ import time
 import numpy as np
 import torch
 
-from maskdit_fast.checkpoint import CheckpointError, CheckpointManager, RunDirLock, set_aside
+from maskdit_fast.checkpoint import check_architecture, export_ema_safetensors, make_checkpointer, verify_everywhere
 from maskdit_fast.config import parse_config
 from maskdit_fast.data import DataStream, LatentShards, build_dataset
 from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss, mask_ratio_schedule
-from maskdit_fast.dist_checkpoint import (DistCheckpointManager, check_architecture, export_ema_safetensors,
-                                          load_training_state, load_weights, verify_everywhere)
-from maskdit_fast.ema import ema_decay
+from maskdit_fast.ema import ShardedEMA, ema_decay
 from maskdit_fast.masking import PackedMask, num_kept, random_masking_ids, random_masking_packed, sample_mask_ratios
+from maskdit_fast.metrics import TrainMetrics, default_peak_flops
 from maskdit_fast.models import MaskDiT, create_model
-from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, all_gather_floats, all_reduce_mean, any_rank,
-                                   apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, barrier,
-                                   broadcast_object, clip_grad_norm_, default_peak_flops, destroy_distributed,
-                                   gradient_sync, init_distributed, nonfinite, rank0_call, unwrap)
+from maskdit_fast.parallel import (all_reduce_mean, any_rank, apply_activation_checkpointing, apply_compile, apply_ddp,
+                                   apply_fsdp, barrier, clip_grad_norm_, destroy_distributed, gradient_sync,
+                                   init_distributed, nonfinite, rank0_call, unwrap)
+from maskdit_fast.run_dir import open_run_dir
 from maskdit_fast.sample import build_from_metadata, generate, model_metadata, save_grid
 
 GRID_SEED = 1_000_000  # sample seeds of the fixed-label grids (distinct from training seeds)
+RESUME_KEYS = ("step", "nan_skips", "data", "rng")  # what a checkpoint must hold to resume from it
 
 
 @dataclasses.dataclass
@@ -84,7 +89,30 @@ class TrainState:
     step: int = 0                  # optimizer steps done
     nan_skips: int = 0
 
+    def state_dict(self):
+        """What a checkpoint holds besides model, optimizer and EMA: step, skipped steps, data
+        position and RNG states (identical on every rank; plain containers and CPU tensors)."""
+        rng = {"torch": torch.get_rng_state(), "loss_gen": self.loss_gen.get_state(),
+               "data_gen": self.data_gen.get_state(), "ratio_gen": self.ratio_gen.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()  # the current device's: valid at any world size
+        return {"step": self.step, "nan_skips": self.nan_skips, "data": self.stream.state_dict(), "rng": rng}
 
+    def load_state_dict(self, state):
+        """Restores what `state_dict` returned (a checkpoint's extra state, holding RESUME_KEYS)."""
+        self.stream.load_state_dict(state["data"])
+        self.step, self.nan_skips = int(state["step"]), int(state["nan_skips"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.loss_gen.set_state(state["rng"]["loss_gen"])
+        self.data_gen.set_state(state["rng"]["data_gen"])
+        if "ratio_gen" in state["rng"]:  # absent from checkpoints written before --mask-ratio-range
+            self.ratio_gen.set_state(state["rng"]["ratio_gen"])
+        cuda = state["rng"].get("cuda")
+        if cuda is not None and self.loss_gen.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
+
+
+# --------------------------------------------------------------------------- the run, from the config
 def build_data(cfg, info):
     """Validated dataset and its resumable stream of global micro-batches (batch_size / grad_accum),
     of which this rank (`info`, a parallel.DistInfo) reads its own rows."""
@@ -110,6 +138,14 @@ def build_model(cfg, sample_shape):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # init depends on the seed only, not on earlier RNG use
         return create_model(cfg.model, **kwargs)
+
+
+def data_info(cfg, dataset):
+    """JSON-able facts about the data a model was trained on (for sampling)."""
+    info = {"data": cfg.data, "latent": isinstance(dataset, LatentShards), "sample_shape": list(dataset.sample_shape)}
+    if info["latent"]:
+        info["scale_factor"] = dataset.scale_factor
+    return info
 
 
 def group_shapes(cfg, sample_shape, patch_size):
@@ -207,6 +243,7 @@ def build_loss(cfg):
     return MaskDiTLoss(cfg.P_mean, cfg.P_std, cfg.sigma_data, cfg.mae_coef)
 
 
+# --------------------------------------------------------------------------------------- schedules
 def lr_at(cfg, step):
     """Learning rate at optimizer step `step`: linear warm-up, constant, optional linear decay."""
     lr = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
@@ -230,6 +267,14 @@ def mask_ratio_fn(cfg):
     return lambda step: 0.0 if step >= masked_steps else schedule(step)
 
 
+def ema_decay_at(cfg, step):
+    """EMA decay at optimizer step `step`: cfg.ema_decay with optional warm-up, started over at the
+    first unmasked step with cfg.ema_restart (see maskdit_fast.ema.ema_decay)."""
+    restart = cfg.steps - cfg.unmasked_steps if cfg.ema_restart and cfg.unmasked_steps else None
+    return ema_decay(step, cfg.ema_decay, cfg.ema_warmup, restart)
+
+
+# ------------------------------------------------------------------------------------------ one step
 def packed_rows(packed, rows):
     """The samples `rows` (a slice of a step) of a PackedMask, as a PackedMask (host arithmetic on
     the counts: no device sync)."""
@@ -336,30 +381,31 @@ def train_step(cfg, state, loss_fn, mask_ratio, device, shapes=()):
     finite = math.isfinite(loss) and math.isfinite(grad_norm) and not ema_bad  # the same on every rank
     if finite:
         opt.step()
-        restart = cfg.steps - cfg.unmasked_steps if cfg.ema_restart and cfg.unmasked_steps else None
-        state.ema.update(net, ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup, restart))
+        state.ema.update(net, ema_decay_at(cfg, state.step))
     opt.zero_grad(set_to_none=True)
     return {"loss": loss, "dsm": dsm, "mae": mae, "grad_norm": grad_norm, "lr": lr, "finite": float(finite),
             "weights_finite": float(not ema_bad)}
 
 
-def data_info(cfg, dataset):
-    """JSON-able facts about the data a model was trained on (for sampling)."""
-    info = {"data": cfg.data, "latent": isinstance(dataset, LatentShards), "sample_shape": list(dataset.sample_shape)}
-    if info["latent"]:
-        info["scale_factor"] = dataset.scale_factor
-    return info
-
-
-def train_state(cfg, state, meta):
-    """The non-tensor-heavy part of a checkpoint: step, data position, RNG states (identical on
-    every rank), config and model metadata (plain containers: loads with weights_only=True)."""
-    rng = {"torch": torch.get_rng_state(), "loss_gen": state.loss_gen.get_state(),
-           "data_gen": state.data_gen.get_state(), "ratio_gen": state.ratio_gen.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()  # the current device's: valid at any world size
-    return {"step": state.step, "nan_skips": state.nan_skips, "data": state.stream.state_dict(), "rng": rng,
-            "config": cfg.to_dict(), "meta": meta}
+# --------------------------------------------------------------------------------- non-finite steps
+def check_finite(cfg, state, m, ckpt, say):
+    """After a step: stop (RuntimeError naming the newest checkpoint, which holds finite values)
+    when the previous update made the weights non-finite (nothing can undo it) or when a
+    non-finite step exceeds cfg.max_nan_skips; else count a skipped step."""
+    if not m["weights_finite"]:
+        raise RuntimeError(f"the update of step {state.step} made weights NaN or infinite; stopping. The last "
+                           f"good checkpoint is {ckpt.latest()}. Lower --lr or set --grad-clip.")
+    if m["finite"]:
+        return
+    what = (f"non-finite loss ({m['loss']})" if not math.isfinite(m["loss"])
+            else f"non-finite gradient norm ({m['grad_norm']}, loss {m['loss']:.4g})")
+    if state.nan_skips >= cfg.max_nan_skips:
+        raise RuntimeError(f"{what} at step {state.step + 1} (after {state.nan_skips} skipped); stopping. The last "
+                           f"good checkpoint is {ckpt.latest()}. Lower --lr, set --grad-clip, or allow skips with "
+                           f"--max-nan-skips N.")
+    state.nan_skips += 1
+    say(f"warning: {what} at step {state.step + 1}, update skipped ({state.nan_skips}/{cfg.max_nan_skips})",
+        file=sys.stderr)
 
 
 def nonfinite_parts(state):
@@ -374,80 +420,51 @@ def nonfinite_parts(state):
     return [name for name, flag in zip(parts, flags) if flag > 0]
 
 
-def save_checkpoint(ckpts, cfg, state, meta):
-    """A checkpoint of step state.step: sharded (DCP, every rank writes its part) with a
-    DistCheckpointManager, else one file holding model, EMA, optimizer and `train_state`.
-    Refuses (RuntimeError naming the newest checkpoint) a state holding NaN or infinite values."""
+# ------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(ckpt, cfg, state, meta):
+    """A checkpoint of step state.step through the run's Checkpointer: model, optimizer, EMA and
+    the TrainState's state_dict plus config and model metadata. Refuses (RuntimeError naming the
+    newest checkpoint) a state holding NaN or infinite values. Collective."""
     bad = nonfinite_parts(state)
     if bad:
         raise RuntimeError(f"refusing to save step {state.step}: the {' and '.join(bad)} hold NaN or infinite "
-                           f"values; the last good checkpoint is {ckpts.latest()}. Lower --lr or set --grad-clip.")
-    extra = train_state(cfg, state, meta)
-    if isinstance(ckpts, DistCheckpointManager):
-        return ckpts.save(state.step, state.net, state.optimizer, state.ema, extra)
-    return ckpts.save(state.step, dict(extra, model=unwrap(state.net).state_dict(), ema=state.ema.state_dict(),
-                                       optimizer=state.optimizer.state_dict()))
+                           f"values; the last good checkpoint is {ckpt.latest()}. Lower --lr or set --grad-clip.")
+    return ckpt.save(state.step, dict(state.state_dict(), config=cfg.to_dict(), meta=meta))
 
 
-def load_state(state, path, device, verify=True):
-    """Restores the full training state (resume) from a checkpoint of either format, written at
-    any world size (verified first unless verify=False: see load_training_state)."""
-    ckpt = load_training_state(path, state.net, state.optimizer, state.ema, map_location=device,
-                               required=("step", "nan_skips", "data", "rng"), verify=verify)
-    state.stream.load_state_dict(ckpt["data"])
-    state.step, state.nan_skips = int(ckpt["step"]), int(ckpt["nan_skips"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    state.loss_gen.set_state(ckpt["rng"]["loss_gen"])
-    state.data_gen.set_state(ckpt["rng"]["data_gen"])
-    if "ratio_gen" in ckpt["rng"]:  # absent from checkpoints written before --mask-ratio-range
-        state.ratio_gen.set_state(ckpt["rng"]["ratio_gen"])
-    cuda = ckpt["rng"].get("cuda")
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
+def check_sources(cfg, net):
+    """An explicit --resume path and --init-from must be intact checkpoints (verified: rank 0 reads
+    them whole) of this architecture: checked before anything is written. Collective."""
+    for flag, path in (("--resume", cfg.resume if cfg.resume not in ("auto", "never") else ""),
+                       ("--init-from", cfg.init_from)):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path!r} does not exist")
+        if path:
+            verify_everywhere(path)
+            check_architecture(path, net)
 
 
-def _logged_step(line):
-    """Step of a metrics.jsonl line; a line cut short by a crash counts as after any resume point."""
-    try:
-        return json.loads(line).get("step", 0)
-    except json.JSONDecodeError:
-        return float("inf")
+def restore(cfg, state, ckpt, say):
+    """Loads the state training starts from: an explicit --resume path; with --resume auto the
+    newest checkpoint in the run dir that verifies (corrupt, incomplete or unsafe ones are moved
+    aside as <name>.corrupt, saying so); else --init-from's weights. Returns the resumed path or None."""
+    if cfg.resume not in ("auto", "never"):
+        state.load_state_dict(ckpt.load(cfg.resume, required=RESUME_KEYS, verify=False))  # check_sources verified it
+        say(f"resumed from {cfg.resume} at step {state.step}")
+        return cfg.resume
+    if cfg.resume == "auto" and not cfg.restart:
+        path, extra = ckpt.load_latest(required=RESUME_KEYS)
+        if path is not None:
+            state.load_state_dict(extra)
+            say(f"resumed from {path} at step {state.step}")
+            return path
+    if cfg.init_from:  # a new stage (e.g. unmasked fine-tuning): weights only, fresh optimizer
+        step = ckpt.load_weights(cfg.init_from, verify=False)
+        say(f"initialised weights from {cfg.init_from} (step {step})")
+    return None
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per record) plus TensorBoard scalars under tb/."""
-
-    def __init__(self, run_dir, resume_step=None):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        if resume_step is not None and os.path.exists(self.path):
-            # Drop records written after the checkpoint we resume from: they will be redone.
-            with open(self.path) as f:
-                kept = [line for line in f if _logged_step(line) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        elif resume_step is None and os.path.exists(self.path):
-            os.unlink(self.path)
-        self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step)
-        except ImportError:  # tensorboard is optional at run time
-            self.tb = None
-
-    def write(self, step, **values):
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self):
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
+# ---------------------------------------------------------------------------------------- stopping
 @contextlib.contextmanager
 def stop_signals(exiting=False):
     """Turns SIGTERM/SIGINT into a flag (`flag["signal"]`, the first signal's name) checked between
@@ -478,6 +495,17 @@ def stop_signals(exiting=False):
             signal.signal(sig, signal.SIG_IGN if exiting and flag["signal"] else h)
 
 
+def stop_reason(stop, step, stop_at, info):
+    """Why the run stops after `step`, the same on every rank (all ranks then save the same step):
+    the first stop signal of any rank (`stop`: the flag of stop_signals), or `stop_at` reached;
+    None to go on. Collective under torchrun."""
+    reason = stop["signal"] or ("stop_at" if stop_at is not None and step >= stop_at else None)
+    if info.distributed and any_rank(reason is not None):
+        reason = reason or "another rank's signal"
+    return reason
+
+
+# ---------------------------------------------------------------------------------------- sampling
 def grid_labels(cfg, per_class):
     """Fixed labels for grids: each of the first min(num_classes, 10) classes `per_class` times."""
     return torch.arange(min(cfg.num_classes, 10)).repeat_interleave(per_class)
@@ -510,103 +538,47 @@ def write_grid(run_dir, step, x, per_class, latent):
     return path
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "tb", "ema.safetensors")  # plus grid_*
+def sample_grid(cfg, state, meta, run_dir, device, latent):
+    """A grid of the EMA's samples at this step (sample_per_class, or 4, per class), written by
+    rank 0. Collective (the EMA shards are gathered)."""
+    per_class = cfg.sample_per_class or 4
+    ema_net = ema_network(state, meta, device)
+    if ema_net is not None:
+        x = sample_images(cfg, ema_net, grid_labels(cfg, per_class), device)
+        write_grid(run_dir, state.step, x, per_class, latent)
+    barrier()
 
 
-def previous_outputs(run_dir):
-    """Names of a previous run's outputs in `run_dir` (what the trainer writes there), sorted."""
-    if not os.path.isdir(run_dir):
-        return []
-    names = [n for n in os.listdir(run_dir)
-             if n in RUN_OUTPUTS or (n.startswith("grid_") and n.endswith((".png", ".npz")))]
-    return sorted(n for n in names if not (n == "checkpoints" and not os.listdir(os.path.join(run_dir, n))))
-
-
-def open_run_dir(cfg, run_dir):
-    """Creates and locks the run dir (one trainer per run dir; call on rank 0 only). A previous
-    run's outputs there are moved aside with cfg.restart (to previous-<time>/, nothing deleted),
-    and refused with cfg.resume "never" (they would be mixed with this run's: pruned by its
-    --keep-last, resumed by a later run). Returns the held RunDirLock."""
-    lock = RunDirLock(run_dir).acquire()
-    try:
-        previous = previous_outputs(run_dir)
-        if previous and cfg.restart:
-            base = aside = os.path.join(run_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
-            n = 1
-            while os.path.exists(aside):
-                aside, n = f"{base}-{n}", n + 1
-            os.makedirs(aside)
-            for name in previous:
-                os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
-            print(f"--restart: moved the previous run's {', '.join(previous)} to {aside}")
-        elif previous and cfg.resume == "never":
-            raise ValueError(f"--resume never: run dir {run_dir!r} holds a previous run's {', '.join(previous)}; "
-                             f"they would mix with this run's (checkpoints pruned and resumed as its own). Pass "
-                             f"--restart to move them aside and start over, --resume auto to continue that run, "
-                             f"or another --run-dir")
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def check_sources(cfg, net):
-    """An explicit --resume path and --init-from must be intact checkpoints (verified: rank 0 reads
-    them whole) of this architecture: checked before anything is written. Collective."""
-    for flag, path in (("--resume", cfg.resume if cfg.resume not in ("auto", "never") else ""),
-                       ("--init-from", cfg.init_from)):
-        if path and not os.path.exists(path):
-            raise FileNotFoundError(f"{flag} {path!r} does not exist")
-        if path:
-            verify_everywhere(path)
-            check_architecture(path, net)
-
-
-def restore(cfg, state, ckpts, device, info, say):
-    """Loads the state training starts from: an explicit --resume path; with --resume auto the
-    newest checkpoint in the run dir that verifies (corrupt, incomplete or unsafe ones are moved
-    aside as <name>.corrupt, saying so); else --init-from's weights. Returns the resumed path or None."""
-    if cfg.resume not in ("auto", "never"):
-        load_state(state, cfg.resume, device, verify=False)  # check_sources verified it
-        say(f"resumed from {cfg.resume} at step {state.step}")
-        return cfg.resume
-    if cfg.resume == "auto" and not cfg.restart:
-        for path in broadcast_object(ckpts.newest_first()):
-            try:
-                load_state(state, path, device)
-            except CheckpointError as e:  # raised before anything was loaded, on every rank
-                barrier()  # no rank still reads it
-                aside = set_aside(path) if info.is_main else None
-                say(f"warning: skipped checkpoint {path}: {e}; moved it to {aside}", file=sys.stderr, flush=True)
-                continue
-            say(f"resumed from {path} at step {state.step}")
-            return path
-    if cfg.init_from:  # a new stage (e.g. unmasked fine-tuning): weights only, fresh optimizer
-        step = load_weights(cfg.init_from, state.net, state.ema, map_location=device, verify=False)
-        say(f"initialised weights from {cfg.init_from} (step {step})")
-    return None
-
-
-def check_step(cfg, state, m, ckpts, say):
-    """After a step: stop (RuntimeError naming the newest checkpoint, which holds finite values)
-    when the previous update made the weights non-finite (nothing can undo it) or when a
-    non-finite step exceeds cfg.max_nan_skips; else count a skipped step."""
-    if not m["weights_finite"]:
-        raise RuntimeError(f"the update of step {state.step} made weights NaN or infinite; stopping. The last "
-                           f"good checkpoint is {ckpts.latest()}. Lower --lr or set --grad-clip.")
-    if m["finite"]:
+def finish(cfg, state, meta, run_dir, device, latent, metrics, result, is_main=True):
+    """End of training: export EMA weights, final sample grid and, on MNIST-5k, the class accuracy
+    of eval_per_class samples per class judged by the digit classifier (the grid shows the first
+    sample_per_class of them, so nothing is sampled twice). Every rank calls it (the EMA shards are
+    gathered); rank 0 writes and samples."""
+    full = export_ema_safetensors(state.ema, os.path.join(run_dir, "ema.safetensors"),
+                                  metadata={"maskdit_fast": json.dumps(meta)})
+    if not is_main:
         return
-    what = (f"non-finite loss ({m['loss']})" if not math.isfinite(m["loss"])
-            else f"non-finite gradient norm ({m['grad_norm']}, loss {m['loss']:.4g})")
-    if state.nan_skips >= cfg.max_nan_skips:
-        raise RuntimeError(f"{what} at step {state.step + 1} (after {state.nan_skips} skipped); stopping. The last "
-                           f"good checkpoint is {ckpts.latest()}. Lower --lr, set --grad-clip, or allow skips with "
-                           f"--max-nan-skips N.")
-    state.nan_skips += 1
-    say(f"warning: {what} at step {state.step + 1}, update skipped ({state.nan_skips}/{cfg.max_nan_skips})",
-        file=sys.stderr)
+    evaluate = cfg.data == "mnist5k" and cfg.eval_per_class > 0
+    per_class = max(cfg.sample_per_class, cfg.eval_per_class if evaluate else 0)
+    if per_class and cfg.num_classes:
+        t0 = time.perf_counter()
+        labels = grid_labels(cfg, per_class)
+        x = sample_images(cfg, build_from_metadata(meta, full).to(device), labels, device)
+        if cfg.sample_per_class:
+            shown = x.reshape(-1, per_class, *x.shape[1:])[:, :cfg.sample_per_class].flatten(0, 1)
+            result["grid"] = write_grid(run_dir, state.step, shown, cfg.sample_per_class, latent)
+            print(f"sample grid: {result['grid']}")
+        if evaluate:
+            from maskdit_fast.classifier import class_accuracy, load_classifier
+            classifier, real_acc = load_classifier()
+            acc = result["sample_accuracy"] = class_accuracy(x, labels, classifier)
+            metrics.write(state.step, sample_accuracy=acc, classifier_test_accuracy=real_acc)
+            print(f"class accuracy of {len(labels)} samples: {acc:.1%} (the classifier scores {real_acc:.1%} "
+                  f"on held-out real digits; chance 10%) [sampling {time.perf_counter() - t0:.0f} s]")
+    print(f"EMA weights: {os.path.join(run_dir, 'ema.safetensors')}")
 
 
+# ---------------------------------------------------------------------------------------- the loop
 def train(cfg, stop_at=None, progress=True, exiting=False):
     """Runs (or resumes) training for `cfg` (a TrainConfig).
 
@@ -642,128 +614,58 @@ def train(cfg, stop_at=None, progress=True, exiting=False):
                        ratio_gen=torch.Generator().manual_seed(cfg.seed + 2))
     check_sources(cfg, net)
     run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
-    lock = rank0_call(lambda: open_run_dir(cfg, run_dir))  # the first write; the other ranks act under it
-    try:
-        return run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, progress, exiting)
-    finally:
+
+    # closed in reverse order on any exit: metrics log, checkpointer (pending saves), signal handlers, lock
+    with contextlib.ExitStack() as cleanup:
+        lock = rank0_call(lambda: open_run_dir(cfg, run_dir))  # the first write; the other ranks act under it
         if lock is not None:
-            lock.release()
-
-
-def run(cfg, state, info, run_dir, meta, dataset, shapes, n_params, stop_at, progress, exiting):
-    """The training loop of `train`, in the locked run dir."""
-    device, net = info.device, state.net
-    say = print if info.is_main else (lambda *args, **kwargs: None)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if info.world_size > 1 or cfg.parallel == "fsdp":
-        ckpts = DistCheckpointManager(ckpt_dir, cfg.keep_last, async_save=cfg.async_checkpoint)
-    else:
-        ckpts = CheckpointManager(ckpt_dir, cfg.keep_last)
-    log, bar = None, None
-    with contextlib.ExitStack() as signals:
+            cleanup.callback(lock.release)
+        signals = cleanup.enter_context(contextlib.ExitStack())
         stop = signals.enter_context(stop_signals(exiting))  # from here on, a stop signal ends the current step
-        try:
-            resume_path = restore(cfg, state, ckpts, device, info, say)
-            if info.is_main:
-                with open(os.path.join(run_dir, "config.json"), "w") as f:
-                    json.dump(cfg.to_dict(), f, indent=1)
-                log = MetricsLog(run_dir, resume_step=state.step if resume_path else None)
-            say(f"run dir: {os.path.abspath(run_dir)}  ({n_params / 1e6:.2f}M parameters, {len(dataset)} training "
-                f"samples of shape {dataset.sample_shape}, device {device}, {info.world_size} process(es), "
-                f"parallel {cfg.parallel})", flush=True)
+        ckpt = cleanup.enter_context(contextlib.closing(make_checkpointer(
+            os.path.join(run_dir, "checkpoints"), state.net, state.optimizer, state.ema,
+            sharded=info.world_size > 1 or cfg.parallel == "fsdp", keep_last=cfg.keep_last,
+            async_save=cfg.async_checkpoint)))
+        resumed = restore(cfg, state, ckpt, say) is not None
+        if info.is_main:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1)
+        say(f"run dir: {os.path.abspath(run_dir)}  ({n_params / 1e6:.2f}M parameters, {len(dataset)} training "
+            f"samples of shape {dataset.sample_shape}, device {device}, {info.world_size} process(es), "
+            f"parallel {cfg.parallel})", flush=True)
+        peak_flops = cfg.peak_tflops * 1e12 or default_peak_flops(
+            device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+        metrics = cleanup.enter_context(contextlib.closing(TrainMetrics(
+            run_dir, state.net, info, peak_flops, cfg.log_every, cfg.steps, start_step=state.step, resumed=resumed,
+            progress=progress)))
+        loss_fn, ratio_at = build_loss(cfg), mask_ratio_fn(cfg)
+        latent = isinstance(dataset, LatentShards)
+        result = {"run_dir": run_dir, "interrupted": False}
 
-            loss_fn, ratio_at = build_loss(cfg), mask_ratio_fn(cfg)
-            latent = isinstance(dataset, LatentShards)
-            result = {"run_dir": run_dir, "interrupted": False}
-            peak = cfg.peak_tflops * 1e12 or default_peak_flops(
-                device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
-            meter = ThroughputMeter(net, info.world_size, peak, device)
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and info.is_main),
-                       dynamic_ncols=True)
-            state.net.train()
-            while state.step < cfg.steps:
-                ratio = ratio_at(state.step)
-                m = train_step(cfg, state, loss_fn, ratio, device, shapes)
-                check_step(cfg, state, m, ckpts, say)
-                state.step += 1
-                for shape in shapes or [None]:  # mixed resolutions: each group at its own size
-                    meter.update(cfg.batch_size // max(1, len(shapes)), ratio, shape)
-                bar.update(1)
-                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                    m.update(mask_ratio=ratio, **meter.summary())
-                    per_rank = all_gather_floats(m["peak_mem_gib"])
-                    m["peak_mem_gib"] = max(per_rank)
-                    if len(per_rank) > 1:
-                        m["peak_mem_gib_per_rank"] = per_rank
-                    if log is not None:
-                        log.write(state.step, **m)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.0f}", mask=ratio)
-                result["metrics"] = m
-                if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < cfg.steps:
-                    per_class = cfg.sample_per_class or 4
-                    ema_net = ema_network(state, meta, device)
-                    if ema_net is not None:
-                        x = sample_images(cfg, ema_net, grid_labels(cfg, per_class), device)
-                        write_grid(run_dir, state.step, x, per_class, latent)
-                    barrier()
-                if cfg.debug_crash_at_step == state.step and info.rank == info.world_size - 1:
-                    os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dies (before this step's checkpoint)
-                reason = stop["signal"] or ("stop_at" if stop_at is not None and state.step >= stop_at else None)
-                if info.distributed and any_rank(reason is not None):  # all ranks stop at the same step
-                    reason = reason or "another rank's signal"
-                if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps or reason:
-                    save_checkpoint(ckpts, cfg, state, meta)
-                if reason:  # returns with the stop handlers still in place, the closing included
-                    if isinstance(ckpts, DistCheckpointManager):
-                        ckpts.wait()
-                    say(f"\nstopped at step {state.step} ({reason}); checkpoint {ckpts.latest()}; run the same "
-                        f"command again to resume", flush=True)
-                    result.update(interrupted=True, step=state.step)
-                    return result
-            signals.close()  # training is over: signals act as usual during the export and sampling
-            bar.close()
-            result["step"] = state.step
-            if isinstance(ckpts, DistCheckpointManager):
-                ckpts.wait()
-            finish(cfg, state, meta, run_dir, device, latent, log, result, info.is_main)
-        finally:
-            if bar is not None:
-                bar.close()
-            if isinstance(ckpts, DistCheckpointManager):
-                ckpts.close()
-            if log is not None:
-                log.close()
+        state.net.train()
+        while state.step < cfg.steps:
+            ratio = ratio_at(state.step)
+            m = train_step(cfg, state, loss_fn, ratio, device, shapes)
+            check_finite(cfg, state, m, ckpt, say)
+            state.step += 1
+            result["metrics"] = metrics.step(state.step, m, ratio, cfg.batch_size, shapes)
+            if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < cfg.steps:
+                sample_grid(cfg, state, meta, run_dir, device, latent)
+            reason = stop_reason(stop, state.step, stop_at, info)
+            if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps or reason:
+                save_checkpoint(ckpt, cfg, state, meta)
+            if reason:  # the stop handlers stay in place until the checkpointer and log are closed
+                ckpt.wait()
+                say(f"\nstopped at step {state.step} ({reason}); checkpoint {ckpt.latest()}; run the same "
+                    f"command again to resume", flush=True)
+                result.update(interrupted=True, step=state.step)
+                return result
+
+        signals.close()  # training is over: signals act as usual during the export and sampling
+        result["step"] = state.step
+        ckpt.wait()
+        finish(cfg, state, meta, run_dir, device, latent, metrics, result, info.is_main)
     return result
-
-
-def finish(cfg, state, meta, run_dir, device, latent, log, result, is_main=True):
-    """End of training: export EMA weights, final sample grid and, on MNIST-5k, the class accuracy
-    of eval_per_class samples per class judged by the digit classifier (the grid shows the first
-    sample_per_class of them, so nothing is sampled twice). Every rank calls it (the EMA shards are
-    gathered); rank 0 writes and samples."""
-    full = export_ema_safetensors(state.ema, os.path.join(run_dir, "ema.safetensors"),
-                                  metadata={"maskdit_fast": json.dumps(meta)})
-    if not is_main:
-        return
-    evaluate = cfg.data == "mnist5k" and cfg.eval_per_class > 0
-    per_class = max(cfg.sample_per_class, cfg.eval_per_class if evaluate else 0)
-    if per_class and cfg.num_classes:
-        t0 = time.perf_counter()
-        labels = grid_labels(cfg, per_class)
-        x = sample_images(cfg, build_from_metadata(meta, full).to(device), labels, device)
-        if cfg.sample_per_class:
-            shown = x.reshape(-1, per_class, *x.shape[1:])[:, :cfg.sample_per_class].flatten(0, 1)
-            result["grid"] = write_grid(run_dir, state.step, shown, cfg.sample_per_class, latent)
-            print(f"sample grid: {result['grid']}")
-        if evaluate:
-            from maskdit_fast.classifier import class_accuracy, load_classifier
-            classifier, real_acc = load_classifier()
-            acc = result["sample_accuracy"] = class_accuracy(x, labels, classifier)
-            log.write(state.step, sample_accuracy=acc, classifier_test_accuracy=real_acc)
-            print(f"class accuracy of {len(labels)} samples: {acc:.1%} (the classifier scores {real_acc:.1%} "
-                  f"on held-out real digits; chance 10%) [sampling {time.perf_counter() - t0:.0f} s]")
-    print(f"EMA weights: {os.path.join(run_dir, 'ema.safetensors')}")
 
 
 def main(argv=None):

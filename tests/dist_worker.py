@@ -12,12 +12,13 @@ import sys
 
 import torch
 
-from maskdit_fast.dist_checkpoint import DistCheckpointManager, export_ema_safetensors, load_training_state
+from maskdit_fast.checkpoint import ShardedCheckpointer, export_ema_safetensors, load_training_state
+from maskdit_fast.ema import ShardedEMA
 from maskdit_fast.masking import random_masking_ids
 from maskdit_fast.models import create_model
-from maskdit_fast.parallel import (ShardedEMA, all_gather_floats, all_reduce_mean, any_rank,
-                                   apply_activation_checkpointing, apply_ddp, apply_fsdp, clip_grad_norm_,
-                                   destroy_distributed, gradient_sync, init_distributed)
+from maskdit_fast.parallel import (all_gather_floats, all_reduce_mean, any_rank, apply_activation_checkpointing,
+                                   apply_ddp, apply_fsdp, clip_grad_norm_, destroy_distributed, gradient_sync,
+                                   init_distributed)
 
 MODEL_KW = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=32, depth=2, num_heads=2,
                 decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2)
@@ -77,8 +78,8 @@ def main(workdir):
 
     net, opt, ema = build("fsdp", info)
     result["fsdp"] = train(net, opt, ema, 0, RESUME_AT, rank, world)
-    ckpts = DistCheckpointManager(os.path.join(workdir, "fsdp_ckpts"), keep_last=1, async_save=True)
-    ckpts.save(RESUME_AT, net, opt, ema, {"step": RESUME_AT})
+    ckpts = ShardedCheckpointer(os.path.join(workdir, "fsdp_ckpts"), net, opt, ema, keep_last=1, async_save=True)
+    ckpts.save(RESUME_AT, {"step": RESUME_AT})
     ckpts.close()
     export_ema_safetensors(ema, os.path.join(workdir, "fsdp_ema.safetensors"))
 

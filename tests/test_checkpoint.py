@@ -1,5 +1,5 @@
 """Atomic checkpoints (a writer killed mid-save leaves the last one loadable), pruning, safetensors
-export, and the EMA decay schedule."""
+export, integrity checks of both formats, and the EMA decay schedule."""
 import os
 import subprocess
 import sys
@@ -8,12 +8,19 @@ import textwrap
 import pytest
 import torch
 
-from maskdit_fast.checkpoint import CheckpointManager, atomic_save, export_safetensors, load_checkpoint
-from maskdit_fast.ema import ema_decay
+from maskdit_fast.checkpoint import (CheckpointError, FileCheckpointer, ShardedCheckpointer, atomic_save,
+                                     export_safetensors, list_checkpoints, load_checkpoint, make_checkpointer)
+from maskdit_fast.ema import ShardedEMA, ema_decay
+
+
+def _file_checkpointer(directory, keep_last):
+    """A FileCheckpointer of a small model, its optimizer and EMA."""
+    net = torch.nn.Linear(3, 2)
+    return FileCheckpointer(directory, net, torch.optim.AdamW(net.parameters()), ShardedEMA(net), keep_last=keep_last)
 
 
 def test_round_trip_and_pruning(tmp_path):
-    mgr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=2)
+    mgr = _file_checkpointer(str(tmp_path / "ckpt"), keep_last=2)
     assert mgr.latest() is None
     for step in (10, 20, 30):
         mgr.save(step, {"step": step, "w": torch.full((3,), float(step)), "rng": torch.get_rng_state(),
@@ -21,6 +28,7 @@ def test_round_trip_and_pruning(tmp_path):
     assert mgr.steps() == [20, 30]
     ckpt = load_checkpoint(mgr.latest())
     assert ckpt["step"] == 30 and torch.equal(ckpt["w"], torch.full((3,), 30.0)) and ckpt["cfg"]["shape"] == [1, 2]
+    assert torch.equal(ckpt["model"]["weight"], mgr.model.weight.detach()) and set(ckpt["ema"]) == {"weight", "bias"}
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "none.pt"))
     bad = tmp_path / "bad.pt"
@@ -38,8 +46,10 @@ def test_weights_only_rejects_arbitrary_objects(tmp_path):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys, torch
-    from maskdit_fast.checkpoint import CheckpointManager
-    mgr = CheckpointManager(sys.argv[1], keep_last=3)
+    from maskdit_fast.checkpoint import FileCheckpointer
+    from maskdit_fast.ema import ShardedEMA
+    net = torch.nn.Linear(3, 2)
+    mgr = FileCheckpointer(sys.argv[1], net, torch.optim.AdamW(net.parameters()), ShardedEMA(net), keep_last=3)
     mgr.save(1, {"step": 1, "w": torch.ones(1000)})
     real_save = torch.save
     def dying_save(obj, f, *args, **kwargs):
@@ -58,7 +68,7 @@ def test_kill_mid_save_leaves_last_checkpoint(tmp_path):
     assert proc.returncode == -9, proc.stderr
     leftovers = os.listdir(directory)
     assert any(name.endswith(".tmp") for name in leftovers), leftovers  # the write really was cut off
-    mgr = CheckpointManager(directory)
+    mgr = _file_checkpointer(directory, keep_last=3)
     assert mgr.steps() == [1]
     ckpt = load_checkpoint(mgr.latest())
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(1000))
@@ -95,20 +105,60 @@ def test_a_flipped_bit_is_caught(tmp_path):
         load_checkpoint(path)
 
 
-def _dcp_folder(tmp_path):
-    """A sharded checkpoint as DistCheckpointManager commits it (one process, no process group)."""
-    from maskdit_fast.dist_checkpoint import DistCheckpointManager
-    from maskdit_fast.parallel import ShardedEMA
+def _trained(seed):
+    """(model, optimizer, EMA) of a small network after one step from `seed`'s init."""
+    torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
-    opt = torch.optim.AdamW(net.parameters())
+    opt, ema = torch.optim.AdamW(net.parameters()), ShardedEMA(net)
     net(torch.randn(2, 8)).sum().backward()
     opt.step()
-    return DistCheckpointManager(str(tmp_path / "ckpts")).save(1, net, opt, ShardedEMA(net), {"step": 1})
+    ema.update(net, 0.5)
+    return net, opt, ema
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_checkpointer_interface_is_the_same_for_both_formats(tmp_path, sharded):
+    """The calls the trainer makes (save, steps, latest, load_latest, load, load_weights, wait,
+    close) on either format; reading does not depend on the format written. The newest checkpoint
+    corrupted: load_latest restores the one before and sets it aside."""
+    net, opt, ema = _trained(0)
+    ckpt = make_checkpointer(str(tmp_path), net, opt, ema, sharded=sharded, keep_last=2)
+    paths = [ckpt.save(step, {"step": step, "x": [step]}) for step in (1, 2, 3)]
+    ckpt.close()
+    assert ckpt.steps() == [2, 3] and ckpt.latest() == paths[-1] == ckpt.path(3)
+    assert ckpt.path(3).endswith("step_00000003" if sharded else "step_00000003.pt")
+    bad = paths[-1] if not sharded else next(
+        os.path.join(paths[-1], n) for n in os.listdir(paths[-1]) if n.endswith(".distcp"))
+    _flip_byte(bad)
+
+    fresh = _trained(1)
+    other = make_checkpointer(str(tmp_path), *fresh, sharded=not sharded)
+    path, extra = other.load_latest(required=("step", "x"))
+    assert path == paths[1] and extra["step"] == 2 and extra["x"] == [2]
+    assert other.steps() == [2] and os.path.exists(paths[-1] + ".corrupt")
+    assert all(torch.equal(v, fresh[0].state_dict()[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(s[key], fresh[1].state_dict()["state"][i][key])
+               for i, s in opt.state_dict()["state"].items() for key in ("exp_avg", "exp_avg_sq", "step"))
+    assert all(torch.equal(v, fresh[2].state_dict()[k]) for k, v in ema.state_dict().items())
+    with pytest.raises(CheckpointError, match="lacks"):
+        other.load(path, required=("step", "missing"))
+    weights_only = _trained(2)
+    assert make_checkpointer(str(tmp_path), *weights_only, sharded=sharded).load_weights(path) == 2
+    assert all(torch.equal(v, weights_only[0].state_dict()[k]) for k, v in net.state_dict().items())
+    assert not all(torch.equal(opt.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
+                   for i, s in weights_only[1].state_dict()["state"].items())  # the optimizer stays as it was
+    assert make_checkpointer(str(tmp_path / "empty"), *_trained(3), sharded=sharded).load_latest() == (None, None)
+
+
+def _dcp_folder(tmp_path):
+    """A sharded checkpoint as ShardedCheckpointer commits it (one process, no process group)."""
+    net, opt, _ = _trained(0)
+    return ShardedCheckpointer(str(tmp_path / "ckpts"), net, opt, ShardedEMA(net)).save(1, {"step": 1})
 
 
 def test_sharded_checkpoint_integrity(tmp_path):
     from maskdit_fast.checkpoint import CheckpointError, is_dcp_checkpoint, verify_checkpoint
-    from maskdit_fast.dist_checkpoint import load_ema_state
+    from maskdit_fast.checkpoint import load_ema_state
     folder = _dcp_folder(tmp_path)
     verify_checkpoint(folder)
     assert set(torch.load(os.path.join(folder, "train_state.pt"))["files"]) == set(os.listdir(folder)) - {
@@ -122,7 +172,7 @@ def test_sharded_checkpoint_integrity(tmp_path):
     # a folder missing a file its metadata lists is not complete (it used to count as a checkpoint)
     os.unlink(data)
     assert not is_dcp_checkpoint(folder)
-    assert CheckpointManager(os.path.dirname(folder)).steps() == []
+    assert list_checkpoints(os.path.dirname(folder)) == {}
 
 
 def test_sharded_checkpoint_without_checksums_needs_its_listed_files(tmp_path):

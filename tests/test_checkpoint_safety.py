@@ -1,7 +1,7 @@
 """No code runs from a checkpoint, whatever the entry point: planted payloads in a sharded (DCP)
 folder's .metadata, in a non-tensor entry of its .distcp data, in its train_state.pt, and in a
 single-file .pt, loaded by `sample --ckpt`, `evaluate --ckpt`, `train --resume`, `train
---init-from`, the EMA export (`python -m maskdit_fast.dist_checkpoint`) and auto-resume of a run dir.
+--init-from`, the EMA export (`python -m maskdit_fast.checkpoint`) and auto-resume of a run dir.
 
 Each payload, unpickled freely (as DCP's own reader and planner do), creates a marker directory and
 leaves the checkpoint working; the tests assert that the marker never appears, that the explicit
@@ -16,10 +16,11 @@ import zlib
 import pytest
 import torch
 
-from maskdit_fast import dist_checkpoint, evaluate, sample
+from maskdit_fast import evaluate, sample
 from maskdit_fast import train as T
-from maskdit_fast.dist_checkpoint import DistCheckpointManager, load_training_state
-from maskdit_fast.parallel import ShardedEMA
+from maskdit_fast.checkpoint import ShardedCheckpointer, load_training_state
+from maskdit_fast.checkpoint.__main__ import main as export_main
+from maskdit_fast.ema import ShardedEMA
 from test_train import metrics, tiny
 
 
@@ -100,7 +101,7 @@ def sources(tmp_path_factory):
     model = T.build_model(cfg, (1, 8, 8))
     opt, ema = T.build_optimizer(cfg, model), ShardedEMA(model)
     extra = load_training_state(str(ckpts / "step_00000004.pt"), model, opt, ema)
-    folder = DistCheckpointManager(str(root / "dcp")).save(4, model, opt, ema, extra)
+    folder = ShardedCheckpointer(str(root / "dcp"), model, opt, ema).save(4, extra)
     return {"pt2": str(ckpts / "step_00000002.pt"), "pt": str(ckpts / "step_00000004.pt"), "dcp": folder}
 
 
@@ -120,7 +121,7 @@ ENTRY_POINTS = {
                                              "--out", str(tmp / "grid.png")]),
     "evaluate": lambda path, tmp: evaluate.main(["--ckpt", path, "--metric", "classifier", "--num-samples", "2",
                                                  "--steps", "1", "--out", str(tmp / "eval")]),
-    "export": lambda path, tmp: dist_checkpoint.main([path, str(tmp / "ema.safetensors")]),
+    "export": lambda path, tmp: export_main([path, str(tmp / "ema.safetensors")]),
     "train --resume": lambda path, tmp: T.train(tiny(tmp / "run", resume=path, steps=5, sample_per_class=0),
                                                 progress=False),
     "train --init-from": lambda path, tmp: T.train(tiny(tmp / "run", init_from=path, steps=1, sample_per_class=0),

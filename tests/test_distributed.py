@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from maskdit_fast import train as T
-from maskdit_fast.checkpoint import CheckpointManager, is_dcp_checkpoint, load_checkpoint
+from maskdit_fast.checkpoint import is_dcp_checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint
 from maskdit_fast.config import parse_config
 from maskdit_fast.parallel import DistInfo
 
@@ -28,8 +28,13 @@ def run_single(run_dir, *extra):
     return T.train(parse_config(ARGS + ["--run-dir", str(run_dir), *extra]), progress=False)
 
 
+TRAIN_WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")  # the trainer CLI, watched / broken
+
+
 def torchrun(run_dir, *extra, worker=("-m", "maskdit_fast.train")):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    import maskdit_fast  # the workers import the package under test, wherever this process found it
+    package_root = os.path.dirname(os.path.dirname(maskdit_fast.__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=package_root)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            *worker, *ARGS, "--run-dir", str(run_dir), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -58,12 +63,13 @@ def test_fsdp_matches_single_process_survives_a_killed_rank_and_resumes_at_world
     ref_dir, ref = reference
     # FSDP2 composed with per-block compile and selective activation checkpointing
     proc = torchrun(tmp_path, "--parallel", "fsdp", "--compile", "--compile-backend", "aot_eager",
-                    "--activation-checkpointing", "selective", "--debug-crash-at-step", "4")
+                    "--activation-checkpointing", "selective", worker=(TRAIN_WORKER, "--kill-last-rank-at", "4"))
     assert proc.returncode != 0  # rank 1 was killed after step 4, before that step's checkpoint
     assert_same_losses(losses(tmp_path), ref, range(1, 5))
-    ckpts = CheckpointManager(str(tmp_path / "checkpoints"))
-    assert ckpts.steps() == [2] and is_dcp_checkpoint(ckpts.latest())  # the last one, intact
-    assert load_checkpoint(os.path.join(ckpts.latest(), "train_state.pt"))["step"] == 2
+    latest = latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert sorted(list_checkpoints(str(tmp_path / "checkpoints"))) == [2]
+    assert is_dcp_checkpoint(latest)  # the last one, intact
+    assert load_checkpoint(os.path.join(latest, "train_state.pt"))["step"] == 2
     # the same command at world size 1 (no parallelism) resumes the sharded checkpoint
     run_single(tmp_path)
     assert_same_losses(losses(tmp_path), ref, range(1, 7))
@@ -87,8 +93,9 @@ def test_ddp_resumes_a_single_process_checkpoint(reference, tmp_path):
     assert last["tokens_per_s"] == pytest.approx(last["images_per_s"] * 16)  # 16 patches per 8x8 digit
     assert 0 < last["mfu"] == pytest.approx(last["tflops_per_device"])  # peak 1 TFLOP/s
     assert len(last["peak_mem_gib_per_rank"]) == 2 and last["peak_mem_gib"] == max(last["peak_mem_gib_per_rank"])
-    ckpts = CheckpointManager(str(tmp_path / "checkpoints"))
-    assert ckpts.steps() == [2, 4, 6] and is_dcp_checkpoint(ckpts.latest())  # world size 2 writes DCP
+    ckpts = str(tmp_path / "checkpoints")
+    assert sorted(list_checkpoints(ckpts)) == [2, 4, 6]
+    assert is_dcp_checkpoint(latest_checkpoint(ckpts))  # world size 2 writes DCP
 
 
 def test_compile_and_activation_checkpointing_single_process(reference, tmp_path):
@@ -130,8 +137,8 @@ def test_packed_options_through_ddp_and_fsdp(tmp_path):
     locked by another trainer stops every rank before anything is written."""
     run_single(tmp_path / "single", *PACKED)
     want = losses(tmp_path / "single")
-    worker = (os.path.join(os.path.dirname(__file__), "train_worker.py"),)
-    from maskdit_fast.checkpoint import RunDirLock
+    worker = (TRAIN_WORKER,)
+    from maskdit_fast.run_dir import RunDirLock
     lock = RunDirLock(str(tmp_path / "ddp")).acquire()
     try:
         proc = torchrun(tmp_path / "ddp", "--parallel", "ddp", *PACKED, worker=worker)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from maskdit_fast import train as T
-from maskdit_fast.checkpoint import CheckpointManager, load_checkpoint
+from maskdit_fast.checkpoint import list_checkpoints, load_checkpoint
 from maskdit_fast.ema import ema_decay
 from test_train import tiny
 
@@ -17,8 +17,7 @@ def test_ema_decay_restart():
 
 
 def _checkpoints(run_dir):
-    manager = CheckpointManager(str(run_dir / "checkpoints"))
-    return {step: load_checkpoint(manager.path(step)) for step in manager.steps()}
+    return {step: load_checkpoint(path) for step, path in list_checkpoints(str(run_dir / "checkpoints")).items()}
 
 
 @pytest.mark.parametrize("restart", [False, True])

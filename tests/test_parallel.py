@@ -1,5 +1,5 @@
-"""maskdit_fast.parallel and maskdit_fast.dist_checkpoint: activation checkpointing, per-block
-compile, sharded EMA, throughput meter and DCP checkpoints in one process, then FSDP2 / DDP on 2
+"""maskdit_fast.parallel, .ema, .metrics and .checkpoint's sharded format: activation checkpointing,
+per-block compile, sharded EMA, throughput meter and DCP checkpoints in one process, then FSDP2 / DDP on 2
 CPU ranks (torchrun + gloo) against the single-process reference, with checkpoints moved between
 world sizes 1 and 2 in both directions."""
 import contextlib
@@ -15,13 +15,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_worker as W
 from test_distributed import one_rank_group  # noqa: F401 (fixture)
-from maskdit_fast.checkpoint import atomic_save, list_checkpoints
-from maskdit_fast.dist_checkpoint import DistCheckpointManager, export_ema_safetensors, load_training_state, load_weights
-from maskdit_fast.dist_checkpoint import main as export_main
+from maskdit_fast.checkpoint import (ShardedCheckpointer, atomic_save, export_ema_safetensors, list_checkpoints,
+                                     load_training_state, load_weights)
+from maskdit_fast.checkpoint.__main__ import main as export_main
+from maskdit_fast.ema import ShardedEMA
 from maskdit_fast.flops import train_step_flops
-from maskdit_fast.parallel import (ShardedEMA, ThroughputMeter, apply_activation_checkpointing, apply_compile,
-                                   apply_ddp, apply_fsdp, init_distributed, parameter_names,
-                                   transformer_blocks)
+from maskdit_fast.metrics import ThroughputMeter
+from maskdit_fast.parallel import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
+                                   init_distributed, parameter_names, transformer_blocks)
 
 
 def _inputs(batch=4):
@@ -194,9 +195,9 @@ def _assert_same_state(a, b, atol=2e-5):  # Adam amplifies reduction-order round
 def test_dcp_checkpoints_single_process(tmp_path):
     net, opt, ema = W.build()
     W.train(net, opt, ema, 0, 2)
-    manager = DistCheckpointManager(str(tmp_path), keep_last=2)
+    manager = ShardedCheckpointer(str(tmp_path), net, opt, ema, keep_last=2)
     for step in (1, 2, 3):
-        manager.save(step, net, opt, ema, {"step": step, "rng": torch.get_rng_state()})
+        manager.save(step, {"step": step, "rng": torch.get_rng_state()})
     os.makedirs(tmp_path / "step_00000004.tmp")  # a crashed writer's leftovers
     atomic_save({"step": 0}, str(tmp_path / "step_00000000.pt"))
     assert manager.steps() == [0, 2, 3]  # both formats; the temp dir is not a checkpoint
@@ -216,7 +217,7 @@ def test_dcp_checkpoints_single_process(tmp_path):
         assert all(torch.equal(other[2].full_state_dict()[k], v) for k, v in ema.full_state_dict().items())
         assert not other[1].state  # the optimizer is untouched
     # the next save prunes to keep_last over both formats and clears the temp dir
-    manager.save(5, net, opt, ema, {"step": 5})
+    manager.save(5, {"step": 5})
     assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000005"]
     with pytest.raises(RuntimeError, match="not a complete DCP checkpoint"):
         load_training_state(str(tmp_path), *fresh)
@@ -227,7 +228,7 @@ def test_dcp_checkpoints_single_process(tmp_path):
     assert all(torch.equal(exported[k], v) and torch.equal(full[k], v) for k, v in ema.full_state_dict().items())
     # offline export of a checkpoint's EMA, either format, with the model metadata
     meta = {"model_class": "MaskDiT"}
-    manager.save(6, net, opt, ema, {"step": 6, "meta": meta})
+    manager.save(6, {"step": 6, "meta": meta})
     atomic_save(dict(_state(net, opt, ema), step=6, meta=meta), str(tmp_path / "single.pt"))
     for source in (manager.latest(), str(tmp_path / "single.pt")):
         export_main([source, str(tmp_path / "offline.safetensors")])
@@ -245,8 +246,7 @@ def test_fsdp_and_ddp_match_single_process_and_resume_across_world_sizes(tmp_pat
     ref_net, ref_opt, ref_ema = W.build()
     ref = W.train(ref_net, ref_opt, ref_ema, 0, W.RESUME_AT)
     ref_state_at_resume = _state(ref_net, ref_opt, ref_ema)
-    DistCheckpointManager(str(tmp_path / "ref_dcp")).save(W.RESUME_AT, ref_net, ref_opt, ref_ema,
-                                                          {"step": W.RESUME_AT})
+    ShardedCheckpointer(str(tmp_path / "ref_dcp"), ref_net, ref_opt, ref_ema).save(W.RESUME_AT, {"step": W.RESUME_AT})
     single = dict(_state(ref_net, ref_opt, ref_ema), step=W.RESUME_AT)
     atomic_save(single, str(tmp_path / "ref.pt"))
     with open(tmp_path / "ref_paths.json", "w") as f:

@@ -7,10 +7,9 @@ import torch
 from PIL import Image
 
 from maskdit_fast import train as T
-from maskdit_fast.checkpoint import load_checkpoint
+from maskdit_fast.checkpoint import ShardedCheckpointer, load_checkpoint
 from maskdit_fast.config import PRESETS, config_from_dict
-from maskdit_fast.dist_checkpoint import DistCheckpointManager
-from maskdit_fast.parallel import ShardedEMA
+from maskdit_fast.ema import ShardedEMA
 from maskdit_fast.sample import build_from_metadata, generate, load_for_sampling, main, parse_classes, save_grid
 
 
@@ -46,8 +45,8 @@ def test_sharded_checkpoint_folder(run_dir, tmp_path):
     net = build_from_metadata(ckpt["meta"], ckpt["model"]).requires_grad_(True)
     ema = ShardedEMA(net)
     ema.load_state_dict(ckpt["ema"])
-    folder = DistCheckpointManager(str(tmp_path / "dcp")).save(4, net, torch.optim.AdamW(net.parameters()), ema,
-                                                               {"step": 4, "meta": ckpt["meta"]})
+    folder = ShardedCheckpointer(str(tmp_path / "dcp"), net, torch.optim.AdamW(net.parameters()), ema).save(
+        4, {"step": 4, "meta": ckpt["meta"]})
     labels, seeds = torch.tensor([1, 3]), [5, 6]
     samples = {}
     for path in (folder, str(run_dir / "checkpoints" / "step_00000004.pt")):
@@ -56,8 +55,7 @@ def test_sharded_checkpoint_folder(run_dir, tmp_path):
         samples[path] = generate(precond, labels, seeds, num_steps=2, cfg_scale=1.0)
     assert not torch.equal(ckpt["ema"]["final_layer.linear.weight"], ckpt["model"]["final_layer.linear.weight"])
     torch.testing.assert_close(*samples.values(), rtol=0, atol=0)
-    DistCheckpointManager(str(tmp_path / "nometa")).save(4, net, torch.optim.AdamW(net.parameters()), ema,
-                                                         {"step": 4})
+    ShardedCheckpointer(str(tmp_path / "nometa"), net, torch.optim.AdamW(net.parameters()), ema).save(4, {"step": 4})
     with pytest.raises(ValueError, match="without model metadata"):
         load_for_sampling(str(tmp_path / "nometa" / "step_00000004"))
 

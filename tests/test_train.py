@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from maskdit_fast import train as T
-from maskdit_fast.checkpoint import CheckpointManager, load_checkpoint
+from maskdit_fast.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from maskdit_fast.config import PRESETS, config_from_dict, parse_config
+from maskdit_fast.metrics import MetricsLog
 from test_data import write_latents
 
 
@@ -44,7 +45,7 @@ def test_default_run_end_to_end(tmp_path, capsys):
     from PIL import Image
     assert Image.open(run_dir / "grid_00000003.png").size == (36, 10 * 34 + 2)  # a row per class, 32 px + pad
     assert os.path.isfile(run_dir / "ema.safetensors") and os.path.isdir(run_dir / "tb")
-    assert CheckpointManager(str(run_dir / "checkpoints")).steps() == [3]
+    assert sorted(list_checkpoints(str(run_dir / "checkpoints"))) == [3]
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
@@ -58,8 +59,8 @@ def test_resume_is_exact(tmp_path, grad_accum):
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(1, 8))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    ckpt_a = load_checkpoint(CheckpointManager(str(tmp_path / "a" / "checkpoints")).latest())
-    ckpt_b = load_checkpoint(CheckpointManager(str(tmp_path / "b" / "checkpoints")).latest())
+    ckpt_a = load_checkpoint(latest_checkpoint(str(tmp_path / "a" / "checkpoints")))
+    ckpt_b = load_checkpoint(latest_checkpoint(str(tmp_path / "b" / "checkpoints")))
     for key in ("model", "ema"):
         for name, value in ckpt_a[key].items():
             assert torch.equal(value, ckpt_b[key][name]), (key, name)
@@ -78,7 +79,7 @@ def test_sigterm_saves_and_exits(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "stopped at step" in out and "SIGTERM" in out
-    step = load_checkpoint(CheckpointManager(str(run_dir / "checkpoints")).latest())["step"]
+    step = load_checkpoint(latest_checkpoint(str(run_dir / "checkpoints")))["step"]
     assert step >= 2 and step == metrics(run_dir)[-1]["step"]
 
 
@@ -97,12 +98,12 @@ def test_nan_loss_stops_or_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "build_loss", poisoned)
     with pytest.raises(RuntimeError, match="non-finite loss .* at step 3"):
         T.train(tiny(tmp_path / "stop", steps=5, ckpt_every=2), progress=False)
-    assert CheckpointManager(str(tmp_path / "stop" / "checkpoints")).steps() == [2]
+    assert sorted(list_checkpoints(str(tmp_path / "stop" / "checkpoints"))) == [2]
 
     result = T.train(tiny(tmp_path / "skip", steps=5, max_nan_skips=1, sample_per_class=0), progress=False)
     records = metrics(tmp_path / "skip")
     assert result["step"] == 5 and [r["finite"] for r in records] == [1, 1, 0, 1, 1]
-    assert load_checkpoint(CheckpointManager(str(tmp_path / "skip" / "checkpoints")).latest())["nan_skips"] == 1
+    assert load_checkpoint(latest_checkpoint(str(tmp_path / "skip" / "checkpoints")))["nan_skips"] == 1
 
 
 def test_bad_data_fails_before_training(tmp_path):
@@ -127,12 +128,12 @@ def test_latent_training_and_finetune(tmp_path):
     assert load_checkpoint(os.path.join(result["run_dir"], "checkpoints", "step_00000003.pt"))["meta"]["data"][
         "latent"]
     # Unmasked fine-tuning stage: weights from the checkpoint, fresh optimizer and step counter.
-    ckpt = load_checkpoint(CheckpointManager(str(tmp_path / "pre" / "checkpoints")).latest())
+    ckpt = load_checkpoint(latest_checkpoint(str(tmp_path / "pre" / "checkpoints")))
     ft = tiny(tmp_path / "ft", data=data, num_classes=3, batch_size=4, steps=2, mask_ratio=0.0, lr=1e-12,
-              init_from=CheckpointManager(str(tmp_path / "pre" / "checkpoints")).latest(), sample_per_class=0)
+              init_from=latest_checkpoint(str(tmp_path / "pre" / "checkpoints")), sample_per_class=0)
     T.train(ft, progress=False)
     assert [r["mask_ratio"] for r in metrics(tmp_path / "ft")] == [0.0, 0.0]
-    tuned = load_checkpoint(CheckpointManager(str(tmp_path / "ft" / "checkpoints")).latest())
+    tuned = load_checkpoint(latest_checkpoint(str(tmp_path / "ft" / "checkpoints")))
     assert tuned["step"] == 2
     for name, value in ckpt["model"].items():
         torch.testing.assert_close(tuned["model"][name], value, atol=1e-6, rtol=0)
@@ -170,7 +171,7 @@ def test_config_precedence(tmp_path):
 
 def test_metrics_log_resume_drops_a_line_cut_short_by_a_crash(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
-    T.MetricsLog(str(tmp_path), resume_step=2).close()
+    MetricsLog(str(tmp_path), resume_step=2).close()
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
 
 

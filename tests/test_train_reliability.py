@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from maskdit_fast import train as T
-from maskdit_fast.checkpoint import CheckpointManager, load_checkpoint
+from maskdit_fast.checkpoint import list_checkpoints, load_checkpoint
 from maskdit_fast.config import parse_config
 from test_data import write_latents
 from test_train import metrics, tiny
@@ -41,7 +41,7 @@ def test_divergence_stops_naming_a_finite_checkpoint(tmp_path):
         T.train(tiny(run, lr=1e6, steps=12, ckpt_every=1, keep_last=20, sample_per_class=0), progress=False)
     named = _named_checkpoint(error.value)
     assert named.endswith("step_00000002.pt") and _finite(load_checkpoint(named))
-    for path in CheckpointManager(str(run / "checkpoints")).newest_first():
+    for path in list_checkpoints(str(run / "checkpoints")).values():
         assert _finite(load_checkpoint(path)), path
     records = metrics(run)
     assert [r["step"] for r in records] == [1, 2] and all(r["finite"] == 1.0 for r in records)
@@ -58,7 +58,7 @@ def test_clipping_an_infinite_norm_is_a_non_finite_step(tmp_path):
     assert [(r["step"], r["finite"]) for r in records] == [(1, 1.0), (2, 1.0), (3, 0.0)]
     assert records[2]["grad_norm"] == float("inf")
     assert load_checkpoint(str(run / "checkpoints" / "step_00000003.pt"))["nan_skips"] == 1
-    for path in CheckpointManager(str(run / "checkpoints")).newest_first():
+    for path in list_checkpoints(str(run / "checkpoints")).values():
         assert _finite(load_checkpoint(path)), path
 
 
@@ -95,9 +95,9 @@ def test_update_that_makes_weights_non_finite_is_never_saved(tmp_path, poisoned_
         T.train(tiny(run, steps=6, ckpt_every=ckpt_every, keep_last=20, max_nan_skips=5, sample_per_class=0),
                 progress=False)
     assert _named_checkpoint(error.value).endswith("step_00000002.pt")
-    ckpts = CheckpointManager(str(run / "checkpoints"))
-    assert ckpts.steps() == [1, 2][ckpt_every - 1:]
-    assert all(_finite(load_checkpoint(path)) for path in ckpts.newest_first())
+    ckpts = list_checkpoints(str(run / "checkpoints"))
+    assert sorted(ckpts) == [1, 2][ckpt_every - 1:]
+    assert all(_finite(load_checkpoint(path)) for path in ckpts.values())
 
 
 def test_nonfinite_flag():
@@ -128,8 +128,8 @@ def test_any_number_of_stop_signals_save_once(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert out.count("stopped at step") == 1 and "KeyboardInterrupt" not in out
-    ckpts = CheckpointManager(str(run_dir / "checkpoints"))
-    assert len(ckpts.steps()) == 1 and ckpts.steps()[0] == metrics(run_dir)[-1]["step"] >= 3
+    steps = sorted(list_checkpoints(str(run_dir / "checkpoints")))
+    assert len(steps) == 1 and steps[0] == metrics(run_dir)[-1]["step"] >= 3
 
 
 # ------------------------------------------------------------------------------------- the run dir
@@ -141,14 +141,14 @@ def test_one_trainer_per_run_dir_and_a_dead_holder_frees_it(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not CheckpointManager(str(run / "checkpoints")).steps():
+        while time.time() < deadline and not list_checkpoints(str(run / "checkpoints")):
             time.sleep(0.1)
         with pytest.raises(RuntimeError, match=f"in use by another trainer \\(pid {holder.pid} on "):
             T.train(tiny(run, steps=3, sample_per_class=0), progress=False)
     finally:
         holder.kill()  # SIGKILL: the holder cannot release anything itself
         holder.wait()
-    saved = CheckpointManager(str(run / "checkpoints")).steps()[-1]
+    saved = sorted(list_checkpoints(str(run / "checkpoints")))[-1]
     T.train(tiny(run, steps=saved + 1, sample_per_class=0), progress=False)  # resumes the killed holder's run
     assert metrics(run)[-1]["step"] == saved + 1
 
@@ -166,7 +166,7 @@ def test_resume_never_refuses_a_used_run_dir_and_restart_moves_it_aside(tmp_path
     aside = [n for n in os.listdir(run) if n.startswith("previous-")]
     assert len(aside) == 1 and f"moved the previous run's checkpoints" in capsys.readouterr().out
     assert sorted(os.listdir(run / aside[0] / "checkpoints")) == ["step_00000001.pt", "step_00000002.pt"]
-    assert CheckpointManager(str(run / "checkpoints")).steps() == [2, 3]  # its own only, pruned among themselves
+    assert sorted(list_checkpoints(str(run / "checkpoints"))) == [2, 3]  # its own only, pruned among themselves
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
     # a later auto-resume continues this run, not the one moved aside
     T.train(tiny(run, steps=4, sample_per_class=0), progress=False)
