@@ -187,10 +187,10 @@ def main(argv=None):
     steps, batch = args.steps or base["steps"], args.batch_size or base["batch_size"]
     if steps < 4:
         p.error("--steps must be >= 4")
-    os.makedirs(args.out, exist_ok=True)
     device = torch.device(base.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not args.dry:
-        check_fp8_device(device)  # before any arm runs: torchao and a float8 GPU, or a clear error
+        check_fp8_device(device)  # before anything runs or is written: torchao and a float8 GPU
+    os.makedirs(args.out, exist_ok=True)
     try:
         torchao_version = importlib.metadata.version("torchao")
     except importlib.metadata.PackageNotFoundError:
