@@ -52,6 +52,12 @@ def test_parity_rule(parity):
     stopped = parity.verdict({"a": _arm(base), "b": _arm([1.0] * 4, error="non-finite loss (nan) at step 5"),
                               "c": _arm(base)}, steps)
     assert not stopped["parity"] and "non-finite" in stopped["reason"]
+    incomplete = parity.verdict({"a": _arm(base)}, steps)  # written after the first arm of a cut-short run
+    assert not incomplete["parity"] and "incomplete" in incomplete["reason"]
+    report = {"arms": {"bf16": _arm(base)}, "verdict": incomplete, "dry": False, "date": "d", "torchao": "0.17.0",
+              "env": {"card": "H200", "torch": "2.11"}, "model": "m", "steps": steps, "batch_size": 8}
+    text = parity.markdown(report)
+    assert "| 1-2 | 1.0000 |" in text and "NO parity" in text and "incomplete" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where float8 cannot run")
@@ -59,3 +65,17 @@ def test_gpu_run_refused_without_a_float8_gpu(parity, tmp_path):
     with pytest.raises(RuntimeError, match="fp8 needs"):
         parity.main(["--out", str(tmp_path / "gpu")])
     assert not (tmp_path / "gpu").exists()
+
+
+def test_gpu_run_config_is_valid_and_converts_every_encoder_linear(parity, tmp_path):
+    """The GPU run's arms validate as trainer configs, and its XL-width model has all four linears of
+    every encoder block converted (as MaskDiT-XL/2)."""
+    from maskdit_fast.config import config_from_dict
+    from maskdit_fast.fp8 import fp8_linear_names
+    from maskdit_fast.models import create_model
+    for _, overrides in parity.arms(dry=False):
+        cfg = config_from_dict({**parity.GPU_RUN, **overrides, "run_dir": str(tmp_path)}).validate()
+    with torch.device("meta"):
+        model = create_model(cfg.model, input_size=32, in_channels=1, num_classes=10, **cfg.model_kwargs)
+    names = fp8_linear_names(model)
+    assert len(model.blocks) == 8 and sum(n.startswith("blocks.") for n in names) == 8 * 4
