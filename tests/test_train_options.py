@@ -370,13 +370,25 @@ def test_cuda_graphs_keep_gradient_buffers_and_train_identically(tmp_path):
 
 # ------------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
-def test_gpu_cuda_graphs_train_like_compile_and_resume(tmp_path):
+def test_gpu_cuda_graphs_train_like_compile_and_resume(tmp_path, monkeypatch):
     """inductor + CUDA graphs (whole model, grad accumulation, masked then unmasked phase) gives the
     losses of inductor without graphs, and an interrupted CUDA-graph run resumes to them."""
     common = dict(steps=6, unmasked_steps=2, grad_accum=2, ckpt_every=100, device="cuda", compile=True,
                   compile_scope="model")
+    from torch._dynamo.utils import counters
     T.train(tiny(tmp_path / "plain", **common), progress=False)
+    replays, replay = [], torch.cuda.CUDAGraph.replay
+
+    def counted(graph):
+        replays.append(1)
+        return replay(graph)
+
+    counters.clear()
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
     T.train(tiny(tmp_path / "graphs", **common, cuda_graphs=True), progress=False)
+    # the graphs really ran: nothing made inductor fall back to plain kernels, and graphs replayed
+    # (forward + backward of 2 micro-batches per step: dozens of replays in 6 steps)
+    assert counters["inductor"]["cudagraph_skips"] == 0 and len(replays) >= 12, (counters["inductor"], len(replays))
     assert T.train(tiny(tmp_path / "resumed", **common, cuda_graphs=True), stop_at=3, progress=False)["interrupted"]
     T.train(tiny(tmp_path / "resumed", **common, cuda_graphs=True), progress=False)
     want = losses(tmp_path / "plain")
