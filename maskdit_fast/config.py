@@ -65,7 +65,7 @@ class TrainConfig:
     ema_warmup: bool = True             # decay = min(ema_decay, (1 + step) / (10 + step))
     ema_restart: bool = False           # the EMA starts over (= the weights) at the first unmasked step
     seed: int = 0                       # seeds the init, data order, masks and noise
-    precision: str = "fp32"             # fp32 | bf16 (autocast) | fp8 (torchao float8 block linears + bf16; see maskdit_fast.fp8)
+    precision: str = "fp32"             # fp32 | bf16 (autocast) | fp8 (float8 block linears + bf16; maskdit_fast.fp8)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     ops_backend: str = "auto"           # auto (MASKDIT_FAST_BACKEND, else the fastest) | torch | triton | cuda
     threads: int = 0                    # torch CPU threads (0 = leave torch's default)
@@ -74,7 +74,7 @@ class TrainConfig:
     parallel: str = "none"              # none | ddp | fsdp (FSDP2: fully_shard per block, then the root)
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3)
     compile: bool = False               # torch.compile the network (compile_scope, compile_mode, cuda_graphs say how)
-    compile_scope: str = "blocks"       # blocks (each transformer block: dynamic token counts, FSDP) | model (whole forward)
+    compile_scope: str = "blocks"       # blocks (each block: dynamic token counts, FSDP) | model (whole forward)
     compile_mode: str = "default"       # default | max-autotune (autotuned GEMM templates; long compile)
     cuda_graphs: bool = False           # compiled forward/backward replayed as CUDA graphs (static shapes, one GPU)
     compile_backend: str = "inductor"   # torch.compile backend (aot_eager needs no C++ compiler)
