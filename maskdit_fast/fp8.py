@@ -92,11 +92,16 @@ def fp8_linear_names(model):
             if isinstance(module, nn.Linear) and _BLOCK_LINEAR.match(name) and worth_float8(module)]
 
 
-def convert_to_fp8(model):
+def convert_to_fp8(model, pad_inner_dim=False):
     """Swaps the linears named by `fp8_linear_names` for torchao Float8Linear (dynamic tensorwise
     scaling), in place; call before activation checkpointing, compile and FSDP / DDP. Parameters
     and state_dict keys do not change, so checkpoints load into bf16 / fp32 models and back.
 
+    Args:
+        pad_inner_dim: zero-pad each float8 GEMM's inner dimension to a multiple of 16 (a copy per
+            GEMM). torch._scaled_mm needs it there; K and N are by the size rule, but the weight
+            gradient's inner dimension is the token count, which must then be one too (the trainer
+            decides: maskdit_fast.train.fp8_needs_padding).
     Returns:
         the converted names. Raises ValueError when the model has none (too small for float8).
     """
@@ -106,6 +111,6 @@ def convert_to_fp8(model):
         raise ValueError("precision fp8: no linear of this model is large enough for float8 (block attention / MLP "
                          "weights need N, K multiples of 16 and N > 1024 or K > 4096); use precision bf16")
     chosen = set(names)
-    float8.convert_to_float8_training(unwrap(model), config=float8.Float8LinearConfig(),
+    float8.convert_to_float8_training(unwrap(model), config=float8.Float8LinearConfig(pad_inner_dim=pad_inner_dim),
                                       module_filter_fn=lambda module, fqn: fqn in chosen)
     return names

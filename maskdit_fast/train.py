@@ -225,7 +225,7 @@ def parallelize(cfg, net, info):
     if cfg.parallel == "none" and info.world_size > 1:
         raise ValueError(f"config: {info.world_size} processes need --parallel ddp or fsdp")
     if cfg.precision == "fp8":
-        convert_to_fp8(net)
+        convert_to_fp8(net, pad_inner_dim=fp8_needs_padding(cfg, net, info.world_size))
     apply_activation_checkpointing(net, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(net, backend=cfg.compile_backend, scope=cfg.compile_scope, mode=cfg.torch_compile_mode())
@@ -237,6 +237,19 @@ def parallelize(cfg, net, info):
     if cfg.parallel == "ddp":
         return apply_ddp(net, info, find_unused_parameters=mask_token_may_idle(cfg, net))
     return net
+
+
+def fp8_needs_padding(cfg, net, world_size):
+    """Whether some float8 GEMM of this run may see a token count (the rows of a block's input on
+    one rank: the inner dimension of the weight-gradient GEMM, which torch._scaled_mm needs in
+    multiples of 16) that is not a multiple of 16: always with per-sample ratios, mixed
+    resolutions or a mask schedule (counts that vary), else when the per-rank micro-batch times the
+    kept or the full token count is not one. torchao then pads every float8 GEMM (a copy each)."""
+    if cfg.mask_ratio_range or cfg.mixed_resolutions or cfg.mask_schedule != "constant":
+        return True
+    rows, length = cfg.batch_size // cfg.grad_accum // world_size, unwrap(net).num_patches
+    counts = {length, num_kept(length, cfg.mask_ratio)}  # MaskDiT's decoder and unmasked phase; the encoder
+    return any(rows * n % 16 for n in counts)
 
 
 def cuda_graphs(cfg):

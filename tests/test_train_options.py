@@ -179,14 +179,15 @@ def _fp8_sized_maskdit():
     return net
 
 
-def _loss_and_grads(net, dtype=torch.float32, autocast=False):
+def _loss_and_grads(net, dtype=torch.float32, autocast=False, keep=8):
     """A squared-error loss of the network's output (the network directly: EDMPrecond computes in
-    fp32, the reference here runs in float64) and the gradients, both as float64."""
+    fp32, the reference here runs in float64) and the gradients, both as float64; 2 samples of 16
+    tokens, `keep` of them kept."""
     g = torch.Generator().manual_seed(1)
     x, target = torch.randn(2, 2, 2, 8, 8, generator=g).to(dtype)  # drawn in fp32 for every dtype: same values
     t = torch.randn(2, generator=g).to(dtype)
     y = torch.randint(0, 6, (2,), generator=g)
-    ids = torch.rand(2, 16, generator=g).argsort(1)[:, :8]
+    ids = torch.rand(2, 16, generator=g).argsort(1)[:, :keep]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = (net(x, t, y, ids_keep=ids).sample.to(dtype) - target).square().mean()
     loss.backward()
@@ -237,6 +238,39 @@ def test_fp8_forward_backward_on_cpu_against_float64():
     torch.testing.assert_close(c_loss, fp8_loss)
     for key in fp8:
         torch.testing.assert_close(c_grads[key], fp8[key], msg=key)
+
+
+def test_fp8_pads_only_token_counts_off_the_grid_of_16():
+    """8x8 digits, patch 2: 16 tokens, 8 kept at ratio 0.5. Rows per rank x tokens must be a multiple
+    of 16 (the weight gradient's inner dimension) for every count the run can see."""
+    net = W.build()[0]
+
+    def pads(world_size=1, **kw):
+        return T.fp8_needs_padding(config_from_dict({"batch_size": 16, **kw}), net, world_size)
+
+    assert not pads() and not pads(batch_size=6) and not pads(world_size=2)  # 16 x 8, 6 x 8, 8 x 8
+    assert pads(batch_size=5)  # 5 x 8 kept tokens = 40
+    assert pads(batch_size=12, grad_accum=4)  # 3 rows per micro-batch: 3 x 8
+    assert not pads(mask_ratio=0.25) and pads(batch_size=2, mask_ratio=0.25)  # 16 x 12 kept = 192; 2 x 12 = 24
+    assert not pads(batch_size=4, mask_ratio=0.0)  # 4 x 16
+    assert pads(mask_ratio_range=[0.3, 0.6]) and pads(mask_schedule="linear") and pads(mixed_resolutions=[8, 4])
+
+
+@needs_torchao
+def test_fp8_padded_gemms_give_the_unpadded_numbers():
+    """pad_inner_dim zero-pads the GEMMs' inner dimensions to multiples of 16 (here the encoder's
+    2 x 5 = 10 tokens, the weight gradient's inner dimension): the same loss and gradients as the
+    unpadded GEMMs (torch's CPU float8 matmul takes any size; CUDA's needs the padding)."""
+    net = _fp8_sized_maskdit()
+    plain, padded = copy.deepcopy(net), copy.deepcopy(net)
+    convert_to_fp8(plain)
+    convert_to_fp8(padded, pad_inner_dim=True)
+    assert padded.blocks[0].mlp.fc1.config.pad_inner_dim and not plain.blocks[0].mlp.fc1.config.pad_inner_dim
+    want_loss, want = _loss_and_grads(plain, autocast=True, keep=5)
+    got_loss, got = _loss_and_grads(padded, autocast=True, keep=5)
+    torch.testing.assert_close(got_loss, want_loss)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
 
 
 @needs_torchao
