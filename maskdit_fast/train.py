@@ -260,15 +260,16 @@ def cuda_graphs(cfg):
 def compile_warmup_steps(cfg, start):
     """The optimizer steps (1-based) whose time includes compilation or CUDA-graph recording; the
     loop logs their time as `warmup_s` and starts the throughput window after them. Compilation is
-    per process (a resumed run compiles again): the first steps from `start`, and with static shapes
-    (compile_scope model or cuda_graphs) also the first ones of the unmasked phase (a new token
-    count: a new graph). One step, two with CUDA graphs (cudagraph trees run a function once to
-    warm up and record it at the next call). None without compile."""
+    per process (a resumed run compiles again): the first steps from `start`, and the first ones of
+    the unmasked phase (a new token count: a new graph, or per block the recompile that makes the
+    count dynamic). One step, two with CUDA graphs (cudagraph trees run a function once to warm up
+    and record it at the next call). None without compile. (A mask schedule's first new count
+    recompiles the blocks too, inside a throughput window.)"""
     if not cfg.compile:
         return set()
     starts = [start]
     switch = cfg.steps - cfg.unmasked_steps
-    if (cfg.compile_scope == "model" or cfg.cuda_graphs) and cfg.mask_ratio > 0 and start < switch < cfg.steps:
+    if cfg.mask_ratio > 0 and start < switch < cfg.steps:
         starts.append(switch)
     per_start = 2 if cfg.cuda_graphs else 1
     return {s + k + 1 for s in starts for k in range(per_start) if s + k < cfg.steps}
