@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import List
 
 from maskdit_fast.backend import BACKENDS
+from maskdit_fast.parallel import COMPILE_SCOPES
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+COMPILE_MODES = ("default", "max-autotune")
 
 
 @dataclass
@@ -61,7 +65,7 @@ class TrainConfig:
     ema_warmup: bool = True             # decay = min(ema_decay, (1 + step) / (10 + step))
     ema_restart: bool = False           # the EMA starts over (= the weights) at the first unmasked step
     seed: int = 0                       # seeds the init, data order, masks and noise
-    precision: str = "fp32"             # fp32 | bf16 (autocast)
+    precision: str = "fp32"             # fp32 | bf16 (autocast) | fp8 (float8 block linears + bf16; maskdit_fast.fp8)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     ops_backend: str = "auto"           # auto (MASKDIT_FAST_BACKEND, else the fastest) | torch | triton | cuda
     threads: int = 0                    # torch CPU threads (0 = leave torch's default)
@@ -69,7 +73,10 @@ class TrainConfig:
     # scale-out (launch with torchrun; see maskdit_fast.parallel)
     parallel: str = "none"              # none | ddp | fsdp (FSDP2: fully_shard per block, then the root)
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3)
-    compile: bool = False               # torch.compile each transformer block
+    compile: bool = False               # torch.compile the network (compile_scope, compile_mode, cuda_graphs say how)
+    compile_scope: str = "blocks"       # blocks (each block: dynamic token counts, FSDP) | model (whole forward)
+    compile_mode: str = "default"       # default | max-autotune (autotuned GEMM templates; long compile)
+    cuda_graphs: bool = False           # compiled forward/backward replayed as CUDA graphs (static shapes, one GPU)
     compile_backend: str = "inductor"   # torch.compile backend (aot_eager needs no C++ compiler)
     activation_checkpointing: str = "none"  # none | full | selective (keep matmul/attention outputs)
     async_checkpoint: bool = False      # sharded (DCP) checkpoints written in a background thread
@@ -105,7 +112,7 @@ class TrainConfig:
             (0 <= self.unmasked_steps <= self.steps, "unmasked_steps must be in [0, steps]"),
             (0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
-            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.sample_solver in ("heun", "euler"), "sample_solver must be heun or euler"),
             (self.mask_schedule in ("constant", "linear", "cosine"),
              f"mask_schedule must be constant, linear or cosine, got {self.mask_schedule!r}"),
@@ -130,7 +137,43 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"config: {message}")
         self._validate_lists()
+        self._validate_compile()
         return self
+
+    def _validate_compile(self):
+        """compile_scope / compile_mode / cuda_graphs / fp8: what each needs of the rest of the config
+        (the device checks of fp8 are in maskdit_fast.fp8, run by the trainer before anything is written)."""
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"config: compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"config: compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.precision == "fp8" and not self.compile:
+            raise ValueError("config: precision fp8 needs compile (--compile): torchao's float8 casts run as separate "
+                             "kernels in eager mode, slower than bf16; compiled they fuse into the neighbouring ops")
+        if not self.compile:
+            return
+        static = self.compile_scope == "model" or self.cuda_graphs
+        varying = [name for name, on in (("mask_schedule " + self.mask_schedule, self.mask_schedule != "constant"),
+                                         ("mask_ratio_range", bool(self.mask_ratio_range)),
+                                         ("mixed_resolutions", bool(self.mixed_resolutions))) if on]
+        if static and varying:
+            what = "cuda_graphs" if self.cuda_graphs else "compile_scope model"
+            raise ValueError(f"config: {what} needs static shapes (one kept-token count per phase), but "
+                             f"{', '.join(varying)} changes them step to step (a recompile or CUDA-graph capture per "
+                             f"count); use compile_scope blocks without cuda_graphs (dynamic token counts)")
+        if self.compile_scope == "model" and self.parallel == "fsdp":
+            raise ValueError("config: compile_scope model with parallel fsdp: FSDP2 gathers weights per block, "
+                             "so compile per block (compile_scope blocks), as torchtitan does")
+        if self.cuda_graphs and self.parallel != "none":
+            raise ValueError(f"config: cuda_graphs needs parallel none (one process), got {self.parallel!r}: FSDP2 "
+                             f"re-allocates the gathered weights every step and DDP's gradient hooks run outside the "
+                             f"captured graphs (not verified here); use compile without cuda_graphs")
+
+    def torch_compile_mode(self):
+        """The torch.compile `mode` of compile_mode + cuda_graphs (inductor's CUDA graphs are a mode)."""
+        return {("default", False): "default", ("default", True): "reduce-overhead",
+                ("max-autotune", False): "max-autotune-no-cudagraphs",
+                ("max-autotune", True): "max-autotune"}[self.compile_mode, self.cuda_graphs]
 
     def _validate_lists(self):
         """mask_ratio_range and mixed_resolutions (the data-dependent checks of mixed_resolutions
@@ -155,6 +198,14 @@ class TrainConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+
+# How the GPU presets compile once `--compile` is given (one flag). Off by default until measured:
+# the GPU session's train-step table (`python -m maskdit_fast.bench --sections train_step`, rows
+# "fused + compile" per block / whole model / + CUDA graphs, MaskDiT-XL/2 at ratio 0.5, and the
+# same at 512 px) decides both these values and whether `compile` itself becomes True here. Per
+# block is the choice that also runs under DDP and FSDP2; compile_scope "model" refuses FSDP2 and
+# cuda_graphs refuses more than one process (TrainConfig._validate_compile).
+GPU_COMPILE = dict(compile=False, compile_scope="blocks", compile_mode="default", cuda_graphs=False)
 
 PRESETS = {
     # The laptop default: ~10 min on 2 CPU cores, pixel-space 32x32 MNIST-5k digits.
@@ -184,13 +235,13 @@ PRESETS = {
         name="imagenet-xl2", model="MaskDiT-XL/2", num_classes=1000, data="",
         steps=2_000_000, batch_size=1024, lr=1e-4, ema_decay=0.9999, ema_warmup=False, mask_ratio=0.5,
         mae_coef=0.1, precision="bf16", log_every=100, ckpt_every=10_000, sample_every=50_000,
-        sample_steps=40, sample_cfg=1.5, sample_per_class=0, eval_per_class=0),
+        sample_steps=40, sample_cfg=1.5, sample_per_class=0, eval_per_class=0, **GPU_COMPILE),
     # Unmasked fine-tuning stage: pass --init-from <pre-training checkpoint>.
     "imagenet-xl2-finetune": dict(
         name="imagenet-xl2-finetune", model="MaskDiT-XL/2", num_classes=1000, data="",
         steps=100_000, batch_size=1024, lr=5e-5, ema_decay=0.9999, ema_warmup=False, mask_ratio=0.0,
         mae_coef=0.0, precision="fp32", log_every=100, ckpt_every=10_000, sample_every=50_000,
-        sample_steps=40, sample_cfg=1.5, sample_per_class=0, eval_per_class=0),
+        sample_steps=40, sample_cfg=1.5, sample_per_class=0, eval_per_class=0, **GPU_COMPILE),
 }
 
 

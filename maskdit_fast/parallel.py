@@ -5,7 +5,7 @@ Small composable functions in the torchtitan style; the trainer applies them in 
     info = init_distributed("auto")                       # torchrun env -> process group, device
     model = build_model(...).to(info.device)
     apply_activation_checkpointing(model, "selective")     # per block (encoder and decoder)
-    apply_compile(model)                                   # per block, torch.compile
+    apply_compile(model)                                   # torch.compile per block (or scope="model")
     model = apply_fsdp(model, param_dtype=torch.bfloat16)  # fully_shard per block, then the root
       (or model = apply_ddp(model, info))
 
@@ -31,6 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 AC_MODES = ("none", "full", "selective")
+COMPILE_SCOPES = ("blocks", "model")
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 
 
@@ -331,20 +332,34 @@ def gradient_sync(model, enabled):
     yield
 
 
-def apply_compile(model, backend="inductor", fullgraph=False, dynamic=None):
-    """torch.compile each transformer block in place (`nn.Module.compile`: the parameter names
-    and state_dict keys do not change). Per-block compilation keeps compile time at one block's
-    and leaves FSDP2's hooks between blocks; call before apply_fsdp / apply_ddp.
+def apply_compile(model, backend="inductor", fullgraph=False, dynamic=None, scope="blocks", mode="default"):
+    """torch.compile in place (`nn.Module.compile`: the parameter names and state_dict keys do not
+    change), per transformer block or the whole model. Call before apply_fsdp / apply_ddp.
+
+    scope "blocks" compiles each block: compile time stays at one block's (the blocks share one
+    graph), FSDP2's hooks stay between blocks, and token counts that change with the mask ratio
+    become dynamic after the first recompilation (dynamic=None). scope "model" compiles the whole
+    forward (embedders, encoder, decoder, head) as one graph: fusion across block boundaries and
+    fewer launches, but one specialisation per input shape (dynamic=False unless given: each
+    kept-token count compiles once; the trainer allows only static-shape schedules with it).
 
     Args:
         backend: torch.compile backend ("inductor"; "aot_eager" needs no C++ compiler).
-        fullgraph, dynamic: passed to torch.compile (token counts change with the mask ratio:
-            dynamic=None lets dynamo mark them dynamic after the first recompilation).
+        fullgraph, dynamic: passed to torch.compile.
+        scope: "blocks" | "model" (COMPILE_SCOPES).
+        mode: torch.compile mode ("default", "max-autotune-no-cudagraphs", "reduce-overhead" =
+            inductor's CUDA graphs, "max-autotune" = both); inductor only.
     Returns:
         the model.
     """
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+    kwargs = dict(backend=backend, fullgraph=fullgraph, mode=None if mode == "default" else mode)
+    if scope == "model":
+        unwrap(model).compile(dynamic=False if dynamic is None else dynamic, **kwargs)
+        return model
     for blocks, i in transformer_blocks(model):
-        blocks[i].compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        blocks[i].compile(dynamic=dynamic, **kwargs)
     return model
 
 

@@ -27,6 +27,17 @@ to float reduction order) and resumes at any world size: single-process runs wri
 checkpoints, distributed or FSDP runs sharded DCP checkpoints, and either resumes the other.
 Only rank 0 logs, samples and writes single-writer files.
 
+Speed options (see README "Trainer speed options"):
+  --compile                     torch.compile; --compile-scope blocks (default: each transformer
+                                block; dynamic token counts, FSDP) | model (the whole forward; static
+                                shapes); --compile-mode default | max-autotune; --cuda-graphs (the
+                                compiled forward / backward replayed as CUDA graphs; static shapes,
+                                one process). The steps that compile or record graphs are logged
+                                apart (metrics `warmup_s`) and left out of the throughput.
+  --precision fp8               torchao float8 linears in the blocks, bf16 autocast elsewhere; needs
+                                --compile, torchao (`pip install maskdit_fast[fp8]`) and an sm_89+
+                                GPU (maskdit_fast.fp8).
+
 Packed options (MaskDiT only; its packed encoder runs: the kept tokens of all samples in one
 varlen stream, no padding):
   --mask-ratio-range LOW HIGH   per-sample mask ratios ~ U[LOW, HIGH) each step during the masked
@@ -63,6 +74,7 @@ from maskdit_fast.config import parse_config
 from maskdit_fast.data import DataStream, LatentShards, build_dataset
 from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss, mask_ratio_schedule
 from maskdit_fast.ema import ShardedEMA, ema_decay
+from maskdit_fast.fp8 import check_fp8_device, convert_to_fp8
 from maskdit_fast.masking import PackedMask, num_kept, random_masking_ids, random_masking_packed, sample_mask_ratios
 from maskdit_fast.metrics import TrainMetrics, default_peak_flops
 from maskdit_fast.models import MaskDiT, create_model
@@ -196,22 +208,71 @@ def check_packed_options(cfg, net, dataset, info):
                          f"len(mixed_resolutions) x world size = {groups} x {info.world_size}")
 
 
+def check_device(cfg, device):
+    """What the device must offer for cfg, checked before anything is built or written: fp8 needs
+    torchao and float8 tensor cores (maskdit_fast.fp8.check_fp8_device), cuda_graphs a CUDA device
+    (on CPU inductor would skip the graphs without a word)."""
+    if cfg.precision == "fp8":
+        check_fp8_device(device)
+    if cfg.compile and cfg.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"config: cuda_graphs needs a CUDA device, the run's device is {device}")
+
+
 def parallelize(cfg, net, info):
-    """Activation checkpointing, per-block compile, then DDP or FSDP2 (torchtitan's order), as
-    cfg says. Returns the module to train (the same one except under DDP)."""
+    """float8 linears (--precision fp8), activation checkpointing, compile (per block or the whole
+    model, with CUDA graphs or not), then DDP or FSDP2 (torchtitan's order), as cfg says. Returns
+    the module to train (the same one except under DDP)."""
     if cfg.parallel == "none" and info.world_size > 1:
         raise ValueError(f"config: {info.world_size} processes need --parallel ddp or fsdp")
+    if cfg.precision == "fp8":
+        convert_to_fp8(net, pad_inner_dim=fp8_needs_padding(cfg, net, info.world_size))
     apply_activation_checkpointing(net, cfg.activation_checkpointing)
     if cfg.compile:
-        apply_compile(net, backend=cfg.compile_backend)
+        apply_compile(net, backend=cfg.compile_backend, scope=cfg.compile_scope, mode=cfg.torch_compile_mode())
     if cfg.parallel == "fsdp":
         # bf16 compute copies of the weights (gathered in bf16: half the traffic); fp32 shards,
         # gradients reduced in fp32. Autocast still runs on top (train_step) for fp32-sensitive ops.
-        return apply_fsdp(net, param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+        return apply_fsdp(net, param_dtype=torch.bfloat16 if cfg.precision in ("bf16", "fp8") else None,
                           reshard_after_forward=cfg.reshard_after_forward)
     if cfg.parallel == "ddp":
         return apply_ddp(net, info, find_unused_parameters=mask_token_may_idle(cfg, net))
     return net
+
+
+def fp8_needs_padding(cfg, net, world_size):
+    """Whether some float8 GEMM of this run may see a token count (the rows of a block's input on
+    one rank: the inner dimension of the weight-gradient GEMM, which torch._scaled_mm needs in
+    multiples of 16) that is not a multiple of 16: always with per-sample ratios, mixed
+    resolutions or a mask schedule (counts that vary), else when the per-rank micro-batch times the
+    kept or the full token count is not one. torchao then pads every float8 GEMM (a copy each)."""
+    if cfg.mask_ratio_range or cfg.mixed_resolutions or cfg.mask_schedule != "constant":
+        return True
+    rows, length = cfg.batch_size // cfg.grad_accum // world_size, unwrap(net).num_patches
+    counts = {length, num_kept(length, cfg.mask_ratio)}  # MaskDiT's decoder and unmasked phase; the encoder
+    return any(rows * n % 16 for n in counts)
+
+
+def cuda_graphs(cfg):
+    """Whether the compiled forward / backward run as CUDA graphs (inductor's cudagraph trees)."""
+    return cfg.compile and cfg.cuda_graphs
+
+
+def compile_warmup_steps(cfg, start):
+    """The optimizer steps (1-based) whose time includes compilation or CUDA-graph recording; the
+    loop logs their time as `warmup_s` and starts the throughput window after them. Compilation is
+    per process (a resumed run compiles again): the first steps from `start`, and the first ones of
+    the unmasked phase (a new token count: a new graph, or per block the recompile that makes the
+    count dynamic). One step, two with CUDA graphs (cudagraph trees run a function once to warm up
+    and record it at the next call). None without compile. (A mask schedule's first new count
+    recompiles the blocks too, inside a throughput window.)"""
+    if not cfg.compile:
+        return set()
+    starts = [start]
+    switch = cfg.steps - cfg.unmasked_steps
+    if cfg.mask_ratio > 0 and start < switch < cfg.steps:
+        starts.append(switch)
+    per_start = 2 if cfg.cuda_graphs else 1
+    return {s + k + 1 for s in starts for k in range(per_start) if s + k < cfg.steps}
 
 
 def mask_token_may_idle(cfg, net):
@@ -230,7 +291,18 @@ def mask_token_may_idle(cfg, net):
 
 
 def build_optimizer(cfg, net):
-    """AdamW (fused kernels where the device supports them), lr set per step by `lr_at`."""
+    """AdamW (fused kernels where the device supports them), lr set per step by `lr_at`.
+
+    With CUDA graphs the gradients are allocated here once and kept (zeroed, never freed: see
+    train_step): autograd then adds each backward's gradients into them in place. Left to
+    autograd, the first backward would install the graph's own output buffer as .grad, which the
+    next replay overwrites (torch 2.11's cudagraph trees: wrong sums under gradient accumulation).
+    Side effect: a parameter that gets no gradient in a step (MaskDiT's mask token in the unmasked
+    phase) has a zero one instead of None, so AdamW still moves it by its momentum."""
+    if cuda_graphs(cfg):
+        for p in net.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     kwargs = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     try:
         return torch.optim.AdamW(net.parameters(), fused=True, **kwargs)
@@ -361,10 +433,13 @@ def train_step(cfg, state, loss_fn, mask_ratio, device, shapes=()):
     lr = lr_at(cfg, state.step)
     for group in opt.param_groups:
         group["lr"] = lr
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision in ("bf16", "fp8"))
+    graphs = cuda_graphs(cfg)
     micro, rows = state.stream.batch_size, state.stream.rows()
     totals = torch.zeros(3, device=device)
     for i in range(cfg.grad_accum):
+        if graphs:  # each micro-batch's forward starts a new generation of graph replays
+            torch.compiler.cudagraph_mark_step_begin()
         x, y = state.stream.next_batch(state.data_gen)
         drop = (torch.rand(micro, generator=state.data_gen) < cfg.label_dropout)[rows]
         y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
@@ -382,7 +457,7 @@ def train_step(cfg, state, loss_fn, mask_ratio, device, shapes=()):
     if finite:
         opt.step()
         state.ema.update(net, ema_decay_at(cfg, state.step))
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=not graphs)  # CUDA graphs: keep the gradient buffers (build_optimizer)
     return {"loss": loss, "dsm": dsm, "mae": mae, "grad_norm": grad_norm, "lr": lr, "finite": float(finite),
             "weights_finite": float(not ema_bad)}
 
@@ -600,6 +675,7 @@ def train(cfg, stop_at=None, progress=True, exiting=False):
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)  # torchrun: joins the process group; else world size 1
     device = info.device
+    check_device(cfg, device)
     say = print if info.is_main else (lambda *args, **kwargs: None)
     dataset, stream = build_data(cfg, info)
     model = build_model(cfg, dataset.sample_shape).to(device)
@@ -634,7 +710,7 @@ def train(cfg, stop_at=None, progress=True, exiting=False):
             f"samples of shape {dataset.sample_shape}, device {device}, {info.world_size} process(es), "
             f"parallel {cfg.parallel})", flush=True)
         peak_flops = cfg.peak_tflops * 1e12 or default_peak_flops(
-            device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+            device, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)  # fp8: MFU of the bf16 peak
         metrics = cleanup.enter_context(contextlib.closing(TrainMetrics(
             run_dir, state.net, info, peak_flops, cfg.log_every, cfg.steps, start_step=state.step, resumed=resumed,
             progress=progress)))
@@ -642,13 +718,21 @@ def train(cfg, stop_at=None, progress=True, exiting=False):
         latent = isinstance(dataset, LatentShards)
         result = {"run_dir": run_dir, "interrupted": False}
 
+        warmup, warmup_s = compile_warmup_steps(cfg, state.step), 0.0
         state.net.train()
         while state.step < cfg.steps:
             ratio = ratio_at(state.step)
+            t0 = time.perf_counter()
             m = train_step(cfg, state, loss_fn, ratio, device, shapes)
             check_finite(cfg, state, m, ckpt, say)
             state.step += 1
             result["metrics"] = metrics.step(state.step, m, ratio, cfg.batch_size, shapes)
+            if state.step in warmup:  # compile / CUDA-graph capture: timed apart, not in images/s
+                warmup_s += time.perf_counter() - t0
+                if state.step + 1 not in warmup:
+                    metrics.meter.reset()
+                    metrics.write(state.step, warmup_s=warmup_s)
+                    warmup_s = 0.0
             if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < cfg.steps:
                 sample_grid(cfg, state, meta, run_dir, device, latent)
             reason = stop_reason(stop, state.step, stop_at, info)
