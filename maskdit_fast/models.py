@@ -489,13 +489,17 @@ class MaskDiT(_DiffusionTransformer):
 
     Args (beyond DiT's):
         decoder_depth, decoder_hidden_size, decoder_num_heads: the decoder (official XL: 8, 512, 16).
+        zero_init_decoder_input: the official zero init of the decoder's input linear, so the decoder
+            starts blind to the encoder; False gives it xavier-uniform like the other linears. Short
+            runs need False: on the MNIST default run the zero init stalled learning for hundreds of
+            steps (benchmarks/results/recipe_search/).
         learn_sigma: default False (EDM needs a single output).
         check_inputs: as DiT's, and also the ids_keep values (range, duplicates).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, learn_sigma=False, decoder_depth=8, decoder_hidden_size=512,
-                 decoder_num_heads=16, backend=None, check_inputs=True):
+                 decoder_num_heads=16, zero_init_decoder_input=True, backend=None, check_inputs=True):
         super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
                          num_classes, learn_sigma, backend, check_inputs)
         for name, value in [("decoder_depth", decoder_depth), ("decoder_hidden_size", decoder_hidden_size),
@@ -504,6 +508,7 @@ class MaskDiT(_DiffusionTransformer):
         self.decoder_depth = decoder_depth
         self.decoder_hidden_size = decoder_hidden_size
         self.decoder_num_heads = decoder_num_heads
+        self.zero_init_decoder_input = bool(zero_init_decoder_input)
         self.y_embedder = OneHotLabelEmbedder(num_classes, hidden_size) if num_classes else None
         self.decoder_layer = DecoderLayer(hidden_size, decoder_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
@@ -535,10 +540,12 @@ class MaskDiT(_DiffusionTransformer):
         return self._pos_embed_cache[grid_size]
 
     def _init_weights(self):
-        """Official init plus the decoder's: N(0, 0.02) mask token, zero decoder input linear."""
+        """Official init plus the decoder's: N(0, 0.02) mask token, zero decoder input linear (or
+        xavier-uniform without zero_init_decoder_input)."""
         super()._init_weights()
         nn.init.normal_(self.mask_token, std=0.02)
-        nn.init.zeros_(self.decoder_layer.linear.weight)
+        if self.zero_init_decoder_input:
+            nn.init.zeros_(self.decoder_layer.linear.weight)
         nn.init.zeros_(self.decoder_layer.linear.bias)
 
     @property
@@ -548,7 +555,7 @@ class MaskDiT(_DiffusionTransformer):
                     hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
                     mlp_ratio=self.mlp_ratio, num_classes=self.num_classes, learn_sigma=self.learn_sigma,
                     decoder_depth=self.decoder_depth, decoder_hidden_size=self.decoder_hidden_size,
-                    decoder_num_heads=self.decoder_num_heads)
+                    decoder_num_heads=self.decoder_num_heads, zero_init_decoder_input=self.zero_init_decoder_input)
 
     def forward(self, x, t, y, mask_ratio=0.0, ids_keep=None):
         """MaskDiT forward, on one batch or on G groups of samples of their own resolutions.

@@ -1,10 +1,13 @@
-"""EMA restart at the unmasked phase (`ema_restart`): the schedule and the trainer."""
+"""Options the small-scale recipe (the `mnist` preset) relies on: the EMA restart at the unmasked
+phase (`ema_restart`) and MaskDiT's decoder input init (`zero_init_decoder_input`)."""
 import pytest
 import torch
 
 from maskdit_fast import train as T
 from maskdit_fast.checkpoint import list_checkpoints, load_checkpoint
 from maskdit_fast.ema import ema_decay
+from maskdit_fast.models import MaskDiT
+from maskdit_fast.sample import build_from_metadata, model_metadata
 from test_train import tiny
 
 
@@ -37,3 +40,23 @@ def test_trainer_restarts_the_ema_at_the_first_unmasked_step(tmp_path, restart):
     T.train(tiny(tmp_path / "b", **overrides), progress=False)
     resumed = _checkpoints(tmp_path / "b")[4]["ema"]
     assert all(torch.equal(resumed[k], v) for k, v in ckpts[4]["ema"].items())
+
+
+def test_decoder_input_init():
+    kw = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+              decoder_depth=1, decoder_hidden_size=16, decoder_num_heads=2)
+    torch.manual_seed(0)
+    official, light = MaskDiT(**kw), MaskDiT(**kw, zero_init_decoder_input=False)
+    assert official.zero_init_decoder_input and official.decoder_layer.linear.weight.abs().sum() == 0
+    w = light.decoder_layer.linear.weight
+    bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5  # xavier-uniform, like the other linears
+    assert w.abs().max() <= bound and w.std() > bound / 3 and light.decoder_layer.linear.bias.abs().sum() == 0
+    # The decoder now sees the encoder's tokens from the start; the model still outputs zeros (zero final layer).
+    x, t, y = torch.randn(2, 3, 8, 8), torch.randn(2), torch.tensor([1, 10])
+    tokens, c = torch.randn(2, 16, 32), light._condition(t, y)
+    assert light.decoder_layer(tokens, c).abs().sum() > 0 and official.decoder_layer(tokens, c).abs().sum() == 0
+    assert torch.equal(light(x, t, y).sample, torch.zeros(2, 3, 8, 8))
+    # The option travels with the architecture (sampling rebuilds the net from its metadata).
+    rebuilt = build_from_metadata(model_metadata(light, 0.5, {}), light.state_dict())
+    assert rebuilt.config == light.config and not rebuilt.zero_init_decoder_input
+    assert MaskDiT(**official.config).zero_init_decoder_input
