@@ -3,7 +3,7 @@ Diffusion-Based Generative Models"; MaskDiT's loss from Zheng et al. 2023).
 
 - `EDMPrecond`: wraps a network `net(x, t, y, mask_ratio=, ids_keep=) -> ModelOutput(sample, mask)`
   into the EDM denoiser D(x; sigma) with the standard c_skip / c_out / c_in / c_noise scalings; x
-  may also be a list of groups of resolutions (MaskDiT's packed forward).
+  may also be a list of groups of resolutions (MaskDiT's forward on groups).
 - `MaskDiTLoss` (alias `EDMLoss`): EDM denoising score matching on the kept patches plus an
   MAE-style reconstruction of the masked patches; at mask ratio 0 the plain EDM loss. Mask ratios
   may be per sample, and x a mixed-resolution batch (a list of groups) through one network call.

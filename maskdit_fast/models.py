@@ -18,7 +18,8 @@ DiT: the timestep); y int64 [B] class ids in [0, num_classes], where `num_classe
 class for classifier-free guidance (MaskDiT: an all-zero one-hot; DiT: the extra embedding row).
 Label dropout is the trainer's job (replace labels by `model.null_class`). MaskDiT masks
 int(L * (1 - mask_ratio)) random tokens per sample, or exactly the complement of `ids_keep`
-[B, K]; `mask` [B, L] float is 1 for masked tokens, None when nothing was masked. Unlike the
+[B, K]; `mask` [B, L] float is 1 for masked tokens, None when nothing was masked (by a single
+keep count: per-sample requests always return it, see MaskDiT.forward). Unlike the
 official code, masking does not depend on train/eval mode: it happens whenever it is asked for.
 MaskDiT also takes per-sample ratios (mask_ratio a [B] float tensor or list), per-sample kept
 positions (ids_keep a `maskdit_fast.masking.PackedMask` or a list of B 1-D tensors) and
@@ -295,7 +296,7 @@ class Mlp(nn.Module):
 
 class DiTBlock(nn.Module):
     """A DiT block with adaLN-Zero conditioning. x [B, L, D], c [B, D_c] -> [B, L, D]; with a
-    VarlenLayout, x is a packed stream [1, T, D] (per-token conditioning, varlen attention).
+    VarlenLayout, x is a ragged stream [1, T, D] (per-token conditioning, varlen attention).
 
     D_c (the conditioning width) differs from D in MaskDiT's decoder blocks, which are still
     conditioned on the encoder-width vector c.
@@ -319,7 +320,7 @@ class DiTBlock(nn.Module):
 
 class DecoderLayer(nn.Module):
     """MaskDiT's bridge from encoder to decoder width: LayerNorm + adaLN shift/scale (encoder
-    width) + Linear. x [B, K, D] -> [B, K, D_dec] (or packed [1, T, D] with a VarlenLayout)."""
+    width) + Linear. x [B, K, D] -> [B, K, D_dec] (or ragged [1, T, D] with a VarlenLayout)."""
 
     def __init__(self, hidden_size, decoder_hidden_size):
         super().__init__()
