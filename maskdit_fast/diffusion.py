@@ -3,11 +3,10 @@ Diffusion-Based Generative Models"; MaskDiT's loss from Zheng et al. 2023).
 
 - `EDMPrecond`: wraps a network `net(x, t, y, mask_ratio=, ids_keep=) -> ModelOutput(sample, mask)`
   into the EDM denoiser D(x; sigma) with the standard c_skip / c_out / c_in / c_noise scalings; x
-  may also be a list of groups of resolutions (MaskDiT's packed forward).
+  may also be a list of groups of resolutions (MaskDiT's forward on groups).
 - `MaskDiTLoss` (alias `EDMLoss`): EDM denoising score matching on the kept patches plus an
   MAE-style reconstruction of the masked patches; at mask ratio 0 the plain EDM loss. Mask ratios
-  may be per sample (MaskDiT's packed path), and `MaskDiTLoss.grouped` takes a mixed-resolution
-  batch (a list of groups) in one packed encoder pass.
+  may be per sample, and x a mixed-resolution batch (a list of groups) through one network call.
 - `mask_ratio_schedule`: constant / linear / cosine mask ratio over training steps.
 - `edm_sampler` / `sample`: EDM's Algorithm 2 (Heun or Euler) with classifier-free guidance on all
   channels, seeded (per-sample seeds via `StackedRandomGenerator`).
@@ -106,30 +105,30 @@ class EDMPrecond(nn.Module):
 
         Args:
             x: [B, C, H, W] noisy input (any float dtype; computed in fp32). Or a list of G groups
-                [B_g, C, H_g, W_g] (one resolution per group), denoised in one packed network pass
-                (MaskDiT's forward on lists); sigma, y, mask_ratio and ids_keep are then lists of G
-                entries (y may be None), as MaskDiT's forward takes them.
+                [B_g, C, H_g, W_g] (one resolution per group), denoised in one network call
+                (MaskDiT's forward on lists); sigma is then a list of G entries, and y, mask_ratio
+                and ids_keep are as MaskDiT's forward takes them for groups.
             sigma: python number, 0-d / [1] / [B] tensor of noise levels (> 0).
             y: [B] int64 class labels in [0, num_classes] (num_classes = null class).
             mask_ratio: fraction of patches the network drops (0 at inference), or B per-sample
-                ratios (MaskDiT's packed path).
+                ratios (MaskDiT).
             ids_keep: optional kept patch positions (overrides random masking): [B, K] int64, or
-                per-sample (a PackedMask / list of B 1-D int64 tensors, MaskDiT's packed path).
+                per-sample (a PackedMask / list of B 1-D int64 tensors, MaskDiT).
         Returns:
             ModelOutput(sample=D_x [B, C, H, W] fp32, mask=[B, L] or None, as the network returned);
             for groups, a list of G of them.
         """
-        if isinstance(x, (list, tuple)):
-            if not isinstance(sigma, (list, tuple)) or len(sigma) != len(x):
-                raise ValueError("EDMPrecond: groups need lists x and sigma with one entry per group")
-            scaled = [self._scalings(xg, sg) for xg, sg in zip(x, sigma)]
-            # the network itself is called (not a method of it): DDP / FSDP wrappers hook its call
-            outs = self.net([c_in * xg for xg, _, _, c_in, _ in scaled], [c_noise for *_, c_noise in scaled], y,
-                            mask_ratio=mask_ratio, ids_keep=ids_keep)
-            return [self._denoised(xg, out, c_skip, c_out) for (xg, c_skip, c_out, _, _), out in zip(scaled, outs)]
-        x, c_skip, c_out, c_in, c_noise = self._scalings(x, sigma)
-        out = self.net(c_in * x, c_noise, y, mask_ratio=mask_ratio, ids_keep=ids_keep)
-        return self._denoised(x, out, c_skip, c_out)
+        grouped = isinstance(x, (list, tuple))
+        if grouped and (not isinstance(sigma, (list, tuple)) or len(sigma) != len(x)):
+            raise ValueError("EDMPrecond: groups need lists x and sigma with one entry per group")
+        scaled = [self._scalings(xg, sg) for xg, sg in zip(*_groups(grouped, x, sigma))]
+        net_x = [c_in * xg for xg, _, _, c_in, _ in scaled]
+        net_t = [c_noise for *_, c_noise in scaled]
+        # the network itself is called (not a method of it): DDP / FSDP wrappers hook its call
+        outs = self.net(*_batch_or_groups(grouped, net_x, net_t), y, mask_ratio=mask_ratio, ids_keep=ids_keep)
+        (outs,) = _groups(grouped, outs)
+        denoised = [self._denoised(xg, out, c_skip, c_out) for (xg, c_skip, c_out, _, _), out in zip(scaled, outs)]
+        return _batch_or_groups(grouped, denoised)[0]
 
     def _scalings(self, x, sigma):
         """Checks x and returns (x fp32, c_skip, c_out, c_in [B, 1, 1, 1], c_noise [B])."""
@@ -149,6 +148,16 @@ class EDMPrecond(nn.Module):
         if F_x.shape[0] != B or F_x.shape[1] not in (C, 2 * C) or F_x.shape[2:] != x.shape[2:]:
             raise RuntimeError(f"network returned shape {tuple(F_x.shape)} for input {tuple(x.shape)}")
         return ModelOutput(c_skip * x + c_out * F_x[:, :C].float(), out.mask)
+
+
+def _groups(grouped, *args):
+    """Each argument as a list of groups: itself when grouped, else [it] (one batch is one group)."""
+    return [list(a) if grouped else [a] for a in args]
+
+
+def _batch_or_groups(grouped, *lists):
+    """The inverse of `_groups`: each list itself when grouped, else its one entry (a plain batch)."""
+    return [a if grouped else a[0] for a in lists]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,9 +180,9 @@ class MaskDiTLoss:
               official code's torch.var); 0 when mae_coef == 0 or the sample has no masked patch.
     loss = mean_i(dsm_i + mae_coef * mae_i), computed in fp32 (also under autocast).
 
-    Each sample is averaged over its own kept and masked counts, so per-sample mask ratios (MaskDiT's
-    packed path) and mixed-resolution batches (`grouped`) need no other change: with equal counts the
-    per-sample terms are the official ones, and a batch's loss is the plain mean over its samples.
+    Each sample is averaged over its own kept and masked counts, so per-sample mask ratios and
+    mixed-resolution batches (groups) need no other change: with equal counts the per-sample terms
+    are the official ones, and a batch's loss is the plain mean over its samples.
     """
 
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, mae_coef=0.1):
@@ -190,72 +199,58 @@ class MaskDiTLoss:
         return (rnd * self.P_std + self.P_mean).exp()
 
     def __call__(self, precond, x, y, mask_ratio=0.0, ids_keep=None, generator=None, sigma=None, noise=None):
-        """Computes the loss for one batch.
+        """Computes the loss of one batch, or of G groups of samples, one resolution per group (a
+        mixed-resolution batch: `precond` is called once on the lists, MaskDiT's forward on groups).
 
         Args:
             precond: EDMPrecond (or a module with the same call and sigma_data / patch_size).
-            x: [B, C, H, W] clean data (latents).
-            y: [B] int64 labels in [0, num_classes] (label dropout is the caller's business).
+            x: [B, C, H, W] clean data (latents), or a list of G groups [B_g, C, H_g, W_g].
+            y: [B] int64 labels in [0, num_classes] (label dropout is the caller's business); for
+                groups a list of G (None entries: null class) or None.
             mask_ratio: in [0, 1); the network masks that fraction of patches. Or B per-sample
-                ratios (1-D float tensor, list or tuple, e.g. `masking.sample_mask_ratios`): MaskDiT
-                then runs its packed encoder.
+                ratios (1-D float tensor, list or tuple, e.g. `masking.sample_mask_ratios`). For
+                groups a number for every sample or a list of G such entries.
             ids_keep: optional kept patches (fixed mask instead of a random one): [B, K] int64, or a
-                PackedMask / list of B 1-D int64 tensors (per-sample counts, packed encoder).
-            generator: torch.Generator for sigma and noise (drawn in that order).
-            sigma: optional override: number or [B] tensor of noise levels.
-            noise: optional override: [B, C, H, W] standard-normal noise (scaled by sigma here).
+                PackedMask / list of B 1-D int64 tensors (per-sample counts); for groups None or a
+                list of G such entries.
+            generator: torch.Generator for sigma (all B samples) and then the noise (group after group).
+            sigma: optional override: number or [B] tensor of noise levels (groups in order).
+            noise: optional override: [B, C, H, W] standard-normal noise (scaled by sigma here); for
+                groups a list of G [B_g, C, H_g, W_g] tensors.
         Returns:
-            LossOutput(loss, dsm, mae, per_sample).
+            LossOutput(loss, dsm, mae, per_sample [B], groups in order); the means are over all B
+            samples (each sample weighs the same whatever its resolution).
         """
         self._check_precond(precond)
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"x must be [B, C, H, W], got shape {tuple(getattr(x, 'shape', ()))}")
-        # ids_keep [B, L] keeps every patch: the network then rightly returns no mask
-        p = precond.patch_size
-        full = isinstance(ids_keep, torch.Tensor) and ids_keep.shape[-1] == (x.shape[2] // p) * (x.shape[3] // p)
-        masked = any(per_sample_ratios(mask_ratio, x.shape[0])) or (ids_keep is not None and not full)
-        sigma = self._sigma(sigma, x.shape[0], x.device, generator)
-        x, x_noisy = self._noised(x, sigma, noise, generator)
-        out = precond(x_noisy, sigma, y, mask_ratio=mask_ratio, ids_keep=ids_keep)
-        if out.mask is None and masked:
+        grouped = isinstance(x, (list, tuple))
+        (xs,) = _groups(grouped, x)
+        if not xs or not all(isinstance(xg, torch.Tensor) and xg.dim() == 4 for xg in xs):
+            raise ValueError(f"x must be [B, C, H, W] or a non-empty list of such tensors (one per group), got "
+                             f"{type(x).__name__ if grouped else tuple(getattr(x, 'shape', ()))}")
+        if grouped and noise is not None and (not isinstance(noise, (list, tuple)) or len(noise) != len(xs)):
+            raise ValueError("noise must be a list with one tensor per group")
+        noises = [None] * len(xs) if noise is None else _groups(grouped, noise)[0]
+        ratios = mask_ratio if grouped and isinstance(mask_ratio, (list, tuple)) else [mask_ratio] * len(xs)
+        ids = ids_keep if grouped and ids_keep is not None else [ids_keep] * len(xs)
+        masked = [self._asks_mask(r, ids_g, xg, precond.patch_size) for r, ids_g, xg in zip(ratios, ids, xs)]
+        sizes = [xg.shape[0] for xg in xs]
+        sigma = self._sigma(sigma, sum(sizes), xs[0].device, generator).split(sizes)
+        noised = [self._noised(xg, sg, ng, generator) for xg, sg, ng in zip(xs, sigma, noises)]
+        outs = precond(*_batch_or_groups(grouped, [xn for _, xn in noised], list(sigma)), y,
+                       mask_ratio=mask_ratio, ids_keep=ids_keep)
+        (outs,) = _groups(grouped, outs)
+        if any(out.mask is None and asked for out, asked in zip(outs, masked)):
             raise RuntimeError("the network was asked to mask patches but returned no mask")
-        return self._output(*self._terms(out.sample, x, x_noisy, sigma, out.mask, precond.patch_size))
-
-    def grouped(self, precond, x, y, mask_ratio=0.0, ids_keep=None, generator=None, sigma=None, noise=None):
-        """The loss of a mixed-resolution batch: G groups of samples, one resolution per group, all
-        through one packed encoder pass (`precond` called on lists of groups, MaskDiT only).
-
-        The per-sample terms are those of `__call__` on each group; loss, dsm and mae are means over
-        all B = sum_g B_g samples (each sample weighs the same whatever its resolution).
-
-        Args:
-            precond: EDMPrecond wrapping a MaskDiT.
-            x: list of G clean inputs [B_g, C, H_g, W_g].
-            y: list of G [B_g] int64 labels (None entries: null class), or None.
-            mask_ratio: a number for every sample, or a list of G entries (number or B_g per-sample
-                ratios each).
-            ids_keep: None or a list of G entries (None, PackedMask, [B_g, K] tensor or list of 1-D
-                tensors), as MaskDiT's forward takes them for groups.
-            generator: torch.Generator: sigma for all B samples first, then each group's noise.
-            sigma: optional override: number or [B] tensor (groups in order).
-            noise: optional override: list of G [B_g, C, H_g, W_g] standard-normal tensors.
-        Returns:
-            LossOutput(loss, dsm, mae, per_sample [B], groups in order).
-        """
-        self._check_precond(precond)
-        if not isinstance(x, (list, tuple)) or not x or not all(isinstance(xg, torch.Tensor) and xg.dim() == 4
-                                                                for xg in x):
-            raise ValueError("grouped: x must be a non-empty list of [B_g, C, H_g, W_g] tensors")
-        if noise is not None and (not isinstance(noise, (list, tuple)) or len(noise) != len(x)):
-            raise ValueError("grouped: noise must be a list with one tensor per group")
-        sizes = [xg.shape[0] for xg in x]
-        sigma = self._sigma(sigma, sum(sizes), x[0].device, generator).split(sizes)
-        noised = [self._noised(xg, sg, None if noise is None else noise[g], generator)
-                  for g, (xg, sg) in enumerate(zip(x, sigma))]
-        outs = precond([xn for _, xn in noised], list(sigma), y, mask_ratio=mask_ratio, ids_keep=ids_keep)
         terms = [self._terms(out.sample, xc, xn, sg, out.mask, precond.patch_size)
                  for out, (xc, xn), sg in zip(outs, noised, sigma)]
         return self._output(torch.cat([dsm for dsm, _ in terms]), torch.cat([mae for _, mae in terms]))
+
+    @staticmethod
+    def _asks_mask(mask_ratio, ids_keep, x, p):
+        """Whether a request (one group's mask_ratio and ids_keep, the ratios validated) masks some
+        patch of x: a ratio > 0, or kept positions other than a [B, L] tensor keeping all L patches."""
+        full = isinstance(ids_keep, torch.Tensor) and ids_keep.shape[-1] == (x.shape[2] // p) * (x.shape[3] // p)
+        return any(per_sample_ratios(mask_ratio, x.shape[0])) or (ids_keep is not None and not full)
 
     def _check_precond(self, precond):
         precond_sd = getattr(precond, "sigma_data", self.sigma_data)

@@ -2,10 +2,12 @@
 
 DiT follows facebookresearch/DiT (models.py) and MaskDiT follows Anima-Lab/MaskDiT
 (models/maskdit.py, the `use_decoder=True` configuration trained with the MAE loss), module for
-module and parameter name for parameter name, so official checkpoints load with `from_official`.
-The glue between the matmuls goes through `maskdit_fast.ops` (gather/scatter of kept tokens,
-LayerNorm + adaLN modulation, gated residual, attention) so fused kernels can replace it; with the
-"torch" back-end the forward is the official math op for op.
+module and parameter name for parameter name, so official checkpoints load unchanged
+(`maskdit_fast.official.from_official`). The glue between the matmuls goes through `maskdit_fast.ops`
+(gather/scatter of kept tokens, LayerNorm + adaLN modulation, gated residual, attention) so fused
+kernels can replace it; with the "torch" back-end the forward is the official math op for op. The
+checks of the forward's inputs and the resolution of MaskDiT's masking request are in
+`maskdit_fast.model_inputs`.
 
 Call convention, shared by both models:
 
@@ -16,11 +18,12 @@ DiT: the timestep); y int64 [B] class ids in [0, num_classes], where `num_classe
 class for classifier-free guidance (MaskDiT: an all-zero one-hot; DiT: the extra embedding row).
 Label dropout is the trainer's job (replace labels by `model.null_class`). MaskDiT masks
 int(L * (1 - mask_ratio)) random tokens per sample, or exactly the complement of `ids_keep`
-[B, K]; `mask` [B, L] float is 1 for masked tokens, None when nothing was masked. Unlike the
+[B, K]; `mask` [B, L] float is 1 for masked tokens, None when nothing was masked (by a single
+keep count: per-sample requests always return it, see MaskDiT.forward). Unlike the
 official code, masking does not depend on train/eval mode: it happens whenever it is asked for.
-Per-sample ratios (mask_ratio a [B] float tensor or list) or per-sample kept positions (ids_keep a
-`maskdit_fast.masking.PackedMask` or a list of B 1-D tensors) run MaskDiT's packed (varlen) encoder,
-and MaskDiT also takes mixed-resolution batches as lists with one entry per group (see MaskDiT.forward).
+MaskDiT also takes per-sample ratios (mask_ratio a [B] float tensor or list), per-sample kept
+positions (ids_keep a `maskdit_fast.masking.PackedMask` or a list of B 1-D tensors) and
+mixed-resolution batches as lists with one entry per group (see MaskDiT.forward).
 
 Presets, by name `"{DiT|MaskDiT}-{S|B|L|XL}/{2|4|8}"` (`create_model`):
 
@@ -48,9 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskdit_fast import ops
-from maskdit_fast.masking import (PackedMask, check_ids_keep, check_packed_mask, is_per_sample, keep_counts,
-                                  mask_from_ids_keep, mask_from_packed, num_kept, pack_ids_keep, per_sample_ratios,
-                                  random_masking_ids, random_masking_packed)
+from maskdit_fast.masking import cu_seqlens_from_counts
+from maskdit_fast.model_inputs import checked_groups, checked_inputs
 
 
 # Patch layout (DiT / MAE order: a patch's elements are ordered (row p, column q, channel c)).
@@ -93,8 +95,29 @@ class ModelOutput(NamedTuple):
     mask: Optional[torch.Tensor]
 
 
+#################################################################################
+#                        Token layout of MaskDiT's encoder                      #
+#################################################################################
+
+# MaskDiT's encoder runs on one stream of kept tokens [T, D], the samples one after the other
+# (sample b holding counts[b] rows, of any group / resolution). When every sample keeps the same
+# count K the stream viewed as [B, K, D] (no copy) IS the dense batch, and the blocks run it dense;
+# otherwise it runs as one ragged sequence [1, T, D] with a VarlenLayout. Everything else is one
+# path. The layouts split in three places, each because dense is cheaper:
+#   attention (Attention.forward): measured on an NVIDIA H200, bf16 fwd+bwd, B=128 L=128 H=16 Dh=72,
+#     cuDNN SDPA 0.298 ms vs torch's varlen_attn on the same tokens 0.458 ms (dense 1.54x faster;
+#     benchmarks/results/2026-11-26-nvidia-h200-quick.md, attention section);
+#   conditioning (_modulation): dense broadcasts the per-sample adaLN vectors [B, 6D] inside the
+#     modulation ops, ragged materialises each token's, [T, 6D] per block (K times the bytes);
+#   gather / scatter of the kept tokens (MaskDiT._encoder_input / _decoder_input, per group): same
+#     file, ops section, fwd+bwd at T = 16384: gather [128,256,1152] -> [128,128,1152] dense torch
+#     0.268 ms / CUDA extension 0.194 ms vs varlen torch 0.576 ms (128+-64 tokens per sample; the
+#     extension has no varlen kernel). So a group whose samples keep equal counts uses the dense
+#     ops even when the whole stream is ragged (mixed resolutions).
+# With the torch back-end both layouts give the same numbers up to float rounding (tests/test_packed.py).
+
 class VarlenLayout(NamedTuple):
-    """Where the rows of a packed token stream [1, T, D] belong (the varlen attention layout).
+    """Where the rows of a ragged token stream [1, T, D] belong (the varlen attention layout).
 
     cu_seqlens: [B+1] int32, sample b owning rows cu_seqlens[b]:cu_seqlens[b+1];
     max_seqlen: Python int, the longest sample; sample: [T] int64, the sample of each row.
@@ -104,12 +127,23 @@ class VarlenLayout(NamedTuple):
     sample: torch.Tensor
 
 
+def varlen_layout(counts, device):
+    """The layout of a stream whose sample b holds counts[b] rows: None when all counts are equal
+    (the stream is the dense batch [B, K, D]), else a VarlenLayout on `device`."""
+    if len(set(counts)) == 1:
+        return None
+    cu_seqlens = cu_seqlens_from_counts(counts).to(device)
+    sample = torch.repeat_interleave(torch.arange(len(counts), device=device), cu_seqlens.diff(),
+                                     output_size=sum(counts))
+    return VarlenLayout(cu_seqlens, max(counts), sample)
+
+
 def _modulation(adaLN_modulation, c, chunks, varlen=None):
     """adaLN_modulation(c) [B, chunks * D] split into `chunks` per-sample [B, D] vectors, or with a
     VarlenLayout per-token [1, T, D] ones (row t = its sample's vector; the Linear runs on B rows)."""
-    mod = adaLN_modulation(c)
+    mod = adaLN_modulation(c)                       # [B, chunks * D]
     if varlen is not None:
-        mod = mod[varlen.sample].unsqueeze(0)
+        mod = mod[varlen.sample].unsqueeze(0)       # [1, T, chunks * D]
     return mod.chunk(chunks, dim=-1)
 
 
@@ -155,7 +189,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        x = self.proj(x)                        # [B, D, H/p, W/p]
+        return x.flatten(2).transpose(1, 2)     # [B, L, D]
 
 
 class TimestepEmbedder(nn.Module):
@@ -182,9 +217,9 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t):
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)   # [B, 256] fp32
         # The cast is a no-op in fp32 and lets a model cast to bf16/fp16 run without autocast.
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))                 # [B, D]
 
 
 class LabelEmbedder(nn.Module):
@@ -196,7 +231,7 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, y):
-        return self.embedding_table(y)
+        return self.embedding_table(y)  # [B, D]
 
 
 class OneHotLabelEmbedder(nn.Module):
@@ -210,8 +245,8 @@ class OneHotLabelEmbedder(nn.Module):
 
     def forward(self, y):
         # One extra column for the null class, then dropped: y == num_classes gives all zeros.
-        one_hot = F.one_hot(y, self.num_classes + 1)[:, :self.num_classes]
-        return self.embedding_table(one_hot.to(self.embedding_table.weight.dtype))
+        one_hot = F.one_hot(y, self.num_classes + 1)[:, :self.num_classes]        # [B, num_classes]
+        return self.embedding_table(one_hot.to(self.embedding_table.weight.dtype))  # [B, D]
 
 
 #################################################################################
@@ -230,19 +265,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x, backend=None, varlen=None):
-        """x [B, L, D] -> [B, L, D]; with a VarlenLayout, x is the packed stream [1, T, D] and each
-        sample attends only within its own rows."""
+        """x [B, L, D] -> [B, L, D]; with a VarlenLayout, x is a ragged stream [1, T, D] and each
+        sample attends only within its own rows (see "Token layout" above for why dense stays)."""
         B, L, D = x.shape
-        if varlen is not None:
-            qkv = self.qkv(x).reshape(L, 3, self.num_heads, D // self.num_heads)
-            # the model built cu_seqlens from packs it drew or checked itself: no value check (a device sync)
+        H, Dh = self.num_heads, D // self.num_heads
+        # qkv-packed: the backward writes one [.., 3, H, Dh] gradient instead of three slices
+        if varlen is None:
+            qkv = self.qkv(x).reshape(B, L, 3, H, Dh)                            # [B, L, 3, H, Dh]
+            out = ops.attention_qkvpacked(qkv, backend=backend)                  # [B, L, H, Dh], scale Dh ** -0.5
+        else:
+            qkv = self.qkv(x).reshape(L, 3, H, Dh)                               # [T, 3, H, Dh] (B = 1)
+            # cu_seqlens come from host counts the model checked: no value check (a device sync)
             out = ops.varlen_attention_qkvpacked(qkv, varlen.cu_seqlens, varlen.max_seqlen, backend=backend,
-                                                 validate=False)
-            return self.proj(out.reshape(B, L, D))
-        # qkv-packed: the backward writes one [B, L, 3, H, Dh] gradient instead of three slices
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
-        out = ops.attention_qkvpacked(qkv, backend=backend)  # [B, L, H, Dh], scale Dh ** -0.5
-        return self.proj(out.reshape(B, L, D))
+                                                 validate=False)                 # [T, H, Dh]
+        return self.proj(out.reshape(B, L, D))                                   # [B, L, D]
 
 
 class Mlp(nn.Module):
@@ -255,12 +291,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))  # [.., D] -> [.., hidden_dim] -> [.., D]
 
 
 class DiTBlock(nn.Module):
     """A DiT block with adaLN-Zero conditioning. x [B, L, D], c [B, D_c] -> [B, L, D]; with a
-    VarlenLayout, x is a packed stream [1, T, D] (per-token conditioning, varlen attention).
+    VarlenLayout, x is a ragged stream [1, T, D] (per-token conditioning, varlen attention).
 
     D_c (the conditioning width) differs from D in MaskDiT's decoder blocks, which are still
     conditioned on the encoder-width vector c.
@@ -273,17 +309,18 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c, backend=None, varlen=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.adaLN_modulation, c, 6,
-                                                                                      varlen)
-        h = ops.layernorm_modulate(x, shift_msa, scale_msa, backend=backend)
-        x = ops.gated_residual(x, self.attn(h, backend=backend, varlen=varlen), gate_msa, backend=backend)
-        h = ops.layernorm_modulate(x, shift_mlp, scale_mlp, backend=backend)
-        return ops.gated_residual(x, self.mlp(h), gate_mlp, backend=backend)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(
+            self.adaLN_modulation, c, 6, varlen)                                  # 6 x [B, D] (ragged: [1, T, D])
+        h = ops.layernorm_modulate(x, shift_msa, scale_msa, backend=backend)     # [B, L, D]
+        x = ops.gated_residual(x, self.attn(h, backend=backend, varlen=varlen), gate_msa,
+                               backend=backend)                                  # [B, L, D]
+        h = ops.layernorm_modulate(x, shift_mlp, scale_mlp, backend=backend)     # [B, L, D]
+        return ops.gated_residual(x, self.mlp(h), gate_mlp, backend=backend)     # [B, L, D]
 
 
 class DecoderLayer(nn.Module):
     """MaskDiT's bridge from encoder to decoder width: LayerNorm + adaLN shift/scale (encoder
-    width) + Linear. x [B, K, D] -> [B, K, D_dec] (or packed [1, T, D] with a VarlenLayout)."""
+    width) + Linear. x [B, K, D] -> [B, K, D_dec] (or ragged [1, T, D] with a VarlenLayout)."""
 
     def __init__(self, hidden_size, decoder_hidden_size):
         super().__init__()
@@ -291,8 +328,9 @@ class DecoderLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c, backend=None, varlen=None):
-        shift, scale = _modulation(self.adaLN_modulation, c, 2, varlen)
-        return self.linear(ops.layernorm_modulate(x, shift, scale, backend=backend))
+        shift, scale = _modulation(self.adaLN_modulation, c, 2, varlen)          # 2 x [B, D] (ragged: [1, T, D])
+        x = ops.layernorm_modulate(x, shift, scale, backend=backend)             # [B, K, D]
+        return self.linear(x)                                                    # [B, K, D_dec]
 
 
 class FinalLayer(nn.Module):
@@ -304,8 +342,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c, backend=None):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(ops.layernorm_modulate(x, shift, scale, backend=backend))
+        shift, scale = _modulation(self.adaLN_modulation, c, 2)                  # 2 x [B, D]
+        x = ops.layernorm_modulate(x, shift, scale, backend=backend)             # [B, L, D]
+        return self.linear(x)                                                    # [B, L, p*p*C_out]
 
 
 #################################################################################
@@ -320,7 +359,7 @@ def _positive_int(name, value):
 
 class _DiffusionTransformer(nn.Module):
     """What DiT and MaskDiT share: patch/time embedders, the fixed pos-embed, the encoder blocks,
-    input checks, conditioning and unpatchify. Subclasses add the label embedder and the head."""
+    conditioning and unpatchify. Subclasses add the label embedder and the head."""
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
                  num_classes, learn_sigma, backend, check_inputs):
@@ -385,38 +424,6 @@ class _DiffusionTransformer(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def _checked_inputs(self, x, t, y, any_size=False):
-        """Validates x [B, C, H, W], t [B] or scalar, y int [B] (None = null class) and returns
-        (t [B], y [B]). H, W must be the model's input_size, or with any_size multiples of the patch
-        size. Value checks on y need a host sync and are skipped under torch.compile or with
-        check_inputs=False."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"x must be a [B, C, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-        B, C, H, W = x.shape
-        if C != self.in_channels:
-            raise ValueError(f"x has {C} channels, the model expects in_channels={self.in_channels}")
-        if any_size:
-            if H % self.patch_size or W % self.patch_size or not H or not W:
-                raise ValueError(f"x is {H}x{W}, not a positive multiple of patch_size={self.patch_size}")
-        elif (H, W) != self.input_size:
-            raise ValueError(f"x is {H}x{W}, the model expects input_size={self.input_size} (H, W)")
-        t = torch.as_tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,) or t.dtype == torch.bool or t.is_complex():
-            raise ValueError(f"t must be a real tensor of shape [B={B}] or a scalar, got {t.dtype} {list(t.shape)}")
-        if y is None:
-            return t, torch.full((B,), self.null_class, dtype=torch.int64, device=x.device)
-        if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"y must be an integer tensor of class ids, got {getattr(y, 'dtype', type(y).__name__)}")
-        if y.shape != (B,):
-            raise ValueError(f"y must have shape [B={B}], got {list(y.shape)}")
-        if self.check_inputs and not torch.compiler.is_compiling():
-            if bool(((y < 0) | (y > self.num_classes)).any()):
-                raise ValueError(f"class labels must be in [0, num_classes={self.num_classes}] "
-                                 f"({self.num_classes} = null class)")
-        return t, y.long()
-
     def _condition(self, t, y):
         """c = t_emb + y_emb, [B, D]."""
         c = self.t_embedder(t)
@@ -427,11 +434,6 @@ class _DiffusionTransformer(nn.Module):
         (h, w) token grid `grid_size` (default: the model's own)."""
         h, w = grid_size or self.grid_size
         return unpatchify(x, self.patch_size, h * self.patch_size, w * self.patch_size)
-
-    def _encode(self, tokens, c, varlen=None):
-        for block in self.blocks:
-            tokens = block(tokens, c, backend=self.backend, varlen=varlen)
-        return tokens
 
 
 class DiT(_DiffusionTransformer):
@@ -467,25 +469,25 @@ class DiT(_DiffusionTransformer):
         and ids_keep None."""
         if ids_keep is not None or not isinstance(mask_ratio, numbers.Real) or mask_ratio != 0:
             raise ValueError("DiT processes all tokens: use MaskDiT for mask_ratio > 0 / ids_keep")
-        t, y = self._checked_inputs(x, t, y)
-        c = self._condition(t, y)
-        tokens = self._encode(self.x_embedder(x) + self.pos_embed, c)
-        return ModelOutput(self.unpatchify(self.final_layer(tokens, c, backend=self.backend)), None)
+        t, y = checked_inputs(self, x, t, y)                                 # [B], [B]
+        c = self._condition(t, y)                                           # [B, D]
+        tokens = self.x_embedder(x) + self.pos_embed                        # [B, L, D]
+        for block in self.blocks:
+            tokens = block(tokens, c, backend=self.backend)                 # [B, L, D]
+        tokens = self.final_layer(tokens, c, backend=self.backend)          # [B, L, p*p*C_out]
+        return ModelOutput(self.unpatchify(tokens), None)                   # [B, C_out, H, W]
 
 
 class MaskDiT(_DiffusionTransformer):
     """MaskDiT (Zheng et al., Anima-Lab/MaskDiT): a DiT encoder on the kept tokens only, then a
     light DiT decoder on all tokens, masked ones filled with a learned mask token.
 
-    Two encoder layouts:
-      dense   (the official one) every sample keeps the same count K: the encoder runs on [B, K, D];
-      packed  (varlen) per-sample keep counts: the kept tokens of all samples form one stream
-              [1, T, D] with cu_seqlens, the adaLN vectors are indexed by each token's sample and
-              attention is varlen (no padding). Used by `forward` when mask_ratio holds per-sample
-              ratios or ids_keep is a PackedMask / list of per-sample positions, or when x is a
-              list of groups (batches of several resolutions at once). The decoder always runs
-              dense on each sample's full grid. With equal keep counts both layouts
-              compute the same function (up to float rounding).
+    The encoder runs on the kept tokens of all samples as one stream, sample after sample (see
+    "Token layout" above): the dense batch [B, K, D] when every sample keeps the same count K (the
+    official configuration, also per-sample ratios or groups that happen to keep equal counts),
+    else one ragged sequence [1, T, D] with varlen attention and per-token conditioning, no padding
+    (per-sample mask ratios, per-sample kept positions, mixed resolutions). The decoder runs dense
+    on each group's full grid.
 
     Args (beyond DiT's):
         decoder_depth, decoder_hidden_size, decoder_num_heads: the decoder (official XL: 8, 512, 16).
@@ -565,158 +567,84 @@ class MaskDiT(_DiffusionTransformer):
             t: [B] or scalar, the EDM c_noise.
             y: int64 [B] class ids in [0, num_classes] (num_classes = null), or None (all null).
             mask_ratio: fraction of tokens masked at random, in [0, 1); or B per-sample ratios
-                (1-D float tensor, list or tuple: the packed path, sample b keeping
-                int(L * (1 - mask_ratio[b])) tokens). Ignored when ids_keep is given (it must then
-                be 0 or give the same keep counts).
-            ids_keep: optional kept positions (fixes the mask): [B, K] int64 (dense path), or a
-                PackedMask / list of B 1-D int64 tensors (per-sample counts; the packed path).
-            Returns ModelOutput(sample [B, C_out, H, W] for all tokens, mask [B, L] float 1 = masked,
-            or None when the dense path masked nothing; the packed path always returns the mask).
+                (1-D float tensor, list or tuple: sample b keeps int(L * (1 - mask_ratio[b])) tokens).
+                With ids_keep given it must be 0 or give the same keep counts.
+            ids_keep: optional kept positions (fixes the mask): [B, K] int64, or per sample a
+                PackedMask / list of B 1-D int64 tensors.
+            Returns ModelOutput(sample [B, C_out, H, W] for all tokens, mask [B, L] float, 1 =
+            masked). mask is None when a single keep count (a number mask_ratio or [B, K] ids_keep)
+            masks nothing; per-sample requests always return it (zeros where a sample keeps every
+            token), so the output's structure follows the request, not the values drawn.
 
-        G groups (x a list; the packed path): the encoder runs once on the kept tokens of all groups
-        packed into one stream [1, T, D] (per-sample keep counts, per-resolution position
-        embeddings, attention within each sample); the decoder then runs dense on each group's full
-        grid. Samples of any resolution (multiples of patch_size; see `pos_embeds`) can share one
-        encoder pass. Going through forward (not a side method) keeps DDP's gradient sync and
-        FSDP's parameter gathering, which hook the module's call.
+        G groups (x a list): the encoder runs once on the kept tokens of all groups (per-sample
+        keep counts, per-resolution position embeddings, attention within each sample); the
+        decoder then runs on each group's full grid. Samples of any resolution (multiples of
+        patch_size; see `pos_embeds`) can share one encoder pass. Going through forward (not a side
+        method) keeps DDP's gradient sync and FSDP's parameter gathering, which hook the module's call.
             x: list of G tensors [B_g, C, H_g, W_g].
             t: list of G noise-level inputs, [B_g] or scalars.
             y: list of G int64 label tensors [B_g] (or None entries: null class), or None.
             mask_ratio: a number for every sample, or a list of G entries, each a number or B_g
-                per-sample ratios (1-D float tensor, list or tuple), in [0, 1). Sample b of a group
-                with L_g tokens keeps int(L_g * (1 - ratio_b)) of them, drawn at random (global RNG,
-                the same draw as the dense path); all-kept groups draw nothing.
-            ids_keep: None, or a list of G entries, each None (random, from mask_ratio), a
-                PackedMask, a [B_g, K] int64 tensor or a list of B_g 1-D int64 tensors of kept
-                positions. With ids_keep given, the group's mask_ratio must be 0 or give the same
-                keep counts.
+                per-sample ratios, in [0, 1). Random masks are drawn group after group from the
+                global RNG (the same draw as a single batch); all-kept groups draw nothing.
+            ids_keep: None, or a list of G entries, each None (random, from mask_ratio) or kept
+                positions as for one batch.
             Returns a list of G ModelOutput(sample [B_g, C_out, H_g, W_g], mask [B_g, L_g] float,
-            1 = masked).
+            1 = masked; never None).
         """
-        if isinstance(x, (list, tuple)) or isinstance(t, (list, tuple)):  # groups (checked there)
-            return self._forward_packed(x, t, y, mask_ratio, ids_keep, any_size=True)
-        if is_per_sample(mask_ratio) or isinstance(ids_keep, (PackedMask, list, tuple)):
-            return self._forward_packed([x], [t], [y], [mask_ratio], [ids_keep], any_size=False)[0]
-        t, y = self._checked_inputs(x, t, y)
-        B, L = x.shape[0], self.num_patches
-        len_keep = num_kept(L, mask_ratio)
-        mask = None
-        if ids_keep is not None:
-            check_ids_keep(ids_keep, B, L, check_values=self.check_inputs and not torch.compiler.is_compiling())
-            if ids_keep.device != x.device:
-                raise ValueError(f"ids_keep is on {ids_keep.device} but x is on {x.device}")
-            if mask_ratio != 0 and ids_keep.shape[1] != len_keep:
-                raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} tokens but mask_ratio={mask_ratio} "
-                                 f"keeps {len_keep} of {L}")
-            if ids_keep.shape[1] < L:
-                mask = mask_from_ids_keep(ids_keep, L)
-        elif len_keep < L:
-            ids_keep, _, mask = random_masking_ids(B, L, mask_ratio, device=x.device)
-
-        c = self._condition(t, y)
-        tokens = self.x_embedder(x)
-        if ids_keep is None:
-            tokens = tokens + self.pos_embed
-        else:  # pos-embed added before masking, then only the kept tokens enter the encoder
-            # ids were drawn here or checked by check_ids_keep: skip the op's own (syncing) check
-            tokens = ops.gather_tokens(tokens, ids_keep, self.pos_embed, backend=self.backend, validate=False)
-        tokens = self._encode(tokens, c)
-
-        tokens = self.decoder_layer(tokens, c, backend=self.backend)
-        if ids_keep is None:
-            tokens = tokens + self.decoder_pos_embed
-        else:  # mask token at masked positions, unshuffle, decoder pos-embed
-            tokens = ops.scatter_tokens(tokens, ids_keep, self.mask_token, L, self.decoder_pos_embed,
-                                        backend=self.backend, validate=False)
-        for block in self.decoder_blocks:
-            tokens = block(tokens, c, backend=self.backend)
-        sample = self.unpatchify(self.final_layer(tokens, c, backend=self.backend))
-        return ModelOutput(sample, mask)
-
-    def _forward_packed(self, x, t, y, mask_ratio, ids_keep, any_size):
-        x = self._group_list("x", x, None)
-        G = len(x)
-        t = self._group_list("t", t, G)
-        y = [None] * G if y is None else self._group_list("y", y, G)
-        ratios = self._group_list("mask_ratio", mask_ratio, G) if isinstance(mask_ratio, (list, tuple)) \
-            else [mask_ratio] * G
-        ids_keep = [None] * G if ids_keep is None else self._group_list("ids_keep", ids_keep, G)
-        check_values = self.check_inputs and not torch.compiler.is_compiling()
-
-        groups, streams, cond_t, cond_y = [], [], [], []
-        for g in range(G):
-            if x[g].device != x[0].device:
-                raise ValueError(f"x[{g}] is on {x[g].device} but x[0] on {x[0].device}")
-            tg, yg = self._checked_inputs(x[g], t[g], y[g], any_size)
-            B, (H, W) = x[g].shape[0], x[g].shape[2:]
-            grid = (H // self.patch_size, W // self.patch_size)
-            L = grid[0] * grid[1]
-            packed = self._group_mask(ids_keep[g], ratios[g], B, L, x[g].device, check_values, g)
-            pos, dec_pos = self.pos_embeds(grid)
-            streams.append(ops.gather_tokens_varlen(self.x_embedder(x[g]), packed.ids, packed.cu_seqlens, pos,
-                                                    backend=self.backend, validate=False))
-            groups.append((packed, grid, dec_pos))
-            cond_t.append(tg)
-            cond_y.append(yg)
-
-        c = self._condition(torch.cat(cond_t), torch.cat(cond_y))
-        varlen = self._varlen_layout([packed for packed, _, _ in groups])
-        tokens = streams[0] if G == 1 else torch.cat(streams)
-        tokens = self._encode(tokens.unsqueeze(0), c, varlen)
-        tokens = self.decoder_layer(tokens, c, backend=self.backend, varlen=varlen)[0]
+        groups, grouped = checked_groups(self, x, t, y, mask_ratio, ids_keep)  # random masks drawn here
+        counts = [n for g in groups for n in g.kept.counts]                   # B host ints, T = sum(counts)
+        c = self._condition(_cat([g.t for g in groups]), _cat([g.y for g in groups]))  # [B, D]
+        tokens = _cat([self._encoder_input(g) for g in groups])               # [T, D]
+        varlen = varlen_layout(counts, tokens.device)                         # None: every sample keeps K
+        tokens = tokens.view(len(counts), -1, tokens.shape[-1]) if varlen is None else tokens[None]
+        # tokens: [B, K, D] (dense) | [1, T, D] (ragged)
+        for block in self.blocks:
+            tokens = block(tokens, c, backend=self.backend, varlen=varlen)      # [B, K, D] | [1, T, D]
+        tokens = self.decoder_layer(tokens, c, backend=self.backend, varlen=varlen).flatten(0, 1)  # [T, D_dec]
 
         outputs, row, first = [], 0, 0
-        for packed, grid, dec_pos in groups:
-            B, T = packed.batch_size, packed.ids.numel()
-            h = ops.scatter_tokens_varlen(tokens[row:row + T], packed.ids, packed.cu_seqlens, self.mask_token,
-                                          grid[0] * grid[1], dec_pos, backend=self.backend, validate=False)
-            cg = c[first:first + B]
+        for g in groups:
+            B, T = len(g.kept.counts), sum(g.kept.counts)
+            h = self._decoder_input(tokens[row:row + T], g)                      # [B_g, L_g, D_dec]
+            cg = c[first:first + B]                                             # [B_g, D]
             for block in self.decoder_blocks:
-                h = block(h, cg, backend=self.backend)
-            sample = self.unpatchify(self.final_layer(h, cg, backend=self.backend), grid)
-            outputs.append(ModelOutput(sample, mask_from_packed(packed, grid[0] * grid[1])))
+                h = block(h, cg, backend=self.backend)                          # [B_g, L_g, D_dec]
+            h = self.final_layer(h, cg, backend=self.backend)                   # [B_g, L_g, p*p*C_out]
+            outputs.append(ModelOutput(self.unpatchify(h, g.grid), g.kept.mask))  # [B_g, C_out, H_g, W_g]
             row, first = row + T, first + B
-        return outputs
+        return outputs if grouped else outputs[0]
 
-    @staticmethod
-    def _group_list(name, value, groups):
-        if not isinstance(value, (list, tuple)) or not value:
-            raise TypeError(f"MaskDiT groups: {name} must be a non-empty list (one entry per group), "
-                            f"got {type(value).__name__}")
-        if groups is not None and len(value) != groups:
-            raise ValueError(f"MaskDiT groups: {name} has {len(value)} entries for {groups} groups")
-        return list(value)
+    def _encoder_input(self, group):
+        """Group's kept tokens plus the position embedding, sample after sample: [T_g, D]."""
+        ids, cu_seqlens = group.kept.ids, group.kept.cu_seqlens
+        pos = self.pos_embeds(group.grid)[0]                                      # [L_g, D]
+        tokens = self.x_embedder(group.x)                                       # [B_g, L_g, D]
+        if ids is None:  # every token, in grid order
+            return (tokens + pos).flatten(0, 1)
+        # positions drawn here or checked by model_inputs: skip the ops' own (syncing) value checks
+        if cu_seqlens is None:  # every sample keeps K: the dense op (see "Token layout")
+            return ops.gather_tokens(tokens, ids, pos, backend=self.backend, validate=False).flatten(0, 1)
+        return ops.gather_tokens_varlen(tokens, ids, cu_seqlens, pos, backend=self.backend, validate=False)
 
-    def _group_mask(self, ids_keep, mask_ratio, batch, length, device, check_values, g):
-        """The PackedMask of group g: explicit (checked against mask_ratio), or drawn from mask_ratio."""
-        ratios = per_sample_ratios(mask_ratio, batch)
-        counts = keep_counts(length, ratios)
-        if ids_keep is None:
-            if min(counts) == length:  # nothing masked: keep every token in order, no random draw
-                return pack_ids_keep(torch.arange(length, device=device).expand(batch, length))
-            return random_masking_packed(ratios, length, device=device)[0]
-        packed = ids_keep if isinstance(ids_keep, PackedMask) else pack_ids_keep(ids_keep)
-        if isinstance(packed.ids, torch.Tensor) and packed.ids.device != device:
-            raise ValueError(f"ids_keep[{g}] is on {packed.ids.device} but x[{g}] is on {device}")
-        check_packed_mask(packed, batch, length, check_values)
-        if any(ratios) and packed.counts != counts:
-            raise ValueError(f"ids_keep[{g}] keeps {list(packed.counts)} tokens per sample but mask_ratio "
-                             f"keeps {list(counts)} of {length}")
-        return packed
+    def _decoder_input(self, tokens, group):
+        """Group's decoder input from its kept tokens [T_g, D_dec]: the mask token at masked
+        positions, grid order, plus the decoder position embedding -> [B_g, L_g, D_dec]."""
+        ids, cu_seqlens = group.kept.ids, group.kept.cu_seqlens
+        B, L = len(group.kept.counts), group.grid[0] * group.grid[1]
+        pos = self.pos_embeds(group.grid)[1]                                      # [L_g, D_dec]
+        if ids is None:
+            return tokens.view(B, L, -1) + pos
+        if cu_seqlens is None:
+            return ops.scatter_tokens(tokens.view(B, ids.shape[1], -1), ids, self.mask_token, L, pos,
+                                      backend=self.backend, validate=False)
+        return ops.scatter_tokens_varlen(tokens, ids, cu_seqlens, self.mask_token, L, pos, backend=self.backend,
+                                         validate=False)
 
-    @staticmethod
-    def _varlen_layout(packs):
-        """VarlenLayout of the groups' PackedMasks concatenated (cu_seqlens offset on the device)."""
-        if len(packs) == 1:
-            cu = packs[0].cu_seqlens
-        else:
-            parts, offset = [packs[0].cu_seqlens], packs[0].ids.numel()
-            for packed in packs[1:]:
-                parts.append(packed.cu_seqlens[1:] + offset)
-                offset += packed.ids.numel()
-            cu = torch.cat(parts)
-        ids = packs[0].ids if len(packs) == 1 else torch.cat([packed.ids for packed in packs])
-        return VarlenLayout(cu, max(packed.max_seqlen for packed in packs), ops.sample_index(ids, cu))
+
+def _cat(parts):
+    """torch.cat along dim 0, without a copy for a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 #################################################################################
@@ -770,113 +698,3 @@ def create_model(name, **overrides):
     for the table; overrides are constructor kwargs. Returns a DiT or MaskDiT."""
     cls, kwargs = model_config(name, **overrides)
     return cls(**kwargs)
-
-
-#################################################################################
-#                        Official checkpoint compatibility                      #
-#################################################################################
-
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
-# Parts of the official MaskDiT code that its released configuration leaves off (pad_cls_token,
-# external / encoder features): not implemented here.
-_UNSUPPORTED_KEYS = ("cls_token", "feat_embedder.", "cls_token_embedder.", "enc_feat_embedder.")
-
-
-def _unwrap_state_dict(state_dict, which):
-    """Picks the weights out of a training checkpoint and strips wrapper prefixes."""
-    entries = [k for k in ("ema", "model", "net") if isinstance(state_dict.get(k), (dict, nn.Module))]
-    if entries:
-        if which is None:
-            which = entries[0]  # "ema" first: the weights the official code samples with
-        if which not in entries:
-            raise KeyError(f"checkpoint has no {which!r} entry (has {entries})")
-        state_dict = state_dict[which]
-        if isinstance(state_dict, nn.Module):
-            state_dict = state_dict.state_dict()
-    elif which is not None:
-        raise KeyError(f"which={which!r} given but the dict has no 'ema'/'model'/'net' entry")
-    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if state_dict and all(k.startswith(prefix) for k in state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-                stripped = True
-    return state_dict
-
-
-def _heads_for_width(width, role):
-    for _, w, heads, _, dec_w, dec_heads in SIZES.values():
-        if role == "encoder" and w == width:
-            return heads
-        if role == "decoder" and dec_w == width:
-            return dec_heads
-    raise ValueError(f"no preset has {role} width {width}: pass "
-                     f"{'num_heads' if role == 'encoder' else 'decoder_num_heads'}= explicitly")
-
-
-def _count_blocks(state_dict, prefix):
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    return len({m.group(1) for m in map(pattern.match, state_dict) if m})
-
-
-def from_official(state_dict, kind="maskdit", which=None, **overrides):
-    """Builds our model from an official DiT or MaskDiT checkpoint, inferring the architecture.
-
-    Args:
-        state_dict: an official state dict, possibly wrapped: keys prefixed by "model." (MaskDiT's
-            EDMPrecond), "module." (DDP) or "_orig_mod." (torch.compile), or a training checkpoint
-            dict with "ema" / "model" / "net" entries.
-        kind: "maskdit" (Anima-Lab/MaskDiT, use_decoder=True) or "dit" (facebookresearch/DiT,
-            label table with the extra null row).
-        which: the checkpoint entry to load when there are several ("ema" by default).
-        overrides: constructor kwargs that cannot be inferred: num_heads / decoder_num_heads (default:
-            the preset of that width), input_size for non-square grids, backend, check_inputs.
-    Returns:
-        DiT or MaskDiT (fp32, CPU) holding those weights; depth, widths, patch size, channels,
-        classes, input size (from the pos-embed length) and learn_sigma come from the tensors.
-        A MaskDiT checkpoint trained without the MAE loss has no mask token: it is set to zeros,
-        which is what the official code uses then.
-    """
-    if kind not in ("maskdit", "dit"):
-        raise ValueError(f"kind must be 'maskdit' or 'dit', got {kind!r}")
-    sd = _unwrap_state_dict(state_dict, which)
-    unsupported = sorted(k for k in sd if k.startswith(_UNSUPPORTED_KEYS))
-    if unsupported:
-        raise ValueError(f"unsupported official options in checkpoint (keys {unsupported[:4]})")
-    try:
-        proj = sd["x_embedder.proj.weight"]  # [D, C, p, p]
-        hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-        num_patches = sd["pos_embed"].shape[-2]
-        out_dim = sd["final_layer.linear.weight"].shape[0]
-        mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-    except KeyError as err:
-        raise ValueError(f"not an official {kind} state dict: missing {err}") from None
-    grid = math.isqrt(num_patches)
-    config = dict(patch_size=patch, in_channels=in_channels, hidden_size=hidden,
-                  depth=_count_blocks(sd, "blocks"), mlp_ratio=mlp_hidden / hidden,
-                  learn_sigma=out_dim == 2 * patch * patch * in_channels)
-    if grid * grid == num_patches:
-        config["input_size"] = grid * patch
-    if kind == "dit":
-        cls = DiT
-        config["num_classes"] = sd["y_embedder.embedding_table.weight"].shape[0] - 1
-    else:
-        cls = MaskDiT
-        if "decoder_layer.linear.weight" not in sd:
-            raise ValueError("MaskDiT checkpoint without a decoder (use_decoder=False) is not supported")
-        table = sd.get("y_embedder.embedding_table.weight")
-        config["num_classes"] = 0 if table is None else table.shape[1]
-        config["decoder_hidden_size"] = sd["decoder_layer.linear.weight"].shape[0]
-        config["decoder_depth"] = _count_blocks(sd, "decoder_blocks")
-        if "mask_token" not in sd:
-            sd = dict(sd, mask_token=torch.zeros(1, 1, config["decoder_hidden_size"]))
-    config.update(overrides)
-    if "num_heads" not in config:
-        config["num_heads"] = _heads_for_width(hidden, "encoder")
-    if cls is MaskDiT and "decoder_num_heads" not in config:
-        config["decoder_num_heads"] = _heads_for_width(config["decoder_hidden_size"], "decoder")
-    model = cls(**config)
-    model.load_state_dict(sd, strict=True)
-    return model

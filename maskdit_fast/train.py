@@ -38,8 +38,8 @@ Speed options (see README "Trainer speed options"):
                                 --compile, torchao (`pip install maskdit_fast[fp8]`) and an sm_89+
                                 GPU (maskdit_fast.fp8).
 
-Packed options (MaskDiT only; its packed encoder runs: the kept tokens of all samples in one
-varlen stream, no padding):
+Packed options (MaskDiT only: the kept tokens of all samples run as one stream, ragged when the
+counts differ, no padding):
   --mask-ratio-range LOW HIGH   per-sample mask ratios ~ U[LOW, HIGH) each step during the masked
                                 phase (replacing --mask-ratio; 0 in the final --unmasked-steps).
                                 LOW == HIGH trains exactly like --mask-ratio LOW (same draws).
@@ -382,29 +382,29 @@ def micro_step_loss(cfg, state, loss_fn, precond, x, y, mask_ratio, shapes):
     """The loss of this rank's rows x [B/W, C, H, W], y of one global micro-batch, drawing the
     micro-batch's masks, noise levels and noise (in that order) whole.
 
-    With mixed resolutions (`shapes`: G (H_g, W_g)), global row i belongs to group i % G, whose
-    images are average-pooled to (H_g, W_g), and all groups go through `loss_fn.grouped` (one
-    packed encoder pass). Each rank's rows are a contiguous slice starting at a multiple of G, so
-    it holds B/(W G) samples of every group; draws are per group over the group's global rows.
+    The batch is G groups: with mixed resolutions (`shapes`: G (H_g, W_g)) global row i belongs to
+    group i % G, whose images are average-pooled to (H_g, W_g); else one group of every row at the
+    data's size. Each rank's rows are a contiguous slice starting at a multiple of G, so it holds
+    B/(W G) samples of every group; masks and noise are drawn per group over the group's global
+    rows, the noise levels over the whole micro-batch. All groups go through one loss call (one
+    network pass); a single resolution goes in as a plain batch (what DiT takes).
     """
     micro, rows = state.stream.batch_size, state.stream.rows()
     sigma_dist = MaskDiTLoss(cfg.P_mean, cfg.P_std)  # the config's noise levels (loss_fn may be any callable)
-    if not shapes:
-        ratio, ids_keep = draw_mask(cfg, state, mask_ratio, micro, unwrap(state.net).num_patches, rows)
-        sigma = sigma_dist.sample_sigma(micro, x.device, state.loss_gen)[rows]
-        noise = torch.randn((micro,) + tuple(x.shape[1:]), device=x.device, generator=state.loss_gen)[rows]
-        return loss_fn(precond, x, y, mask_ratio=ratio, ids_keep=ids_keep, sigma=sigma, noise=noise)
-    G, p = len(shapes), unwrap(state.net).patch_size
+    G, p = max(len(shapes), 1), unwrap(state.net).patch_size
     per_group = micro // G
     own = slice(rows.start // G, rows.stop // G)  # this rank's rows within each group's global rows
-    xs = [torch.nn.functional.avg_pool2d(x[g::G], x.shape[2] // h) for g, (h, w) in enumerate(shapes)]
-    masks = [draw_mask(cfg, state, mask_ratio, per_group, (h // p) * (w // p), own) for h, w in shapes]
+    xs = [x[g::G] if x.shape[2] == h else torch.nn.functional.avg_pool2d(x[g::G], x.shape[2] // h)
+          for g, (h, w) in enumerate(shapes or [x.shape[2:]])]
+    masks = [draw_mask(cfg, state, mask_ratio, per_group, (xg.shape[2] // p) * (xg.shape[3] // p), own) for xg in xs]
     sigma = sigma_dist.sample_sigma(micro, x.device, state.loss_gen)[rows]
     noise = [torch.randn((per_group,) + tuple(xg.shape[1:]), device=x.device, generator=state.loss_gen)[own]
              for xg in xs]
-    return loss_fn.grouped(precond, xs, [y[g::G] for g in range(G)], mask_ratio=[r for r, _ in masks],
-                           ids_keep=[ids for _, ids in masks], sigma=torch.cat([sigma[g::G] for g in range(G)]),
-                           noise=noise)
+    ys, ratios, ids_keep = [y[g::G] for g in range(G)], [r for r, _ in masks], [ids for _, ids in masks]
+    sigma = torch.cat([sigma[g::G] for g in range(G)])  # in group order
+    if not shapes:  # one resolution: a plain batch (what DiT takes), not a list of one group
+        xs, ys, ratios, ids_keep, noise = xs[0], ys[0], ratios[0], ids_keep[0], noise[0]
+    return loss_fn(precond, xs, ys, mask_ratio=ratios, ids_keep=ids_keep, sigma=sigma, noise=noise)
 
 
 def train_step(cfg, state, loss_fn, mask_ratio, device, shapes=()):

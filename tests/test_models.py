@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from maskdit_fast.masking import check_ids_keep, mask_from_ids_keep, num_kept, random_masking_ids
-from maskdit_fast.models import (SIZES, DiT, MaskDiT, ModelOutput, create_model, from_official,
-                                 get_2d_sincos_pos_embed, preset_names)
+from maskdit_fast.models import SIZES, DiT, MaskDiT, ModelOutput, create_model, get_2d_sincos_pos_embed, preset_names
+from maskdit_fast.official import from_official
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4, num_classes=5)
 TINY_DEC = dict(decoder_depth=2, decoder_hidden_size=16, decoder_num_heads=2)

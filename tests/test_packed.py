@@ -1,14 +1,16 @@
 """MaskDiT packed (varlen) mode: per-sample masking, packed == dense for equal keep counts (loss and
-gradients, torch and Triton back-ends), per-sample ratios == one-sample-at-a-time dense, mixed
-resolutions == each group through the dense path of a model built for that size, errors."""
+gradients, torch and Triton back-ends; bitwise, as equal counts run the dense layout), which attention
+each layout runs, per-sample ratios == one-sample-at-a-time dense, mixed resolutions == each group
+through the dense path of a model built for that size, the mask a request returns, errors."""
 import pytest
 import torch
 
+from maskdit_fast import ops
 from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss
 from maskdit_fast.masking import (PackedMask, check_packed_mask, keep_counts, mask_from_ids_keep, mask_from_packed,
                                   pack_ids_keep, per_sample_ratios, random_masking_ids, random_masking_packed,
                                   sample_mask_ratios)
-from maskdit_fast.models import DiT, MaskDiT, get_2d_sincos_pos_embed
+from maskdit_fast.models import DiT, MaskDiT, get_2d_sincos_pos_embed, varlen_layout
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)
 TINY_DEC = dict(decoder_depth=1, decoder_hidden_size=32, decoder_num_heads=2)  # head dims 16: Triton-ready
@@ -110,6 +112,9 @@ def test_packed_loss_equals_dense_loss_for_equal_counts():
         torch.testing.assert_close(packed.loss, dense.loss, rtol=1e-5, atol=1e-6)
         assert packed.mae.item() > 0
         _assert_grads_close(grads, dense_grads)
+        # equal counts run the dense layout: the very same computation
+        assert torch.equal(packed.per_sample, dense.per_sample)
+        assert all(torch.equal(grads[n], g) for n, g in dense_grads.items())
     # Random masks from the global RNG: per-sample ratios draw the same masks as the dense ratio.
     runs = []
     for ratio in (0.5, [0.5] * 3, torch.full((3,), 0.5)):
@@ -134,6 +139,84 @@ def test_packed_triton_backend_matches_dense_torch(device):
     packed, grads = _loss_and_grads(precond, lambda: MaskDiTLoss()(precond, x, y, ids_keep=pack_ids_keep(ids), **kw))
     torch.testing.assert_close(packed.per_sample, dense.per_sample, rtol=1e-4, atol=1e-5)
     _assert_grads_close(grads, dense_grads, rtol=1e-3)
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Names of the attention ops the model calls, in order."""
+    calls = []
+    for name in ("attention_qkvpacked", "varlen_attention_qkvpacked"):
+        def spy(*args, _op=getattr(ops, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+def test_equal_counts_run_dense_and_unequal_counts_varlen(attention_calls):
+    """Dense is the packed stream's special case: whatever the request (a [B, K] tensor, a PackedMask,
+    per-sample lists, per-sample ratios, groups of several resolutions), samples that all keep K tokens
+    run the encoder as the dense batch [B, K, D] (dense attention, per-sample conditioning); only unequal
+    counts run varlen attention. The decoder is dense on each group's grid either way."""
+    model = _model(seed=3)
+    depth, dec_depth = TINY["depth"], TINY_DEC["decoder_depth"]
+    dense_only = ["attention_qkvpacked"] * (depth + dec_depth)
+    x, y, t, _ = _batch(3, 8, seed=14)
+    ids = random_masking_ids(3, 16, 0.5, generator=torch.Generator().manual_seed(15))[0]
+    ref = model(x, t, y, ids_keep=ids)
+    assert attention_calls == dense_only
+    for ids_keep in (pack_ids_keep(ids), list(ids)):
+        attention_calls.clear()
+        out = model(x, t, y, ids_keep=ids_keep)
+        assert attention_calls == dense_only
+        assert torch.equal(out.sample, ref.sample) and torch.equal(out.mask, ref.mask)
+    torch.manual_seed(16)
+    plain = model(x, t, y, mask_ratio=0.5)
+    for ratios in ([0.5] * 3, torch.full((3,), 0.5, dtype=torch.float64)):
+        torch.manual_seed(16)  # per-sample ratios draw the plain ratio's masks
+        attention_calls.clear()
+        out = model(x, t, y, mask_ratio=ratios)
+        assert attention_calls == dense_only
+        assert torch.equal(out.sample, plain.sample) and torch.equal(out.mask, plain.mask)
+    # 8 of 16 tokens and 8 of 64: one dense encoder batch across both resolutions
+    xb, yb, tb, _ = _batch(2, 16, seed=17)
+    ids_b = random_masking_ids(2, 64, 0.875, generator=torch.Generator().manual_seed(18))[0]
+    attention_calls.clear()
+    outs = model([x, xb], [t, tb], [y, yb], ids_keep=[ids, ids_b])
+    assert attention_calls == ["attention_qkvpacked"] * depth + ["attention_qkvpacked"] * 2 * dec_depth
+    _assert_close_to_scale(outs[0].sample, ref.sample)
+    # unequal counts: varlen attention in the encoder, dense in the decoder
+    for request in (dict(mask_ratio=[0.25, 0.5, 0.5]), dict(ids_keep=[ids[0], ids[1], ids[2, :5]])):
+        attention_calls.clear()
+        model(x, t, y, **request)
+        assert attention_calls == ["varlen_attention_qkvpacked"] * depth + ["attention_qkvpacked"] * dec_depth
+
+
+def test_varlen_layout():
+    assert varlen_layout((5, 5, 5), "cpu") is None  # equal counts: the dense batch
+    layout = varlen_layout((2, 1, 3), "cpu")
+    assert layout.cu_seqlens.dtype == torch.int32 and layout.cu_seqlens.tolist() == [0, 2, 3, 6]
+    assert layout.max_seqlen == 3 and layout.sample.tolist() == [0, 0, 1, 2, 2, 2]
+
+
+def test_mask_follows_the_request():
+    """A single keep count that keeps every token returns no mask (and leaves the mask token out of the
+    graph); per-sample requests and groups always return their masks and scatter through the mask
+    token, whatever the values drawn."""
+    model = _model(seed=4)
+    x, y, t, _ = _batch(2, 8, seed=19)
+    out = model(x, t, y, mask_ratio=0.0)
+    assert out.mask is None
+    out.sample.sum().backward()
+    assert model.mask_token.grad is None
+    for request in (dict(mask_ratio=[0.0, 0.0]), dict(ids_keep=[torch.arange(16), torch.arange(16)])):
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, y, **request)
+        assert torch.equal(out.mask, torch.zeros(2, 16))
+        out.sample.sum().backward()
+        assert torch.equal(model.mask_token.grad, torch.zeros_like(model.mask_token))
+    outs = model([x, x], [t, t], [y, y], mask_ratio=[0.0, 0.5])
+    assert torch.equal(outs[0].mask, torch.zeros(2, 16)) and outs[1].mask.sum(1).tolist() == [8, 8]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +274,7 @@ def test_mixed_resolution_equals_each_group_through_the_dense_path():
     model.float()
 
     # grouped loss == per-group dense losses; gradients == the sample-weighted sum of both models'
-    out, grads = _loss_and_grads(small_pre, lambda: MaskDiTLoss().grouped(
+    out, grads = _loss_and_grads(small_pre, lambda: MaskDiTLoss()(
         small_pre, [xs, xb], [ys, yb], ids_keep=[ids_s, ids_b], sigma=torch.cat([ss, sb]), noise=[ns, nb]))
     ref_s, grads_s = _loss_and_grads(small_pre, lambda: MaskDiTLoss()(small_pre, xs, ys, ids_keep=ids_s,
                                                                       sigma=ss, noise=ns))
@@ -203,7 +286,7 @@ def test_mixed_resolution_equals_each_group_through_the_dense_path():
 
     # random per-sample masks in every group, drawn by the model
     torch.manual_seed(0)
-    out = MaskDiTLoss().grouped(small_pre, [xs, xb], [ys, None], mask_ratio=[torch.tensor([0.0, 0.5, 0.75]), 0.5],
+    out = MaskDiTLoss()(small_pre, [xs, xb], [ys, None], mask_ratio=[torch.tensor([0.0, 0.5, 0.75]), 0.5],
                                 generator=torch.Generator().manual_seed(1))
     assert out.per_sample.shape == (5,) and torch.isfinite(out.loss)
     masks = [o.mask for o in model([xs, xb], [ss, sb], None, mask_ratio=[[0.0, 0.5, 0.75], 0.5])]
@@ -254,9 +337,9 @@ def test_packed_errors_for_bad_inputs():
     with pytest.raises(ValueError, match="DiT"):
         DiT(**TINY)(x, t, y, mask_ratio=[0.5, 0.5])
     with pytest.raises(ValueError, match="noise"):
-        MaskDiTLoss().grouped(EDMPrecond(model), [x], [y], noise=torch.randn(2, 3, 8, 8))
+        MaskDiTLoss()(EDMPrecond(model), [x], [y], noise=torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="list"):
-        MaskDiTLoss().grouped(EDMPrecond(model), x, [y])
+        MaskDiTLoss()(EDMPrecond(model), [], [y])
     for low, high in [(-0.1, 0.5), (0.5, 1.0), (0.6, 0.4)]:
         with pytest.raises(ValueError, match="range"):
             sample_mask_ratios(4, low, high)

@@ -9,7 +9,7 @@ import torch
 from maskdit_fast import train as T
 from maskdit_fast.config import parse_config
 from maskdit_fast.data import DataStream, build_dataset
-from maskdit_fast.masking import PackedMask, pack_ids_keep
+from maskdit_fast.masking import PackedMask, is_per_sample, pack_ids_keep
 from maskdit_fast.models import MaskDiT
 from test_data import write_latents
 from test_train import metrics, tiny
@@ -17,27 +17,36 @@ from test_train import metrics, tiny
 
 @pytest.fixture
 def packed_calls(monkeypatch):
-    """Records (x shapes, mask ratios (lists as float64 tensors), masks) of every MaskDiT packed forward."""
-    calls, real = [], MaskDiT._forward_packed
+    """Records (x shapes, mask ratios (lists as float64 tensors), masks) of every MaskDiT forward with
+    per-sample masks or groups (as lists of groups; a plain ratio or [B, K] ids_keep is not recorded)."""
+    calls, real = [], MaskDiT.forward
 
-    def spy(self, x, t, y, mask_ratio, ids_keep, any_size):
-        outs = real(self, x, t, y, mask_ratio, ids_keep, any_size)
-        ratios = [torch.tensor(r, dtype=torch.float64) if isinstance(r, list) else r for r in mask_ratio]
-        calls.append(([tuple(xg.shape) for xg in x], ratios, [o.mask for o in outs]))
+    def spy(self, x, t, y, mask_ratio=0.0, ids_keep=None):
+        outs = real(self, x, t, y, mask_ratio, ids_keep)
+        if isinstance(x, list):
+            calls.append(([tuple(xg.shape) for xg in x], [_ratios(r) for r in mask_ratio], [o.mask for o in outs]))
+        elif is_per_sample(mask_ratio) or isinstance(ids_keep, (PackedMask, list)):
+            calls.append(([tuple(x.shape)], [_ratios(mask_ratio)], [outs.mask]))
         return outs
 
-    monkeypatch.setattr(MaskDiT, "_forward_packed", spy)
+    monkeypatch.setattr(MaskDiT, "forward", spy)
     return calls
+
+
+def _ratios(mask_ratio):
+    return torch.tensor(mask_ratio, dtype=torch.float64) if isinstance(mask_ratio, list) else mask_ratio
 
 
 def test_equal_bounds_match_plain_ratio(tmp_path, packed_calls):
     overrides = dict(steps=4, sample_per_class=0)
     T.train(tiny(tmp_path / "plain", mask_ratio=0.25, **overrides), progress=False)
-    assert not packed_calls  # the plain ratio runs the dense encoder
+    assert not packed_calls  # the plain ratio makes no per-sample request
     T.train(tiny(tmp_path / "range", mask_ratio_range=[0.25, 0.25], **overrides), progress=False)
-    assert len(packed_calls) == 4  # ... and the range the packed one, with the same masks and draws
+    assert len(packed_calls) == 4  # ... and the range one per step, with the same masks and draws
     plain, ranged = metrics(tmp_path / "plain"), metrics(tmp_path / "range")
     torch.testing.assert_close([r["loss"] for r in ranged], [r["loss"] for r in plain], rtol=1e-5, atol=0)
+    # equal counts run the dense encoder, as the plain ratio does: the same numbers, not just close
+    assert [r["loss"] for r in ranged] == [r["loss"] for r in plain]
     assert [r["mask_ratio"] for r in ranged] == [0.25] * 4
 
 
@@ -145,3 +154,16 @@ def test_bad_values(tmp_path):
         with pytest.raises(ValueError, match=match):
             T.train(tiny(run, **overrides), progress=False)
     assert not run.exists()  # rejected before anything is written
+
+
+def test_one_group_at_the_data_size_trains_like_the_plain_batch(tmp_path):
+    """micro_step_loss has one path: the single-resolution batch is its one group. --mixed-resolutions
+    at the data's own size (a list of one group through the model's grouped forward) draws the same
+    masks, noise levels and noise as the plain run and, its samples keeping equal counts, runs the same
+    dense encoder: the same losses, not just close ones."""
+    overrides = dict(steps=3, sample_per_class=0, grad_accum=2)
+    T.train(tiny(tmp_path / "plain", **overrides), progress=False)
+    T.train(tiny(tmp_path / "group", mixed_resolutions=[8], **overrides), progress=False)
+    plain, group = metrics(tmp_path / "plain"), metrics(tmp_path / "group")
+    assert [r["loss"] for r in group] == [r["loss"] for r in plain] and len(plain) == 3
+    assert [r["grad_norm"] for r in group] == [r["grad_norm"] for r in plain]
