@@ -131,7 +131,9 @@ def _glue(cfg, names, width, baselines=GLUE_BASELINES, label=None):
     for c in bench.op_cases(cfg):
         if c.name in names:
             case = dataclasses.replace(c, name=f"{c.name}[{label}]") if label else c
-            out.append(Shape(_config.shape_key(D=width), case, baselines))
+            # the CUDA extension has no varlen gather / scatter (backend "cuda" would run torch)
+            own = tuple(b for b in baselines if b != "cuda" or "cuda" in c.backends)
+            out.append(Shape(_config.shape_key(D=width), case, own))
     return out
 
 
@@ -142,12 +144,12 @@ def _decoder_cfg(cfg):
 
 def gather_shapes(cfg):
     """gather: the encoder input (dense and packed) at the encoder width."""
-    return _glue(cfg, ("gather_tokens", "gather_tokens_varlen"), cfg.D, ("torch", "compile", "cuda"))
+    return _glue(cfg, ("gather_tokens", "gather_tokens_varlen"), cfg.D)
 
 
 def scatter_shapes(cfg):
     """scatter: the decoder input (dense and packed) at the decoder width."""
-    return _glue(cfg, ("scatter_tokens", "scatter_tokens_varlen"), cfg.Dd, ("torch", "compile", "cuda"))
+    return _glue(cfg, ("scatter_tokens", "scatter_tokens_varlen"), cfg.Dd)
 
 
 def layernorm_shapes(cfg):
@@ -399,8 +401,6 @@ def baseline_fn(case, name, device):
         return _flex_varlen if case.name.startswith("varlen") else _flex_dense
     if name == "liger":
         return _liger_layernorm_modulate
-    if name == "compile" and case.name.startswith("varlen"):
-        raise bench.Unavailable("the varlen reference loops over sequences on the host: nothing to compile")
     return bench.backend_fn(case, name, device)
 
 
@@ -550,7 +550,7 @@ def run_chunk(items, settings, deadline, sink, log):
         proc = ctx.Process(target=child_main, args=(send, remaining, settings, deadline), daemon=True)
         proc.start()
         send.close()
-        done, current, started, killed = set(), None, time.time(), None
+        done, current, started, killed, any_started = set(), None, time.time(), None, False
         while True:
             if recv.poll(0.2):
                 try:
@@ -558,7 +558,7 @@ def run_chunk(items, settings, deadline, sink, log):
                 except (EOFError, OSError):
                     break
                 if msg[0] == "start":
-                    current, started = msg[1], time.time()
+                    current, started, any_started = msg[1], time.time(), True
                 else:
                     sink(msg[2])
                     done.add(msg[1])
@@ -587,6 +587,11 @@ def run_chunk(items, settings, deadline, sink, log):
             log(f"[tune] {item['family'].name} {item['case']} {item.get('config', item.get('baseline'))}: {reason}")
             done.add(current)
         remaining = [it for it in remaining if it["id"] not in done]
+        if not any_started and proc.exitcode != 0:  # a child that cannot start would fail again
+            for item in remaining:
+                sink(dict(_item_row(item), status="error",
+                          reason=f"child process died before its first item (exit code {proc.exitcode})"))
+            return
         if proc.exitcode == 0 and remaining:
             break  # the child stopped at the deadline
     for item in remaining:
@@ -647,6 +652,12 @@ def markdown(rows, families, env, started, cut_off):
     if env.get("device") != "cuda":
         lines += ["> Dry run (CPU, Triton interpreter, tiny shapes, wall-clock times): checks the machinery, "
                   "not the kernels' speed.", ""]
+    lines += ["Per shape: the winner (least total time of the family's pass over the shapes of its key, among the "
+              "configs that passed the float64 check), its time, and each baseline's time at the same pass with the "
+              "ratio baseline / winner (> 1: the Triton kernel is faster). torch: the eager reference path (SDPA for "
+              "dense attention, torch varlen_attn for varlen on CUDA); compile: torch.compile of the reference; "
+              "flex: FlexAttention compiled (document mask for varlen); cuda: the CUDA extension; liger: "
+              "Liger-Kernel's LayerNorm + torch modulation.", ""]
     best = best_configs(rows, families)
     baselines = {}
     for r in rows:
@@ -680,8 +691,8 @@ def markdown(rows, families, env, started, cut_off):
             for b in names:
                 brow = baselines.get(case, {}).get(b)
                 bms = _ms(brow, fam.primary) if brow else None
-                if bms is None:
-                    cells.append(brow["status"] if brow else "")
+                if bms is None:  # not run here, failed its check, or could not be timed (sweep.jsonl says why)
+                    cells.append(("not timed" if brow["status"] == "ok" else brow["status"]) if brow else "")
                 else:
                     cells.append(f"{_fmt(bms)} ({_fmt(bms / ms)}x)" if ms else _fmt(bms))
             table.append("| " + " | ".join(cells) + " |")
