@@ -285,7 +285,8 @@ def compile_task(family, case_name, config_id, config, settings):
             out = fn(*args)
             forward = {id(k) for k in _launched(jit_fns)}
             bench._grads(out, args, case.grad_argnums, torch.ones_like(out))
-            torch.cuda.synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 - triton's OutOfResources, compile errors: the config is out
         reason = f"{type(err).__name__}: {err}"[:300]
         if _fatal(err):

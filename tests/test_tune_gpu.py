@@ -38,6 +38,8 @@ def _op(family):
         mode = _config.tuned(family, KEY, {"MODE": "exact"})["MODE"]
         if mode == "crash":
             os._exit(7)
+        if mode == "raise":
+            raise RuntimeError("out of resource: shared memory")
         if mode == "sleep":
             time.sleep(max(0.0, float(os.environ["FAKE_SLEEP_UNTIL"]) - time.time()))
         return x * 2 + (0.01 if mode == "wrong" else 0.0)
@@ -172,6 +174,23 @@ def test_dry_run_of_the_real_families(tune, tmp_path):
         assert set(best[family.name]) == {r["key"] for r in configs}
     if not swept:
         pytest.skip("no real family swept: " + "; ".join(missing.values()))
+
+
+def test_compile_phase_rejects_what_fails_and_survives_a_dead_worker(tune, fake):
+    """The pool plumbing of phase 1 on the CPU (no Triton kernels here, so no register record)."""
+    family = tune.Family("fake_fwd", "fake_tune_kernels", "fwd", fake.fwd_shapes)
+    settings = tune.Settings(False, "cpu", "cpu-quick")
+    rows = []
+    tasks = [(family, "fake_fwd[a]", 0, {"MODE": "exact"}), (family, "fake_fwd[a]", 1, {"MODE": "raise"})]
+    rejected = tune.run_compile_phase(tasks, settings, time.time() + 120, rows.append, lambda _: None)
+    assert rejected == {("fake_fwd", "fake_fwd[a]", 1)}
+    status = {r["config_id"]: r for r in rows}
+    assert status[0]["status"] == "ok" and status[0]["kernels"] == []
+    assert status[1]["status"] == "rejected" and "out of resource" in status[1]["reason"]
+    rows.clear()
+    assert tune.run_compile_phase([(family, "fake_fwd[b]", 2, {"MODE": "crash"})], settings, time.time() + 120,
+                                  rows.append, lambda _: None) == set()
+    assert len(rows) == 1 and rows[0]["status"] == "n/a" and "worker pool" in rows[0]["reason"]
 
 
 def test_winner_needs_every_shape_of_its_key(tune):
