@@ -63,13 +63,14 @@ GRAPH_REPS = 20           # graph replays per timing (each replays one call per 
 CHILD_GRACE_S = 30        # past its deadline, a child still busy with one item is killed
 ITEM_TIMEOUT_S = {"gpu": 120, "dry": 300}  # one check + its timings; longer means a hung kernel
 PHASE1_SHARE = 0.35       # at most this share of the deadline goes to the compile phase
-# Plan estimates (s); GPU figures from bench.py runs on an H200 (a child's torch + CUDA start-up, one
-# check + two graph timings at XL shapes, a Triton compile of one attention kernel set).
-EST = {"gpu": dict(child=12, item=1.0, compile=8, baseline=1.5, compiled_baseline=30),
-       "dry": dict(child=4, item=1.5, compile=0, baseline=0.5, compiled_baseline=0)}
+# Plan estimates (s): a child's torch + CUDA start-up, one check + its graph timings at XL shapes, a Triton
+# compile of one attention kernel set, a baseline (torch.compile'd ones apart). Guesses until a GPU run
+# measures them: every sweep.jsonl row records its own seconds ("s").
+EST = {"gpu": dict(child=12, item=1.0, compile=8, warm=30, baseline=1.5, compiled_baseline=6),
+       "dry": dict(child=4, item=1.5, compile=0, warm=0, baseline=0.5, compiled_baseline=0)}
 # Baselines that torch.compile (slow to build: they run last in the baselines chunk).
 COMPILED_BASELINES = ("compile", "flex")
-GPU_ONLY_BASELINES = bench.GPU_ONLY_BACKENDS + ("flex", "liger", "compile")
+GPU_ONLY_BASELINES = bench.GPU_ONLY_BACKENDS + ("liger",)
 
 
 # ------------------------------------------------------------------------------------ families
@@ -312,39 +313,62 @@ def _pool_processes(pool):
     return list(getattr(pool, "_processes", {}).values())
 
 
-def run_compile_phase(tasks, settings, deadline, sink, log):
-    """Runs compile_task for every (family, case, config_id, config) in a spawned pool. Returns the set of
-    (family, case, config_id) rejected or crashed. Tasks unfinished at the deadline or lost to a broken pool are
-    recorded as n/a (phase 2 isolates them anyway)."""
+def warm_task(family, case_name, baseline, settings):
+    """Phase 1 in a pool worker: runs a torch.compile'd baseline once without and once with autograd, so
+    that phase 2 finds its graphs in inductor's on-disk caches instead of compiling on the clock."""
+    shape = _shapes(family, settings)[case_name]
+    device = torch.device(settings.device)
+    row = dict(kind="warm", family=family.name, case=case_name, baseline=baseline)
+    t0 = time.time()
+    try:
+        fn = baseline_fn(shape.case, baseline, device)
+        args = shape.case.make_args(device, settings.cfg().dtype, torch.Generator(device).manual_seed(0))
+        with torch.no_grad():
+            fn(*args)
+        out = fn(*args)
+        bench._grads(out, args, shape.case.grad_argnums, torch.ones_like(out))
+    except Exception as err:  # noqa: BLE001 - phase 2 reports the baseline's own error
+        return dict(row, status="error", reason=f"{type(err).__name__}: {err}"[:300], s=round(time.time() - t0, 1))
+    return dict(row, status="ok", s=round(time.time() - t0, 1))
+
+
+def run_compile_phase(tasks, warm, settings, deadline, sink, log):
+    """Runs compile_task for every (family, case, config_id, config) of `tasks` and warm_task for every
+    (family, case, baseline) of `warm` in a spawned pool. Returns the set of (family, case, config_id)
+    rejected or crashed. Tasks unfinished at the deadline or lost to a broken pool are recorded as n/a
+    (phase 2 isolates them anyway)."""
     rejected = set()
     if settings.dry:
         for family, case_name, config_id, config in tasks:
             sink(dict(kind="compile", family=family.name, case=case_name, key=_shapes(family, settings)[case_name].key,
                       config_id=config_id, config=config, status="n/a", reason="dry run: no compilation"))
         return rejected
-    workers = max(1, min(16, os.cpu_count() or 1, len(tasks)))
+    workers = max(1, min(16, os.cpu_count() or 1, len(tasks) + len(warm)))
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    futures = {pool.submit(compile_task, f, c, i, cfg, settings): (f, c, i, cfg) for f, c, i, cfg in tasks}
+    # the long warm-ups first: the pool's makespan is shortest when its longest jobs start early
+    futures = {pool.submit(warm_task, f, c, b, settings): dict(kind="warm", family=f.name, case=c, baseline=b)
+               for f, c, b in warm}
+    futures.update({pool.submit(compile_task, f, c, i, cfg, settings):
+                    dict(kind="compile", family=f.name, case=c, config_id=i, config=cfg) for f, c, i, cfg in tasks})
     try:
         for fut in concurrent.futures.as_completed(futures, timeout=max(0.0, deadline - time.time())):
-            f, c, i, cfg = futures[fut]
             try:
                 row = fut.result()
             except Exception as err:  # noqa: BLE001 - a worker died: the pool is broken for the rest
-                row = dict(kind="compile", family=f.name, case=c, config_id=i, config=cfg, status="n/a",
-                           reason=f"worker pool: {type(err).__name__}: {err}"[:300])
+                row = dict(futures[fut], status="n/a", reason=f"worker pool: {type(err).__name__}: {err}"[:300])
             sink(row)
-            if row["status"] in ("rejected", "crashed"):
-                rejected.add((f.name, c, i))
+            if row["kind"] == "compile" and row["status"] in ("rejected", "crashed"):
+                rejected.add((row["family"], row["case"], row["config_id"]))
     except concurrent.futures.TimeoutError:
         log(f"[tune] compile phase cut at its deadline: {sum(not f.done() for f in futures)} task(s) unfinished")
-        for fut, (f, c, i, cfg) in futures.items():
+        for fut, row in futures.items():
             if not fut.done():
-                sink(dict(kind="compile", family=f.name, case=c, config_id=i, config=cfg, status="n/a",
-                          reason="compile phase deadline"))
+                sink(dict(row, status="n/a", reason="compile phase deadline"))
         for proc in _pool_processes(pool):
             proc.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        return rejected
+    pool.shutdown(wait=True)  # the workers leave the GPU before phase 2 times anything
     return rejected
 
 
@@ -488,6 +512,8 @@ def run_baseline_item(child, item):
     """Check one baseline at one shape like a config, then time fwd, bwd and fwd+bwd."""
     shape = _shapes(item["family"], child.settings)[item["case"]]
     case, name = shape.case, item["baseline"]
+    if child.settings.dry and name in COMPILED_BASELINES:
+        return dict(status="unavailable", reason="dry run: no torch.compile")
     try:
         fn = baseline_fn(case, name, child.device)
         verdict = bench.check_case(case, fn, child.device, child.cfg.dtype)
@@ -523,13 +549,14 @@ def child_main(conn, items, settings, deadline):
         if time.time() >= deadline:
             break
         conn.send(("start", item["id"]))
-        row, fatal = _item_row(item), False
+        row, fatal, t0 = _item_row(item), False, time.time()
         try:
             run = run_config_item if item["kind"] == "config" else run_baseline_item
             row.update(run(child, item))
         except Exception as err:  # noqa: BLE001 - the item failed; a device error also ends this child
             fatal = _fatal(err)
             row.update(status="crashed" if fatal else "error", reason=f"{type(err).__name__}: {err}"[:300])
+        row["s"] = round(time.time() - t0, 2)
         conn.send(("row", item["id"], row))
         if fatal:
             conn.close()
@@ -571,24 +598,24 @@ def run_chunk(items, settings, deadline, sink, log):
                 continue
             now = time.time()
             if current is not None and now - started > timeout:
-                killed = f"timed out after {timeout} s"
+                killed = ("timeout", f"timed out after {timeout} s")
             elif now > deadline + CHILD_GRACE_S:
-                killed = "cut off at the deadline"
+                killed = ("cut off", "still running at the deadline")
             if killed:
                 proc.kill()
                 break
         proc.join()
         recv.close()
-        by_id = {it["id"]: it for it in remaining}
         if current is not None:
-            item = by_id[current]
-            reason = killed or f"child process died (exit code {proc.exitcode})"
-            sink(dict(_item_row(item), status="timeout" if killed and "timed out" in killed else "crashed",
-                      reason=reason))
+            item = next(it for it in remaining if it["id"] == current)
+            status, reason = killed or ("crashed", f"child process died (exit code {proc.exitcode})")
+            sink(dict(_item_row(item), status=status, reason=reason))
             log(f"[tune] {item['family'].name} {item['case']} {item.get('config', item.get('baseline'))}: {reason}")
             done.add(current)
         remaining = [it for it in remaining if it["id"] not in done]
-        if not any_started and proc.exitcode != 0:  # a child that cannot start would fail again
+        if killed and killed[0] == "cut off":
+            break
+        if not any_started and not killed and proc.exitcode != 0:  # a child that cannot start would fail again
             for item in remaining:
                 sink(dict(_item_row(item), status="error",
                           reason=f"child process died before its first item (exit code {proc.exitcode})"))
@@ -730,14 +757,15 @@ def write_summary(out_dir, rows, families, env, started, cut_off):
 
 # ------------------------------------------------------------------------------------ driver
 
-def plan(work, settings, n_tasks, workers, deadline_s, log):
+def plan(work, settings, n_tasks, n_warm, workers, deadline_s, log):
     """Prints the plan: counts x estimated cost per phase and family, against the deadline."""
     est = EST[settings.kind]
     total = 0.0
     if n_tasks:
-        t = math.ceil(n_tasks / max(workers, 1)) * est["compile"]
+        t = math.ceil((n_tasks * est["compile"] + n_warm * est["warm"]) / max(workers, 1))
         total += t
-        log(f"[tune] plan: compile {n_tasks} (family, shape, config) on {workers} workers ~ {t:.0f} s")
+        log(f"[tune] plan: compile {n_tasks} (family, shape, config) and warm {n_warm} torch.compile baselines "
+            f"on {workers} workers ~ {t:.0f} s")
     for name, items in work:
         compiled = sum(it.get("baseline") in COMPILED_BASELINES for it in items)
         t = est["child"] + (len(items) - compiled) * (est["baseline"] if name == "baselines" else est["item"])
@@ -805,30 +833,30 @@ def run_sweep(out_dir, deadline_s=420.0, family_names=None, max_configs=None, dr
         it["id"], next_id = next_id, next_id + 1
     if base_items:
         work.append(("baselines", base_items))
+    warm = [(it["family"], it["case"], it["baseline"]) for it in base_items if it["baseline"] in COMPILED_BASELINES]
     workers = 0 if dry else min(16, os.cpu_count() or 1)
-    plan(work, settings, 0 if dry else len(tasks), workers, deadline_s, log)
-    cut_off = False
+    plan(work, settings, 0 if dry else len(tasks), 0 if dry else len(warm), workers, deadline_s, log)
+    finished = False
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still writes its summary
     try:
         if tasks:
-            log(f"[tune] phase 1: {len(tasks)} compile tasks")
-            rejected = run_compile_phase(tasks, settings, t0 + PHASE1_SHARE * deadline_s, sink, log)
+            log(f"[tune] phase 1: {len(tasks)} compile tasks, {len(warm)} torch.compile warm-ups")
+            rejected = run_compile_phase(tasks, warm, settings, t0 + PHASE1_SHARE * deadline_s, sink, log)
             for name, items in work:
-                kept = [it for it in items if (it["family"].name, it["case"], it.get("config_id")) not in rejected]
-                for it in items:
-                    if it not in kept:
-                        sink(dict(_item_row(it), status="rejected", reason="compile phase (see its compile row)"))
-                items[:] = kept
+                out = [it for it in items if (it["family"].name, it["case"], it.get("config_id")) in rejected]
+                for it in out:
+                    sink(dict(_item_row(it), status="rejected", reason="compile phase (see its compile row)"))
+                items[:] = [it for it in items if it not in out]
         chunks = work if not dry else [("all", [it for _, items in work for it in items])]
         for n, (name, items) in enumerate(chunks):
             share = (deadline - time.time()) / (len(chunks) - n)
             log(f"[tune] phase 2: {name}: {len(items)} items, {max(share, 0):.0f} s")
             run_chunk(items, settings, time.time() + share, sink, log)
             write_summary(out_dir, rows, families, env, started, cut_off=False)
-        cut_off = any(r.get("status") == "skipped" and r.get("reason") == "deadline" for r in rows)
+        finished = True
     finally:
         signal.signal(signal.SIGTERM, previous)
-        cut_off = cut_off or time.time() >= deadline
+        cut_off = not finished or any(r.get("status") in ("skipped", "cut off") for r in rows)
         sink(dict(kind="end", seconds=round(time.time() - t0, 1), cut_off=cut_off))
         jsonl.close()
         write_summary(out_dir, rows, families, env, started, cut_off)

@@ -182,13 +182,13 @@ def test_compile_phase_rejects_what_fails_and_survives_a_dead_worker(tune, fake)
     settings = tune.Settings(False, "cpu", "cpu-quick")
     rows = []
     tasks = [(family, "fake_fwd[a]", 0, {"MODE": "exact"}), (family, "fake_fwd[a]", 1, {"MODE": "raise"})]
-    rejected = tune.run_compile_phase(tasks, settings, time.time() + 120, rows.append, lambda _: None)
+    rejected = tune.run_compile_phase(tasks, [], settings, time.time() + 120, rows.append, lambda _: None)
     assert rejected == {("fake_fwd", "fake_fwd[a]", 1)}
     status = {r["config_id"]: r for r in rows}
     assert status[0]["status"] == "ok" and status[0]["kernels"] == []
     assert status[1]["status"] == "rejected" and "out of resource" in status[1]["reason"]
     rows.clear()
-    assert tune.run_compile_phase([(family, "fake_fwd[b]", 2, {"MODE": "crash"})], settings, time.time() + 120,
+    assert tune.run_compile_phase([(family, "fake_fwd[b]", 2, {"MODE": "crash"})], [], settings, time.time() + 120,
                                   rows.append, lambda _: None) == set()
     assert len(rows) == 1 and rows[0]["status"] == "n/a" and "worker pool" in rows[0]["reason"]
 
