@@ -182,9 +182,12 @@ def test_compile_phase_rejects_what_fails_and_survives_a_dead_worker(tune, fake)
     settings = tune.Settings(False, "cpu", "cpu-quick")
     rows = []
     tasks = [(family, "fake_fwd[a]", 0, {"MODE": "exact"}), (family, "fake_fwd[a]", 1, {"MODE": "raise"})]
-    rejected = tune.run_compile_phase(tasks, [], settings, time.time() + 120, rows.append, lambda _: None)
+    warm = [(family, "fake_fwd[b]", "compile")]  # torch.compile of the reference, built for phase 2's cache
+    rejected = tune.run_compile_phase(tasks, warm, settings, time.time() + 300, rows.append, lambda _: None)
     assert rejected == {("fake_fwd", "fake_fwd[a]", 1)}
-    status = {r["config_id"]: r for r in rows}
+    warmed = [r for r in rows if r["kind"] == "warm"]
+    assert len(warmed) == 1 and warmed[0]["status"] == "ok" and warmed[0]["baseline"] == "compile", warmed
+    status = {r["config_id"]: r for r in rows if r["kind"] == "compile"}
     assert status[0]["status"] == "ok" and status[0]["kernels"] == []
     assert status[1]["status"] == "rejected" and "out of resource" in status[1]["reason"]
     rows.clear()
