@@ -13,7 +13,8 @@ i.e. through the production launch path of the public op (`maskdit_fast.ops`, ba
 Phase 1 (compile): every (family, shape, config) runs once in a pool of spawned worker processes
 (min(16, CPUs)); the compiled Triton kernels' registers, spills and shared memory are read from the JIT
 functions' in-memory caches. A config whose kernels spill, or that does not fit the SM (shared memory,
-threads), or fails to compile, is rejected and recorded.
+threads), or fails to compile, is rejected and recorded. The same pool runs the torch.compile'd baselines
+once, so that phase 2 loads them from inductor's on-disk caches instead of compiling on the clock.
 
 Phase 2 (check, then time): one child process per family runs its configs one after the other: the
 output and every gradient against the float64 reference by the 2x rule (`maskdit_fast.bench.check_case`:
@@ -35,6 +36,7 @@ report's tiny CPU shapes, phase 1 recorded as n/a, a wall-clock timer in place o
 """
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -564,6 +566,23 @@ def child_main(conn, items, settings, deadline):
     conn.close()
 
 
+@contextlib.contextmanager
+def _child_environment(settings):
+    """A dry run's children interpret the Triton kernels: triton reads TRITON_INTERPRET when the child
+    imports it, from the environment the child starts with. The caller's own environment is restored (a
+    test process on a GPU machine must keep compiling its kernels)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if settings.dry:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
 def run_chunk(items, settings, deadline, sink, log):
     """Runs items in spawned children, one after the other; a child that dies or hangs costs only its
     current item (recorded as crashed / timed out) and the rest go on in a new child. Items not started
@@ -576,7 +595,8 @@ def run_chunk(items, settings, deadline, sink, log):
             break
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=child_main, args=(send, remaining, settings, deadline), daemon=True)
-        proc.start()
+        with _child_environment(settings):
+            proc.start()
         send.close()
         done, current, started, killed, any_started = set(), None, time.time(), None, False
         while True:
@@ -783,7 +803,6 @@ def run_sweep(out_dir, deadline_s=420.0, family_names=None, max_configs=None, dr
     t0 = time.time()
     deadline = t0 + deadline_s
     if dry:
-        os.environ["TRITON_INTERPRET"] = "1"  # for the children (this process only reads TUNING)
         settings = Settings(True, "cpu", "cpu-quick")
         max_configs = 2 if max_configs is None else max_configs
     else:
