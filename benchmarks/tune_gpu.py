@@ -757,11 +757,11 @@ def markdown(rows, families, env, started, cut_off):
         lines.append("## Device kernels the attention baselines ran\n")
         lines += [f"- {case} / {b}: {', '.join(k)}" for case, b, k in kernels]
         lines.append("")
-    rejected = [r for r in rows if r.get("kind") == "compile" and r.get("status") == "rejected"]
+    rejected = [r for r in rows if r.get("kind") == "compile" and r.get("status") in ("rejected", "crashed")]
     if rejected:
-        lines.append("## Rejected at compile\n")
+        lines.append("## Rejected at compile (spills, SM limits, compile errors, device errors)\n")
         lines += [f"- {r['family']} config {r['config_id']} ({_config_text(r['config'])}) at {r['case']}: "
-                  f"{r.get('reason')}" for r in rejected[:40]]
+                  f"{r['status']}: {r.get('reason')}" for r in rejected[:40]]
         lines.append("")
     return "\n".join(lines)
 
