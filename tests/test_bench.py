@@ -12,9 +12,11 @@ import torch
 
 from maskdit_fast import bench, ops
 from maskdit_fast.backend import triton_interpreted
-from maskdit_fast.bench_utils import (Cost, Rotation, Stats, Timer, achieved, attention_cost, gated_residual_cost,
-                                      gather_tokens_cost, layernorm_modulate_cost, rotation_count,
-                                      scatter_tokens_cost, time_calls)
+from maskdit_fast.bench import backends, cli, op_section
+from maskdit_fast.bench import report as report_module
+from maskdit_fast.bench.costs import (Cost, achieved, attention_cost, gated_residual_cost, gather_tokens_cost,
+                                      layernorm_modulate_cost, scatter_tokens_cost)
+from maskdit_fast.bench.timing import Rotation, Stats, Timer, rotation_count, time_calls
 
 
 def _nbytes(*tensors):
@@ -58,7 +60,7 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
     assert all("pct_of_floor" in r for r in report["attention"] if r["status"] == "ok")
     checks = [c for c in report["checks"] if c["source"] == "bench"]
     assert checks and all(c["passed"] for c in checks)
-    assert {c["source"] for c in report["checks"]} >= {f"{m}.{e}" for m, e in bench.EXTERNAL_CHECKS}
+    assert {c["source"] for c in report["checks"]} >= {f"{m}.run_checks" for m in bench.CHECK_MODULES}
 
     train = {r["variant"]: r for r in report["train_step"]}
     assert train["MaskDiT-S/2 fused"]["status"] == train["MaskDiT-S/2 triton"]["status"] == "skipped"
@@ -89,13 +91,15 @@ def test_config_and_section_errors():
 def test_gpu_mode_logic_runs_on_a_cpu_stand_in(tmp_path):
     """The GPU mode's configuration and report path, at tiny sizes on the CPU."""
     tiny = bench.make_config("cpu-quick", "cpu")
+    size = tiny.train_input_sizes[0]
     cfg = dataclasses.replace(bench.make_config("gpu-quick", "cpu"), **bench.CPU_TINY, dtype=torch.float32,
                               copy_bytes=tiny.copy_bytes, matmul_n=tiny.matmul_n, train_size=tiny.train_size,
-                              train_overrides=tiny.train_overrides, fixed_batch=tiny.fixed_batch,
-                              cpu_figure=tiny.cpu_figure, external_timings=True)
+                              train_overrides=tiny.train_overrides, train_input_sizes=(size,),
+                              common_batch={size: 2}, fixed_batch=tiny.fixed_batch, profile=tiny.profile,
+                              cpu_figure=tiny.cpu_figure)
     report = bench.run_report(cfg, log=lambda *a: None)
     assert report["mode"] == "gpu-quick" and set(report["sections"]) == set(bench.SECTIONS)
-    assert [r["status"] for r in report["external_timings"]] == ["skipped"]
+    assert [r["status"] for r in report["checks"] if r["source"] != "bench"] == ["skipped"] * len(bench.CHECK_MODULES)
     assert {r["backend"] for r in report["ops"] if r["status"] == "skipped"} == {"compile"}  # off in quick mode
     json_path, md_path = bench.write_report(report, tmp_path)
     assert json_path.endswith("-cpu-quick.json") and json.loads(open(json_path).read())["mode"] == "gpu-quick"
@@ -107,8 +111,10 @@ def test_every_mode_budget_covers_its_sections():
         assert set(cfg.sections) <= set(cfg.budgets)
     gpu = bench.make_config("gpu", "cpu")
     assert sum(gpu.budgets.values()) < 8 * 60  # the GPU report must end within 8 minutes
-    assert [v[0] for v in bench.train_variants(gpu)] == ["MaskDiT-XL/2 fused", "MaskDiT-XL/2 triton",
-                                                        "MaskDiT-XL/2 reference", "DiT-XL/2"]
+    assert [v.label for v in bench.train_variants(gpu)] == [
+        "MaskDiT-XL/2 fused", "MaskDiT-XL/2 triton", "MaskDiT-XL/2 reference", "DiT-XL/2",
+        "MaskDiT-XL/2 reference + compile", "MaskDiT-XL/2 fused + compile", "MaskDiT-XL/2 fused + compile + CUDA graphs",
+        "DiT-XL/2 + compile", "MaskDiT-XL/2 fused + compile (blocks)", "MaskDiT-XL/2 fused + compile + fp8"]
     assert bench.train_baseline(gpu) == "MaskDiT-XL/2 reference"
 
 
@@ -179,7 +185,7 @@ def test_failing_kernel_is_reported_not_timed():
 def test_triton_backends_pass_the_report_checks_under_the_interpreter(monkeypatch):
     """The report's cases and argument layouts drive the Triton kernels correctly (the GPU path, run
     by the interpreter at tiny sizes; the report itself never times the interpreter)."""
-    monkeypatch.setattr(bench, "GPU_ONLY_BACKENDS", tuple(b for b in bench.GPU_ONLY_BACKENDS if b != "triton"))
+    monkeypatch.setattr(backends, "GPU_ONLY_BACKENDS", tuple(b for b in backends.GPU_ONLY_BACKENDS if b != "triton"))
     cfg = bench.make_config("cpu-quick", "cpu")
     for case in bench.op_cases(cfg) + bench.attention_cases(cfg):
         verdict = bench.check_case(case, bench.backend_fn(case, "triton", "cpu"), "cpu", cfg.dtype)
@@ -191,14 +197,14 @@ def test_a_section_that_raises_keeps_the_report_and_stops_the_rest(tmp_path, mon
     sections are marked not run, the report is still written and main() exits 1."""
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
-    monkeypatch.setattr(bench, "run_op_section", crash)
+    monkeypatch.setattr(report_module, "run_op_section", crash)
     report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks", "ops", "attention"],
                               log=lambda *a: None)
     assert report["peaks"]["copy_GBps"] > 0 and "error" not in report["sections"]["peaks"]
     assert "illegal memory access" in report["sections"]["ops"]["error"]
     assert report["sections"]["attention"]["error"] == "not run: ops raised RuntimeError"
     assert "illegal memory access" in bench.to_markdown(report)
-    monkeypatch.setattr(bench, "run_report", lambda cfg, sections=None: report)
+    monkeypatch.setattr(cli, "run_report", lambda cfg, sections=None, budgets=None: report)
     assert bench.main(["--cpu-quick", "--out", str(tmp_path)]) == 1
     assert len(list(tmp_path.glob("*.json"))) == 1
 
@@ -206,11 +212,11 @@ def test_a_section_that_raises_keeps_the_report_and_stops_the_rest(tmp_path, mon
 def test_graph_timing_needs_cuda_and_reports_why_not():
     """CUDA-graph replay timing (the device-only figure beside the eager one) is CUDA-only; a failure
     becomes a reason on the row, never an exception."""
-    from maskdit_fast.bench_utils import time_graph_replays
+    from maskdit_fast.bench.timing import time_graph_replays
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         time_graph_replays(lambda: None, 2, "cpu")
     cfg = bench.make_config("cpu-quick", "cpu")
-    extra = bench._graph_timing(lambda *a: None, [((), None)], cfg, Timer)
+    extra = op_section._graph_timing(lambda *a: None, [((), None)], cfg, Timer)
     assert set(extra) == {"graph_reason"} and "needs a CUDA device" in extra["graph_reason"]
 
 
@@ -225,23 +231,23 @@ def test_markdown_lists_failed_checks_and_main_exit_code(tmp_path, monkeypatch):
     report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks"], log=lambda *a: None)
     report["checks"].append(dict(source="bench", name="op/triton/fwd", max_err=1.0, tol=0.1, passed=False,
                                  status="FAILED"))
-    report["external_timings"] = [dict(source="m.benchmark", status="info", name="sdpa flash", shape="B=2",
-                                       ms=0.5, tflops=123.0, **{"pass": "fwd"})]
     md = bench.to_markdown(report)
     assert "0 passed, 1 failed" in md and "op/triton/fwd" in md
-    assert "## Check modules' own timings" in md and "| m.benchmark | sdpa flash | fwd | B=2 | 0.5 | 123 |" in md
-    monkeypatch.setattr(bench, "run_report", lambda cfg, sections=None: report)
+    monkeypatch.setattr(cli, "run_report", lambda cfg, sections=None, budgets=None: report)
     assert bench.main(["--cpu-quick", "--out", str(tmp_path)]) == 1
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
 # ------------------------------------------------------------------------------ check modules
 
-def test_external_check_rows_are_normalised(monkeypatch):
+def test_check_module_rows_become_report_rows(monkeypatch):
+    """Each check module's run_checks(device) rows are (name, max_err, tolerance, passed), as the
+    kernels' Check tuples; any other row, a crash or a missing module becomes one clear row."""
+    from maskdit_fast.ops.gpu_checks import Check
     good = types.ModuleType("fake_checks_good")
     good.run_checks = lambda device: [("gather fwd", 0.0, 1e-3, True), ("scatter bwd", 0.5, 1e-3, False),
                                       {"name": "attention timing", "ms": 1.0},
-                                      {"name": "varlen D=72", "max_err": 2e-3, "tolerance": 1e-3, "ok": False}]
+                                      Check("varlen D=72", 2e-3, 1e-3, False)]
     broken = types.ModuleType("fake_checks_broken")
 
     def crash(device):
@@ -252,15 +258,17 @@ def test_external_check_rows_are_normalised(monkeypatch):
         monkeypatch.setitem(sys.modules, module.__name__, module)
     names = ("fake_checks_good", "fake_checks_broken", "fake_checks_no_entry", "fake_checks_missing")
     rows = [r for name in names for r in bench.module_check_rows(name, "cpu")]
-    by_name = {r["name"]: r for r in rows}
+    assert all(set(r) >= {"source", "name", "max_err", "tol", "passed", "status"} for r in rows)  # one format
+    by_name = {r["name"]: r for r in rows if r["status"] != "error"}
     assert by_name["gather fwd"]["status"] == "ok" and by_name["scatter bwd"]["status"] == "FAILED"
-    assert by_name["attention timing"]["status"] == "info" and by_name["attention timing"]["ms"] == 1.0
     assert by_name["varlen D=72"]["status"] == "FAILED" and by_name["varlen D=72"]["tol"] == 1e-3
-    assert by_name["fake_checks_broken"]["status"] == "error"
-    assert "kernel launch failed" in by_name["fake_checks_broken"]["reason"]
+    errors = [r for r in rows if r["status"] == "error"]
+    assert [r["name"] for r in errors] == ["fake_checks_good", "fake_checks_broken"]
+    assert "attention timing" in errors[0]["reason"] and "is not (name, max_err, tolerance, passed)" in errors[0]["reason"]
+    assert "kernel launch failed" in errors[1]["reason"]
     assert by_name["fake_checks_no_entry"]["status"] == "not available"
     assert by_name["fake_checks_missing"]["status"] == "not available"
-    assert all(r["status"] == "skipped" for r in bench.external_checks("cpu"))
+    assert all(r["status"] == "skipped" for r in bench.kernel_checks("cpu"))
 
 
 # ------------------------------------------------------------------------------ timing helpers
@@ -301,7 +309,7 @@ def test_rotation_sets_exceed_twice_the_cache(monkeypatch):
     cfg = bench.make_config("cpu-quick", "cpu")
     case = next(c for c in bench.op_cases(cfg) if c.name == "layernorm_modulate")
     set_bytes = _nbytes(*case.make_args("cpu", cfg.dtype, torch.Generator().manual_seed(0)))
-    monkeypatch.setattr(bench, "cache_bytes", lambda device: 3 * set_bytes)
+    monkeypatch.setattr(op_section, "cache_bytes", lambda device: 3 * set_bytes)
     sets = bench.input_sets(case, cfg)
     assert len(sets) == rotation_count(set_bytes + _nbytes(sets[0][1]), 3 * set_bytes) > 1
     assert not torch.equal(sets[0][0][0], sets[1][0][0])  # distinct inputs, not copies
