@@ -74,7 +74,7 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
 
     md = (out / files[1]).read_text()
     for heading in ("# maskdit_fast benchmark", "## Checks", "## Ops", "## Attention", "## Train step",
-                    "## CPU figure", "## Sections"):
+                    "## Profile", "## CPU figure", "## Sections"):
         assert heading in md
     assert f"torch {torch.__version__}" in md
 
@@ -103,6 +103,39 @@ def test_gpu_mode_logic_runs_on_a_cpu_stand_in(tmp_path):
     assert {r["backend"] for r in report["ops"] if r["status"] == "skipped"} == {"compile"}  # off in quick mode
     json_path, md_path = bench.write_report(report, tmp_path)
     assert json_path.endswith("-cpu-quick.json") and json.loads(open(json_path).read())["mode"] == "gpu-quick"
+
+
+def test_train_rows_at_tiny_sizes_compute_the_reference_loss():
+    """The train-step section at two tiny sizes (64 and 256 tokens: 256 and 512 px scaled down) with
+    its compile rows (aot_eager: the same dynamo / AOTAutograd graphs, no C++ compiler), then the
+    fused variants that the section keeps for a GPU, built directly (on the CPU "auto" runs the torch
+    ops). Same seed, so the same weights, data, masks and noise: every MaskDiT row's first loss is the
+    reference's, DiT + compile's is DiT's; CUDA-graph, fp8 and Triton rows say they need a GPU."""
+    from maskdit_fast.bench.train_step import build_train_step
+    cfg = dataclasses.replace(bench.make_config("cpu-quick", "cpu"), compile=True, train_input_sizes=(16, 32),
+                              train_reps=1)
+    rows = bench.run_train_section(cfg, bench.Budget(600), None)
+    assert [(r["variant"], r["input_size"]) for r in rows] == [(row.variant.label, row.input_size)
+                                                             for row in bench.train_rows(cfg)]
+    ok = {(r["variant"], r["input_size"]): r for r in rows if r["status"] == "ok"}
+    assert set(ok) == {(f"{m}-S/2{s}", size) for m, s in (("MaskDiT", " reference"), ("MaskDiT", " reference + compile"),
+                                                         ("DiT", ""), ("DiT", " + compile")) for size in (16, 32)}
+    for size in (16, 32):
+        ref, dit = ok["MaskDiT-S/2 reference", size], ok["DiT-S/2", size]
+        assert ref["px"] == 8 * size and ref["batch"] == cfg.fixed_batch and ref["vs_baseline"] == pytest.approx(1.0)
+        assert dit["vs_baseline"] == pytest.approx(dit["images_per_s"] / ref["images_per_s"])
+        for twin, compiled in ((ref, ok["MaskDiT-S/2 reference + compile", size]), (dit, ok["DiT-S/2 + compile", size])):
+            assert compiled["loss"] == pytest.approx(twin["loss"], rel=1e-5) and compiled["compile_s"] >= 0
+            assert compiled["compile"] == "model" and "compile_s" not in twin
+        assert ref["loss"] != pytest.approx(dit["loss"], rel=1e-3)  # a different model: the check can fail
+    reasons = {r["variant"]: r["reason"] for r in rows if r["status"] != "ok"}
+    assert "needs a CUDA GPU" in reasons["MaskDiT-S/2 fused + compile + CUDA graphs"]
+    assert "needs a CUDA GPU" in reasons["MaskDiT-S/2 triton"]
+    for variant in bench.train_variants(cfg):
+        if variant.backend != "auto" or variant.cuda_graphs or variant.fp8:
+            continue
+        step, _, _ = build_train_step(variant, cfg.fixed_batch, 16, "cpu", torch.float32, cfg.compile_backend)
+        assert float(step()) == pytest.approx(ok["MaskDiT-S/2 reference", 16]["loss"], rel=1e-5), variant.label
 
 
 def test_every_mode_budget_covers_its_sections():
@@ -374,3 +407,73 @@ def test_achieved_figures():
     assert "pct_of_floor" not in achieved(cost, 1.0, None, "memory")
     with pytest.raises(ValueError):
         achieved(cost, 1.0, None, "latency")
+
+
+# ------------------------------------------------------------------------------ profile
+
+def test_profile_grouping_rule_on_made_up_names():
+    from maskdit_fast.bench.step_profile import group_of
+    expected = {
+        "optimizer": ["void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, "
+                      "FusedAdamMathFunctor<float, 4>>", "Optimizer.step#AdamW.step", "aten::_foreach_add_"],
+        "glue": ["gather_fwd_kernel", "_gather_bwd_kernel", "scatter_fwd_kernel", "ln_mod_bwd_kernel", "gated_fwd_kernel",
+                 "_ln_modulate_fwd_kernel", "void at::native::index_elementwise_kernel<128, 4>", "aten::index"],
+        "attention": ["pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 64>>", "_fwd_kernel",
+                      "_bwd_dkdv_kernel", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
+                      "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3",
+                      "autograd::engine::evaluate_function: ScaledDotProductFlashAttentionForCpuBackward0"],
+        "gemm": ["sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "nvjet_tst_192x192_64x4_2x1_v_bz_TNT",
+                 "cutlass3x_sm90_tensorop_gemm_bf16", "triton_tem_fused_mm_0", "aten::mm", "aten::linear",
+                 "autograd::engine::evaluate_function: AddmmBackward0", "autograd::engine::evaluate_function: MmBackward0"],
+        "elementwise/norm": ["void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>",
+                             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>",
+                             "triton_poi_fused_add_mul_0", "triton_red_fused_native_layer_norm_1",
+                             "Memcpy DtoD (Device -> Device)", "aten::layer_norm"],
+        "other": ["some_kernel_nobody_named"],
+    }
+    for group, names in expected.items():
+        for name in names:
+            assert group_of(name) == group, name
+
+
+def test_profile_breakdown_counts_overlaps_and_idle_gaps():
+    from maskdit_fast.bench.step_profile import GROUPS, breakdown, union_us
+    assert union_us([(0, 30), (20, 40), (50, 60), (55, 58)]) == 50
+    events = [("aten::mm", 0, 30), ("sm90_xmma_gemm", 20, 40), ("flash_fwd_kernel", 50, 60),
+              ("mystery", 90, 120), ("aten::mm", 200, 300)]
+    out = breakdown(events, (0, 100))
+    assert set(out) == set(GROUPS)
+    assert out["gemm"] == 50 and out["attention"] == 10 and out["other"] == 10  # "mystery" clipped to the window
+    assert out["idle"] == 100 - 60 and out["optimizer"] == out["glue"] == 0
+
+
+def test_gemm_flops_of_a_train_step_match_torch_flop_counter():
+    """gemm_train_flops (flops.py's convention) against the matmul / convolution FLOPs torch counts
+    in one tiny train step: within 1 %, the formula above (it also counts the input gradients of the
+    patch embedding and time MLP, which autograd skips)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maskdit_fast.bench.step_profile import gemm_train_flops
+    from maskdit_fast.bench.train_step import build_train_step
+    cfg = bench.make_config("cpu-quick", "cpu")
+    for variant in bench.train_variants(cfg)[2:4]:  # MaskDiT reference, DiT
+        step, model, _ = build_train_step(variant, 4, 16, "cpu", torch.float32)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        counted = sum(v for op, v in counter.get_flop_counts()["Global"].items()
+                      if str(op).split(".")[-1] in ("mm", "addmm", "bmm", "convolution", "convolution_backward"))
+        expected = gemm_train_flops(model, 4, variant.mask_ratio)
+        assert 0.99 * expected <= counted <= expected, (variant.label, counted, expected)
+
+
+def test_profile_section_on_the_cpu():
+    cfg = bench.make_config("cpu-quick", "cpu")
+    prof = bench.run_profile(cfg, {"matmul_TFLOPs": 1.0})
+    assert prof["variant"] == "MaskDiT-S/2 reference" and prof["events"] == "outermost CPU ops"  # no fused ops here
+    shares = {g["group"]: g["share"] for g in prof["groups"]}
+    assert set(shares) == {"optimizer", "glue", "attention", "gemm", "elementwise/norm", "other", "idle"}
+    for group in ("gemm", "attention", "optimizer", "elementwise/norm", "glue"):
+        assert shares[group] > 0, group
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)  # one thread: the groups and gaps tile the step
+    assert prof["step_ms"] > 0 and prof["gemm_TFLOPs"] > 0 and prof["gemm_pct_of_peak"] > 0
+    assert [r["group"] for r in prof["rule"]] == ["optimizer", "glue", "attention", "gemm", "elementwise/norm"]
