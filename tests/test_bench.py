@@ -86,6 +86,12 @@ def test_config_and_section_errors():
         bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks", "nope"])
     with pytest.raises(SystemExit):
         bench.main(["--cpu-quick", "--device", "cuda"])
+    for bad in ("nope=3", "train_step", "train_step=soon"):
+        with pytest.raises(SystemExit):
+            bench.main(["--cpu-quick", "--budget", bad])
+    report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks"], log=lambda *a: None,
+                              budgets={"peaks": 7.0})
+    assert report["sections"]["peaks"]["budget_s"] == 7.0
 
 
 def test_gpu_mode_logic_runs_on_a_cpu_stand_in(tmp_path):
