@@ -9,7 +9,7 @@ same dtype + one ulp at the output's scale, kernel buffers NaN-poisoned.
 
 benchmark(): median ms and TFLOP/s (4*B*L^2*H*D forward, 2.5x that backward) of ours beside SDPA's
 flash back-end and torch's varlen_attn, forward and forward+backward, q, k, v being views of one
-[B, L, 3, H, D] qkv tensor as in the model (maskdit_fast.bench_utils.time_calls: CUDA events,
+[B, L, 3, H, D] qkv tensor as in the model (maskdit_fast.bench.timing.time_calls: CUDA events,
 warm-up, median).
 """
 import importlib.util
@@ -135,7 +135,7 @@ def benchmark(device="cuda", dtype=torch.bfloat16, shapes=((256, 128), (256, 256
         list of dicts {"name", "pass" ("fwd" | "fwd+bwd"), "shape", "ms" (median), "tflops"}; an
         implementation that cannot run gets "error" instead of ms/tflops.
     """
-    from maskdit_fast.bench_utils import time_calls
+    from maskdit_fast.bench.timing import time_calls
     g = torch.Generator(device=device).manual_seed(seed)
     results = []
     for batch, length in shapes:
