@@ -19,7 +19,7 @@ once, so that phase 2 loads them from inductor's on-disk caches instead of compi
 Phase 2 (check, then time): one child process per family runs its configs one after the other: the
 output and every gradient against the float64 reference by the 2x rule (`maskdit_fast.bench.check_case`:
 error <= 2x PyTorch's own bf16 error), then device time by CUDA-graph replay over rotating input sets
-larger than L2 (`bench_utils.time_graph_replays`), forward + backward and, for a one-direction family, its
+larger than L2 (`maskdit_fast.bench.timing.time_graph_replays`), forward + backward and, for a one-direction family, its
 direction alone. A config that kills its child (illegal address, miscompile, os._exit) or hangs is
 recorded as crashed / timed out and the family goes on in a new child. Baselines run in the same call at
 the same shapes: torch eager and torch.compile of the references, SDPA cuDNN / flash, torch `varlen_attn`
@@ -57,7 +57,9 @@ if __name__ == "__main__" and "--dry" in sys.argv[1:]:
 import torch  # noqa: E402
 
 from maskdit_fast import bench, ops  # noqa: E402
-from maskdit_fast.bench_utils import Rotation, env_info, time_calls, time_graph_replays  # noqa: E402
+from maskdit_fast.bench.cases import _varlen_layout  # noqa: E402
+from maskdit_fast.bench.checks import grads  # noqa: E402
+from maskdit_fast.bench.timing import Rotation, time_calls, time_graph_replays  # noqa: E402
 from maskdit_fast.kernels import _config  # noqa: E402
 
 PASS_FWD, PASS_BWD, PASS_BOTH = "fwd", "bwd", "fwd+bwd"
@@ -123,7 +125,7 @@ def attention_shapes(cfg):
     """attn_fwd / attn_bwd: encoder (kept tokens), decoder and DiT dense attention, varlen encoder."""
     dims = {"attention[encoder]": (cfg.D // cfg.H, cfg.K), "attention[decoder]": (cfg.Dd // cfg.Hd, cfg.L),
             "attention[dit]": (cfg.D // cfg.H, cfg.L),
-            "varlen_attention[encoder]": (cfg.D // cfg.H, int(bench._varlen_layout(cfg.B, cfg.L, cfg.K).max()))}
+            "varlen_attention[encoder]": (cfg.D // cfg.H, int(_varlen_layout(cfg.B, cfg.L, cfg.K).max()))}
     return [Shape(_attention_key(*dims[c.name]), c,
                   VARLEN_BASELINES if c.name.startswith("varlen") else ATTENTION_BASELINES)
             for c in bench.attention_cases(cfg)]
@@ -287,7 +289,7 @@ def compile_task(family, case_name, config_id, config, settings):
         with _config.override(family.name, config):
             out = fn(*args)
             forward = {id(k) for k in _launched(jit_fns)}
-            bench._grads(out, args, case.grad_argnums, torch.ones_like(out))
+            grads(out, args, case.grad_argnums, torch.ones_like(out))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 - triton's OutOfResources, compile errors: the config is out
@@ -328,7 +330,7 @@ def warm_task(family, case_name, baseline, settings):
         with torch.no_grad():
             fn(*args)
         out = fn(*args)
-        bench._grads(out, args, shape.case.grad_argnums, torch.ones_like(out))
+        grads(out, args, shape.case.grad_argnums, torch.ones_like(out))
     except Exception as err:  # noqa: BLE001 - phase 2 reports the baseline's own error
         return dict(row, status="error", reason=f"{type(err).__name__}: {err}"[:300], s=round(time.time() - t0, 1))
     return dict(row, status="ok", s=round(time.time() - t0, 1))
@@ -815,7 +817,7 @@ def run_sweep(out_dir, deadline_s=420.0, family_names=None, max_configs=None, dr
             raise SystemExit(f"unknown families {sorted(unknown)}; expected some of {[f.name for f in families]}")
         families = tuple(f for f in families if f.name in family_names)
     os.makedirs(out_dir, exist_ok=True)
-    env = env_info(settings.device)
+    env = bench.env_info(settings.device)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     rows = []
     jsonl = open(os.path.join(out_dir, "sweep.jsonl"), "w")

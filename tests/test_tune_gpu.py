@@ -24,7 +24,7 @@ import torch
 
 import tune_gpu
 from maskdit_fast import bench
-from maskdit_fast.bench_utils import Cost
+from maskdit_fast.bench.costs import Cost
 from maskdit_fast.kernels import _config
 
 KEY = _config.shape_key(D=8)
