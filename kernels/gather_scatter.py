@@ -19,7 +19,7 @@ import triton.language as tl
 
 from maskdit_fast.backend import result_dtype
 from maskdit_fast.kernels import _common
-from maskdit_fast.ops.gather_scatter import batch_size, sample_index
+from maskdit_fast.indexing import batch_size, sample_index
 
 BLOCK_CAP = 1024  # widest column block; D = 1152 runs as two blocks per row
 

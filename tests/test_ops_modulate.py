@@ -66,7 +66,7 @@ def test_mixed_dtypes_promote_like_reference(device):
 
 def test_packed_layout_matches_per_sample_conditioning(device):
     """The documented packed call: x [1, T, D] with per-token conditioning gathered by sample index."""
-    from maskdit_fast.ops.gather_scatter import sample_index
+    from maskdit_fast.indexing import sample_index
     gen = torch.Generator().manual_seed(3)
     D = 72
     bounds = [0, 2, 2, 7]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from maskdit_fast.backend import resolve_backend, result_dtype
+from maskdit_fast.indexing import batch_size, sample_index
 
 VALIDATE_ENV_VAR = "MASKDIT_FAST_VALIDATE"
 
@@ -30,23 +31,6 @@ VALIDATE_ENV_VAR = "MASKDIT_FAST_VALIDATE"
 # ---------------------------------------------------------------------------------------------------
 # References (the spec)
 # ---------------------------------------------------------------------------------------------------
-
-def batch_size(ids, cu_seqlens):
-    """Samples B: ids.shape[0] for the dense [B, K] layout, len(cu_seqlens) - 1 for the packed one."""
-    return ids.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-
-def sample_index(ids, cu_seqlens):
-    """Sample of each packed row, int64 [N] (N = ids.numel()), without a host sync.
-
-    Dense layout (cu_seqlens None, ids [B, K]): row r belongs to sample r // K. Packed layout
-    (ids [T], cu_seqlens [B+1]): sample b owns rows cu_seqlens[b]:cu_seqlens[b+1], i.e. row t belongs
-    to the number of cu_seqlens[1:] entries <= t."""
-    rows = torch.arange(ids.numel(), device=ids.device)
-    if cu_seqlens is None:
-        return rows // max(ids.shape[1], 1)
-    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), rows, right=True)
-
 
 def gather_tokens_ref(x, ids_keep, pos_embed=None):
     """Reference (the spec). x [B, L, D], ids_keep [B, K] int64, pos_embed [L, D] or [1, L, D]
