@@ -16,7 +16,7 @@ bad index stops the kernel with a device-side assert naming the problem, as torc
 """
 import torch
 
-from maskdit_fast import _extension
+from maskdit_fast import backend
 from maskdit_fast.backend import result_dtype
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -27,8 +27,8 @@ _ready = False  # library loaded and fakes registered (a plain flag: torch.compi
 def _ops():
     """torch.ops.maskdit_fast_C, loading the extension (and registering fakes) on first use."""
     if not _ready:
-        if _extension.load(warn=False) is None:
-            raise RuntimeError(f"backend 'cuda' unavailable: {_extension.unavailable_reason()}")
+        if backend.load_extension(warn=False) is None:
+            raise RuntimeError(f"backend 'cuda' unavailable: {backend.extension_unavailable_reason()}")
         _register_fakes()
     return getattr(torch.ops, _NS)
 
@@ -59,24 +59,6 @@ def _register_fakes():
         B, L, D = grad_out.shape
         return (grad_out.new_empty((B, ids_keep.shape[1], D)), grad_out.new_empty((D,) if mask_grad else (0,)),
                 grad_out.new_empty((L, D) if pos_grad else (0,)))
-
-    @torch.library.register_fake(f"{_NS}::layernorm_modulate")
-    def _(x, shift, scale, eps):
-        stats = x.shape[:2]
-        return x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
-
-    @torch.library.register_fake(f"{_NS}::layernorm_modulate_backward")
-    def _(grad_out, x, scale, mean, rstd, cond_grad):
-        cond = scale.shape if cond_grad else (0,)
-        return x.new_empty(x.shape), x.new_empty(cond), x.new_empty(cond)
-
-    @torch.library.register_fake(f"{_NS}::gated_residual")
-    def _(x, y, gate):
-        return x.new_empty(x.shape)
-
-    @torch.library.register_fake(f"{_NS}::gated_residual_backward")
-    def _(grad_out, y, gate, y_grad, gate_grad):
-        return y.new_empty(y.shape if y_grad else (0,)), y.new_empty(gate.shape if gate_grad else (0,))
 
     _ready = True
 
@@ -175,37 +157,6 @@ class _ScatterTokens(torch.autograd.Function):
                 grad_pos if pos_grad else None)
 
 
-class _LayerNormModulate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        out, mean, rstd = torch.ops.maskdit_fast_C.layernorm_modulate(x, shift, scale, eps)
-        ctx.save_for_backward(x, scale, mean, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, scale, mean, rstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dx, dshift, dscale = torch.ops.maskdit_fast_C.layernorm_modulate_backward(
-            grad_out.contiguous(), x, scale, mean, rstd, need[1] or need[2])
-        return dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None, None
-
-
-class _GatedResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, gate):
-        ctx.save_for_backward(y, gate)
-        return torch.ops.maskdit_fast_C.gated_residual(x, y, gate)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        y, gate = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_out = grad_out.contiguous()
-        dy, dgate = torch.ops.maskdit_fast_C.gated_residual_backward(grad_out, y, gate, need[1], need[2])
-        return grad_out if need[0] else None, dy if need[1] else None, dgate if need[2] else None
-
-
 # ---- public API (reference signatures) ----
 
 def gather_tokens(x, ids_keep, pos_embed=None):
@@ -255,50 +206,6 @@ def scatter_tokens(x_kept, ids_keep, mask_token, length, pos_embed=None):
     mask_token = mask_token.reshape(D).to(x_kept.dtype)
     return _ScatterTokens.apply(_prep(x_kept, dtype), ids_keep, _prep(mask_token, dtype), length,
                                 _prep(pos_embed, dtype))
-
-
-def layernorm_modulate(x, shift, scale, eps=1e-6):
-    """LayerNorm (no affine, fp32 statistics) then * (1 + scale) + shift, with the CUDA kernels.
-
-    Args:
-        x: [B, L, D] CUDA float32/float16/bfloat16.
-        shift, scale: [B, D] or [B, 1, D] (per sample), or [B, L, D] (per token).
-        eps: LayerNorm epsilon.
-    Returns:
-        [B, L, D] in the promoted dtype of x, shift and scale. Backward: dx; dshift = sum over
-        tokens of g, dscale = sum over tokens of g * xhat (per-token conditioning: no sum).
-    """
-    _ops()
-    B, L, D = _check_x("x", x)
-    shift = _check_cond("shift", shift, B, L, D, x.device)
-    scale = _check_cond("scale", scale, B, L, D, x.device)
-    if shift.dim() != scale.dim():  # mixed per-sample / per-token: broadcast the per-sample one
-        if shift.dim() == 2:
-            shift = shift.unsqueeze(1).expand(B, L, D)
-        else:
-            scale = scale.unsqueeze(1).expand(B, L, D)
-    dtype = result_dtype(x, shift, scale)
-    return _LayerNormModulate.apply(_prep(x, dtype), _prep(shift, dtype), _prep(scale, dtype), float(eps))
-
-
-def gated_residual(x, y, gate):
-    """x + gate * y (adaLN-Zero gated residual) with the CUDA kernels.
-
-    Args:
-        x, y: [B, L, D] CUDA float32/float16/bfloat16.
-        gate: [B, D] or [B, 1, D] (per sample, broadcast over tokens), or [B, L, D].
-    Returns:
-        [B, L, D] in the promoted dtype. Backward: dx = g, dy = gate * g, dgate = sum over tokens
-        of g * y (per-token gate: no sum).
-    """
-    _ops()
-    B, L, D = _check_x("x", x)
-    _check_float("y", y, x.device)
-    if y.shape != x.shape:
-        raise ValueError(f"backend 'cuda': y must match x {tuple(x.shape)} (got {tuple(y.shape)})")
-    gate = _check_cond("gate", gate, B, L, D, x.device)
-    dtype = result_dtype(x, y, gate)
-    return _GatedResidual.apply(_prep(x, dtype), _prep(y, dtype), _prep(gate, dtype))
 
 
 # torch imports this module to find the fake impls of ops loaded by other means (set_python_module).
