@@ -24,7 +24,7 @@ MAX_CHUNKS = 32
 
 @contextlib.contextmanager
 def poisoned():
-    """Test hook: launchers fill every buffer they allocate with NaN instead of leaving it empty."""
+    """Test hook: launchers fill every buffer they allocate with garbage instead of leaving it empty."""
     global _poison
     previous, _poison = _poison, True
     try:
@@ -34,9 +34,10 @@ def poisoned():
 
 
 def empty(shape, dtype, device):
-    """torch.empty, or NaN-filled inside `poisoned()`."""
+    """torch.empty, or filled inside `poisoned()`: NaN (floats), the most negative value (integers)."""
     if _poison:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -26,6 +26,7 @@ EXTENSION_ENV_VAR = "MASKDIT_FAST_EXTENSION"
 _BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` on a machine with a CUDA build of torch and "
                "nvcc (CUDA_HOME set)")
 _configured = None  # set by set_backend(); None defers to the environment variable
+_pending_fakes = []  # fake registrations of csrc/ ops waiting for the extension (on_extension_load)
 
 
 def set_backend(name):
@@ -87,12 +88,24 @@ def _load_extension():
             torch.ops.load_library(path)
         except (OSError, RuntimeError) as err:  # missing file, undefined symbols (other torch)
             return None, f"{EXTENSION_ENV_VAR}={path!r} could not be loaded ({err})"
-        return path, None
-    try:
-        from maskdit_fast import _C
-    except ImportError as err:  # not built, or built against another torch (undefined symbols)
-        return None, f"extension maskdit_fast._C not loadable ({err}); {_BUILD_HINT}"
-    return _C, None
+        handle = path
+    else:
+        try:
+            from maskdit_fast import _C as handle
+        except ImportError as err:  # not built, or built against another torch (undefined symbols)
+            return None, f"extension maskdit_fast._C not loadable ({err}); {_BUILD_HINT}"
+    while _pending_fakes:
+        _pending_fakes.pop(0)()
+    return handle, None
+
+
+def on_extension_load(register, probe):
+    """Runs `register()` (an op file's fake registrations for its csrc/ ops) once the extension's op `probe`
+    exists: now if the library is already loaded, else as soon as the "cuda" back-end loads it."""
+    if hasattr(torch.ops.maskdit_fast_C, probe):
+        register()
+    else:
+        _pending_fakes.append(register)
 
 
 def extension_loaded():

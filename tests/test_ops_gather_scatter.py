@@ -178,6 +178,8 @@ def _opcheck_samples(device):
         return torch.randn(*s).to(device)
 
     ops = torch.ops.maskdit_fast
+    inv = ops.scatter_tokens.default(xk.detach(), ids, None, fill.detach(), L, None)[1]  # the map the backward reuses
+    inv_p = ops.scatter_tokens.default(xp.detach(), ids_p, cu, fill.detach(), L, None)[1]
     return [
         (ops.gather_tokens.default, (x, ids, None, pos)),
         (ops.gather_tokens.default, (x, ids_p, cu, None)),
@@ -186,9 +188,9 @@ def _opcheck_samples(device):
         (ops.gather_tokens_backward.default, (r(B, K, D), ids, None, L, torch.float32, True, torch.float32)),
         (ops.gather_tokens_backward.default, (r(5, D), ids_p, cu, L, torch.float16, False, torch.float32)),
         (ops.scatter_tokens_backward.default,
-         (r(B, L, D), ids, None, torch.float32, True, torch.float32, True, torch.float32)),
+         (r(B, L, D), ids, inv, torch.float32, True, torch.float32, True, torch.float32)),
         (ops.scatter_tokens_backward.default,
-         (r(B, L, D), ids_p, cu, torch.bfloat16, False, torch.float32, True, torch.float64)),
+         (r(B, L, D), ids_p, inv_p, torch.bfloat16, False, torch.float32, True, torch.float64)),
     ]
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maskdit_fast.backend import define_op, resolve_backend, result_dtype
+from maskdit_fast.backend import define_op, on_extension_load, resolve_backend, result_dtype
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -151,12 +151,9 @@ class _TritonGatedResidual(torch.autograd.Function):
 # also returns the fp32 row statistics its backward reads. Backward ops return an empty [0] tensor for a
 # gradient that was not asked for.
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_cuda_ready = False  # fakes registered (a plain flag: torch.compile traces through it)
 
 
 def _register_cuda_fakes():
-    global _cuda_ready
-
     @torch.library.register_fake("maskdit_fast_C::layernorm_modulate")
     def _(x, shift, scale, eps):
         stats = x.shape[:2]
@@ -175,20 +172,14 @@ def _register_cuda_fakes():
     def _(grad_out, y, gate, y_grad, gate_grad):
         return y.new_empty(y.shape if y_grad else (0,)), y.new_empty(gate.shape if gate_grad else (0,))
 
-    _cuda_ready = True
 
-
-def _cuda_ops():
-    """torch.ops.maskdit_fast_C, its fakes registered (resolve_backend has loaded the extension)."""
-    if not _cuda_ready:
-        _register_cuda_fakes()
-    return torch.ops.maskdit_fast_C
+on_extension_load(_register_cuda_fakes, "layernorm_modulate")
 
 
 class _CudaLayerNormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps):
-        out, mean, rstd = _cuda_ops().layernorm_modulate(x, shift, scale, eps)
+        out, mean, rstd = torch.ops.maskdit_fast_C.layernorm_modulate(x, shift, scale, eps)
         ctx.save_for_backward(x, scale, mean, rstd)
         return out
 
@@ -196,7 +187,7 @@ class _CudaLayerNormModulate(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dshift, dscale = _cuda_ops().layernorm_modulate_backward(grad.contiguous(), x, scale, mean, rstd,
+        dx, dshift, dscale = torch.ops.maskdit_fast_C.layernorm_modulate_backward(grad.contiguous(), x, scale, mean, rstd,
                                                                      need[1] or need[2])
         return dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None, None
 
@@ -205,14 +196,14 @@ class _CudaGatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate):
         ctx.save_for_backward(y, gate)
-        return _cuda_ops().gated_residual(x, y, gate)
+        return torch.ops.maskdit_fast_C.gated_residual(x, y, gate)
 
     @staticmethod
     def backward(ctx, grad):
         y, gate = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad = grad.contiguous()
-        dy, dgate = _cuda_ops().gated_residual_backward(grad, y, gate, need[1], need[2])
+        dy, dgate = torch.ops.maskdit_fast_C.gated_residual_backward(grad, y, gate, need[1], need[2])
         return grad if need[0] else None, dy if need[1] else None, dgate if need[2] else None
 
 
@@ -284,7 +275,3 @@ def gated_residual(x, y, gate, *, backend=None):
         return _cuda_gated_residual(x, y, gate)
     return _TritonGatedResidual.apply(x, y, gate)
 
-
-# torch imports this module to find the fakes of the csrc/ ops (set_python_module): register them when they exist.
-if hasattr(torch.ops.maskdit_fast_C, "layernorm_modulate"):
-    _register_cuda_fakes()
