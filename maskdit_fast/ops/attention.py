@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from maskdit_fast.backend import get_backend, resolve_backend
+from maskdit_fast.backend import define_op, get_backend, resolve_backend
 from maskdit_fast.ops.gather_scatter import validation_enabled
 
 ATTENTION_BACKENDS = ("torch", "triton", "flash_attn", "xformers", "cuda")
@@ -65,109 +65,110 @@ def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# --------------------------------------------------------------------------------------- torch.library
-def _kernels():
-    from maskdit_fast.kernels import flash_attn  # imports triton: only when the Triton path runs
-    return flash_attn
+# ------------------------------------------------------------------------------------------- Triton op
+_kernels = _empty = None
 
 
-@torch.library.custom_op("maskdit_fast::varlen_attn_fwd", mutates_args=())
-def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().varlen_fwd(_unit_last(q), _unit_last(k), _unit_last(v), cu_seqlens_q, cu_seqlens_k,
-                                 max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+def _triton():
+    """kernels/flash_attn.py, imported on first use: importing triton is slow and must follow TRITON_INTERPRET."""
+    global _kernels, _empty
+    if _kernels is None:
+        from maskdit_fast.kernels import flash_attn
+        from maskdit_fast.kernels._common import empty
+        _kernels, _empty = flash_attn, empty
+    return _kernels
 
 
-@_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return _triton().varlen_fwd(_unit_last(q), _unit_last(k), _unit_last(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                max_seqlen_k, softmax_scale, causal)
 
 
-@torch.library.custom_op("maskdit_fast::varlen_attn_bwd", mutates_args=())
-def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                   max_seqlen_k: int, softmax_scale: float,
-                   causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from maskdit_fast.kernels._common import empty
-    dq, dk, dv = (empty(x.shape, x.dtype, x.device) for x in (q, k, v))
-    _kernels().varlen_bwd(_unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), out, lse, cu_seqlens_q,
-                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dq, dk, dv)
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                causal):
+    kernels = _triton()
+    dq, dk, dv = (_empty(x.shape, x.dtype, x.device) for x in (q, k, v))
+    kernels.varlen_bwd(_unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), out, lse, cu_seqlens_q,
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dq, dk, dv)
     return dq, dk, dv
 
 
-@_varlen_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-
-
-def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-                                ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
-
-
-@torch.library.custom_op("maskdit_fast::varlen_attn_qkvpacked_fwd", mutates_args=())
-def _packed_fwd_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
-                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_fwd(qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
     qkv = _unit_last(qkv)
-    return _kernels().varlen_fwd(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                 softmax_scale, causal)
+    return _triton().varlen_fwd(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                softmax_scale, causal)
 
 
-@_packed_fwd_op.register_fake
-def _(qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
-    total, _, n_heads, head_dim = qkv.shape
-    return qkv.new_empty((total, n_heads, head_dim)), qkv.new_empty((n_heads, total), dtype=torch.float32)
-
-
-@torch.library.custom_op("maskdit_fast::varlen_attn_qkvpacked_bwd", mutates_args=())
-def _packed_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                   cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float, causal: bool) -> torch.Tensor:
+def _packed_bwd(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal):
     qkv = _unit_last(qkv)
-    from maskdit_fast.kernels._common import empty
-    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)  # the kernels write dq, dk, dv straight into its three slices
-    _kernels().varlen_bwd(_unit_last(dout), qkv[:, 0], qkv[:, 1], qkv[:, 2], out, lse, cu_seqlens, cu_seqlens,
-                          max_seqlen, max_seqlen, softmax_scale, causal, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
+    kernels = _triton()
+    dqkv = _empty(qkv.shape, qkv.dtype, qkv.device)  # dq, dk, dv written into its three slices
+    kernels.varlen_bwd(_unit_last(dout), qkv[:, 0], qkv[:, 1], qkv[:, 2], out, lse, cu_seqlens, cu_seqlens,
+                         max_seqlen, max_seqlen, softmax_scale, causal, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
     return dqkv
 
 
-@_packed_bwd_op.register_fake
-def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal):
-    return qkv.new_empty(qkv.shape)
+_lib = torch.library.Library("maskdit_fast", "FRAGMENT")
+# cu_seqlens None: the dense layout, B = total / max_seqlen sequences of max_seqlen tokens.
+_varlen_fwd_op = define_op(
+    _lib, "varlen_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+          "SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)", _varlen_fwd,
+    lambda q, *_: (q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)))
+_varlen_bwd_op = define_op(
+    _lib, "varlen_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
+          "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) "
+          "-> (Tensor, Tensor, Tensor)", _varlen_bwd,
+    lambda dout, q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)))
+_packed_fwd_op = define_op(
+    _lib, "varlen_attn_qkvpacked_fwd(Tensor qkv, Tensor? cu_seqlens, SymInt max_seqlen, float softmax_scale, "
+          "bool causal) -> (Tensor, Tensor)", _packed_fwd,
+    lambda qkv, *_: (qkv.new_empty((qkv.shape[0], *qkv.shape[2:])),
+                     qkv.new_empty((qkv.shape[2], qkv.shape[0]), dtype=torch.float32)))
+_packed_bwd_op = define_op(
+    _lib, "varlen_attn_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? cu_seqlens, "
+          "SymInt max_seqlen, float softmax_scale, bool causal) -> Tensor", _packed_bwd,
+    lambda dout, qkv, *_: qkv.new_empty(qkv.shape))
 
 
-def _packed_setup(ctx, inputs, output):
-    qkv, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+class _TritonVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+        out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                  causal)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _packed_backward(ctx, dout, _dlse):
-    qkv, out, lse, cu_seqlens = ctx.saved_tensors
-    dqkv = _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal)
-    return dqkv, None, None, None, None
+class _TritonPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
+        out, lse = _packed_fwd_op(qkv, cu_seqlens, max_seqlen, softmax_scale, causal)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, softmax_scale, causal)
+        return out, lse
 
-
-_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        qkv, out, lse, cu_seqlens = ctx.saved_tensors
+        return _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, *ctx.args), None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------ FLOP count
-def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    """sum_b Lq_b * Lk_b; without real values (fake/meta tensors) the bound B * max_q * max_k."""
+def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q):
+    """sum_b Lq_b * Lk_b; the dense layout (no cu_seqlens) has total_q / max_q sequences of max_q x max_k pairs;
+    without real values (fake/meta tensors) the bound B * max_q * max_k."""
     from torch._subclasses.fake_tensor import is_fake
+    if cu_seqlens_q is None:
+        return total_q // max(max_seqlen_q, 1) * max_seqlen_q * max_seqlen_k
     if cu_seqlens_q.is_meta or is_fake(cu_seqlens_q) or cu_seqlens_k.is_meta or is_fake(cu_seqlens_k):
         return (cu_seqlens_q.numel() - 1) * max_seqlen_q * max_seqlen_k
     lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
@@ -178,23 +179,23 @@ def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
 @register_flop_formula(torch.ops.maskdit_fast.varlen_attn_fwd, get_raw=True)
 def _varlen_fwd_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args, out_val=None,
                       **kwargs):
-    return 4 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) * q.shape[1] * q.shape[2]
+    return 4 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0]) * q.shape[1] * q.shape[2]
 
 
 @register_flop_formula(torch.ops.maskdit_fast.varlen_attn_bwd, get_raw=True)
 def _varlen_bwd_flops(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args,
                       out_val=None, **kwargs):
-    return 10 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) * q.shape[1] * q.shape[2]
+    return 10 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0]) * q.shape[1] * q.shape[2]
 
 
 @register_flop_formula(torch.ops.maskdit_fast.varlen_attn_qkvpacked_fwd, get_raw=True)
 def _packed_fwd_flops(qkv, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs):
-    return 4 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen) * qkv.shape[2] * qkv.shape[3]
+    return 4 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv.shape[0]) * qkv.shape[2] * qkv.shape[3]
 
 
 @register_flop_formula(torch.ops.maskdit_fast.varlen_attn_qkvpacked_bwd, get_raw=True)
 def _packed_bwd_flops(dout, qkv, out, lse, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs):
-    return 10 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen) * qkv.shape[2] * qkv.shape[3]
+    return 10 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv.shape[0]) * qkv.shape[2] * qkv.shape[3]
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -248,7 +249,7 @@ def _check_qkv(q, k, v):
 
 
 def _check_triton_head_dim(head_dim):
-    if not _kernels().head_dim_supported(head_dim):
+    if not _triton().head_dim_supported(head_dim):
         raise ValueError(f"triton attention supports head_dim % 8 == 0 in [16, 128], got {head_dim}")
 
 
@@ -361,8 +362,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     name = resolve_attention_backend(backend, q.device)
     if name == "triton":
         _check_triton_head_dim(q.shape[-1])
-        out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                  scale, bool(causal))
+        out, lse = _TritonVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                       scale, bool(causal))
         return (out, lse) if return_lse else out
     if name == "flash_attn":
         return _varlen_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
@@ -398,8 +399,8 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, 
     _check_qkv(qkv[:, 0], qkv[:, 1], qkv[:, 2])
     _check_cu_seqlens(cu_seqlens, "cu_seqlens", qkv.shape[0], max_seqlen, qkv.device, validate)
     _check_triton_head_dim(qkv.shape[-1])
-    out, lse = _packed_fwd_op(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
-                              bool(causal))
+    out, lse = _TritonPacked.apply(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
+                                   bool(causal))
     return (out, lse) if return_lse else out
 
 
@@ -439,10 +440,6 @@ def attention_ref(q, k, v, softmax_scale=None):
     return out.transpose(1, 2)
 
 
-def _dense_cu_seqlens(batch, length, device):
-    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
-
-
 def attention(q, k, v, softmax_scale=None, *, backend=None):
     """Dense multi-head attention (no mask).
 
@@ -471,9 +468,8 @@ def attention(q, k, v, softmax_scale=None, *, backend=None):
     qf, kf, vf = q.reshape(batch * length, n_heads, head_dim), k.flatten(0, 1), v.flatten(0, 1)
     _check_qkv(qf, kf, vf)
     _check_triton_head_dim(head_dim)
-    out, _ = _varlen_fwd_op(qf, kf, vf, _dense_cu_seqlens(batch, length, q.device),
-                            _dense_cu_seqlens(batch, length_k, q.device), length, length_k,
-                            _softmax_scale(softmax_scale, head_dim), False)
+    out, _ = _TritonVarlen.apply(qf, kf, vf, None, None, length, length_k, _softmax_scale(softmax_scale, head_dim),
+                                 False)
     return out.view(batch, length, n_heads, head_dim)
 
 
@@ -494,6 +490,5 @@ def attention_qkvpacked(qkv, softmax_scale=None, *, backend=None):
     flat = qkv.reshape(batch * length, 3, n_heads, head_dim)
     _check_qkv(flat[:, 0], flat[:, 1], flat[:, 2])
     _check_triton_head_dim(head_dim)
-    out, _ = _packed_fwd_op(flat, _dense_cu_seqlens(batch, length, qkv.device), length,
-                            _softmax_scale(softmax_scale, head_dim), False)
+    out, _ = _TritonPacked.apply(flat, None, length, _softmax_scale(softmax_scale, head_dim), False)
     return out.view(batch, length, n_heads, head_dim)
