@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from maskdit_fast.backend import triton_interpreted
 from maskdit_fast.kernels import _common
 from maskdit_fast.kernels._config import shape_key, tuned
 
@@ -89,9 +90,12 @@ def _seq_bounds(
     DENSE: tl.constexpr,   # B sequences of dense_len tokens back to back
 ):
     if DENSE:
-        return b * dense_len, dense_len + 0 * b
-    start = tl.load(CU + b)
-    return start, tl.load(CU + b + 1) - start
+        start = b * dense_len
+        length = dense_len + 0 * b
+    else:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    return start, length
 
 
 @triton.jit
@@ -553,13 +557,14 @@ def _tiles(block_m, block_n, warps, stages):
 
 
 # Candidates of the GPU tuning sweep. attn_bwd holds the dK/dV kernel's tiles (a program owns BLOCK_N keys and
-# loops over BLOCK_M queries) and the dQ kernel's (DQ_BLOCK_M queries, DQ_BLOCK_N keys per step).
+# loops over BLOCK_M queries) and the dQ kernel's (DQ_BLOCK_M queries, DQ_BLOCK_N keys per step). 128-row tiles
+# with 4 warps spill at D = 72 in the offline sm_90 compile (forward, and the 32x128 dK/dV tile): left out.
 TUNING = {
     "attn_fwd": [_tiles(m, n, w, s) for m, n in ((64, 64), (128, 64), (128, 32), (64, 32)) for w in (4, 8)
-                 for s in (2, 3)],
+                 for s in (2, 3) if m < 128 or w == 8],
     "attn_bwd": [{**_tiles(m, n, w, s), "DQ_BLOCK_M": qm, "DQ_BLOCK_N": qn}
                  for m, n, qm, qn in ((32, 128, 128, 32), (32, 64, 64, 32), (64, 64, 64, 32), (16, 64, 64, 16))
-                 for w in (4, 8) for s in (2, 3)],
+                 for w in (4, 8) for s in (2, 3) if n < 128 or w == 8],
 }
 
 
@@ -590,7 +595,7 @@ def _config(family, head_dim, max_len, dtype, device):
     (triton 3.6-3.8), over the H100's 227."""
     length = triton.next_power_of_2(max(max_len, 1))
     config = tuned(family, shape_key(Dh=head_dim, L=length),
-                   _default(family, head_dim, length, device.type != "cuda"), device)
+                   _default(family, head_dim, length, triton_interpreted()), device)
     if dtype == torch.float32 and sum(split_head_dim(head_dim)) > 96 and config["num_stages"] > 2:
         config = {**config, "num_stages": 2}
     return config
@@ -626,7 +631,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if total_q == 0 or n_batch == 0 or max_seqlen_q == 0:
         return out, lse
     cfg = _config("attn_fwd", head_dim, max_seqlen_q, q.dtype, q.device)
-    meta = _meta(head_dim, q.dtype, bool(causal), dense, q.device.type != "cuda")
+    meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
     _common.launch(_fwd_kernel, (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_heads, n_batch), q, k, v, out, lse,
                    q if dense else cu_seqlens_q, q if dense else cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0),
                    k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
@@ -651,7 +656,7 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
                        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim))
     cfg = _config("attn_bwd", head_dim, max(max_seqlen_q, max_seqlen_k), q.dtype, q.device)
-    meta = _meta(head_dim, q.dtype, bool(causal), dense, q.device.type != "cuda")
+    meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
     cu_q, cu_k = (q, q) if dense else (cu_seqlens_q, cu_seqlens_k)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
                dout.stride(1))

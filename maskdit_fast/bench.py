@@ -3,9 +3,9 @@
 On a GPU (must finish in < 8 minutes on one H100; every section has a time budget and reports what
 it had to skip):
   1. peaks: device copy bandwidth and bf16 matmul peak, measured in this process;
-  2. checks: every op x back-end against its reference (outputs and gradients); the kernel workers'
-     check modules (maskdit_fast.ops.gpu_checks, .attention_gpu_checks, .cuda_gpu_checks) add their
-     rows. A back-end that fails its check is reported, never timed;
+  2. checks: every op x back-end against its reference (outputs and gradients, maskdit_fast.accuracy's
+     rule). A back-end that fails its check is reported, never timed (the XL-size kernel checks are the
+     GPU tests, tests/test_*_gpu.py, which benchmarks/gpu_session.sh runs before the report);
   3. ops / attention: each op on each back-end, forward and forward+backward, at DiT-XL/2 shapes
      (bf16), with achieved GB/s or TFLOP/s, % of the floor and the speed-up over torch eager;
   4. train_step: MaskDiT-XL/2 (fused back-end) vs MaskDiT-XL/2 (pure PyTorch reference) vs DiT-XL/2
@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from maskdit_fast import ops
+from maskdit_fast import accuracy, ops
 from maskdit_fast.bench_utils import (Rotation, Stats, Timer, achieved, attention_cost, cache_bytes, env_info,
                                       gated_residual_cost, gather_tokens_cost, layernorm_modulate_cost,
                                       measure_copy_bandwidth, measure_matmul_peak, rotation_count,
@@ -56,12 +56,10 @@ ATTENTION_BACKENDS = ("torch", "triton", "sdpa_flash", "sdpa_cudnn", "torch_varl
                       "sdpa_efficient")
 # "torch" is torch's varlen_attn on CUDA (bf16/fp16), SDPA per sequence elsewhere.
 VARLEN_ATTENTION_BACKENDS = ("torch", "triton", "flash_attn", "xformers")
-# The kernel workers' GPU check modules: (module, entry point); entry(device) returns check rows
-# (name, max_err, tol, passed) / dicts with max_err and ok|passed, or timing dicts.
-EXTERNAL_CHECKS = (("maskdit_fast.ops.gpu_checks", "run_checks"),
-                   ("maskdit_fast.ops.attention_gpu_checks", "run_checks"),
-                   ("maskdit_fast.ops.cuda_gpu_checks", "run_checks"))
-EXTERNAL_TIMINGS = (("maskdit_fast.ops.attention_gpu_checks", "benchmark"),)
+# Check modules: (module, entry point); entry(device) returns check rows (name, max_err, tol, passed) / dicts
+# with max_err and ok|passed, or timing dicts. None now: the kernel workers' XL-size checks became GPU tests.
+EXTERNAL_CHECKS = ()
+EXTERNAL_TIMINGS = ()
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -376,10 +374,6 @@ def _call(fn, args):
 
 # ------------------------------------------------------------------------------------ checks
 
-def _eps(dtype):
-    return torch.finfo(dtype).eps
-
-
 def _grads(out, args, argnums, grad_out):
     leaves = [args[i] for i in argnums]
     return torch.autograd.grad(out, leaves, grad_out)
@@ -391,16 +385,8 @@ def _upcast(args):
 
 
 def _compare(got, exact, ref):
-    """(max error of got, tolerance): tolerance = 2 x the error of the reference run in the same
-    dtype + 2 eps x max|exact| (a kernel may round or sum in another order, but must not be worse
-    than twice the spec)."""
-    exact = exact.double()
-    scale = exact.abs().max().item() if exact.numel() else 0.0
-    err_ref = (ref.double() - exact).abs().max().item() if exact.numel() else 0.0
-    err = (got.double() - exact).abs().max().item() if exact.numel() else 0.0
-    if not math.isfinite(err):
-        err = float("inf")
-    return err, 2 * err_ref + 2 * _eps(got.dtype) * scale + 1e-12
+    """(max error of got, tolerance): maskdit_fast.accuracy's rule, ref being the reference run in got's dtype."""
+    return accuracy.compare(got, exact, ref)
 
 
 def check_case(case, fn, device, dtype, seed=0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from maskdit_fast.ops import gather_scatter as gs
-from maskdit_fast.ops.gpu_checks import check_op
+from maskdit_fast.accuracy import check_op
 from conftest import assert_checks, grad_generator
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -322,12 +322,6 @@ def test_launchers_reject_non_contiguous(device):
     with pytest.raises(ValueError, match="ids must be contiguous"):
         kgs.gather_fwd(torch.randn(2, 5, 8).to(device), torch.tensor([[0, 3, 1], [4, 1, 2]], device=device)[:, :2],
                        None)
-
-
-@pytest.mark.gpu
-def test_gpu_checks_dit_xl_sizes():
-    from maskdit_fast.ops.gpu_checks import run_checks
-    assert_checks(run_checks(device="cuda", families=("gather_scatter",)))
 
 
 def test_cuda_backend_without_a_varlen_kernel_runs_the_reference():
