@@ -26,13 +26,14 @@ next power of two); 64, 80 (64 + 16), 96 (64 + 32) and 128 are exact.
 A D short of DA + DB' (72: columns 72..79 of the second chunk) runs on the tensors as they are, without copies and
 without column masks: column-masked chunks (masked loads feeding tl.dot) compiled wrongly with triton 3.6 on an
 H200 (wrong output columns 64..71, out-of-bounds shared-memory reads; 2026-11-26). Instead the second chunk's
-column offsets are clamped to D - 1, so every load is an unmasked in-bounds read and the tile's extra columns
-repeat column D - 1. In each product one operand has its extra columns zeroed in registers (tl.where on the
-loaded tile, once per program: Q in the forward and dQ kernels, K and V in the dK/dV kernel), so QK^T, dO V^T and
-the other reductions over D see exact zeros there; the products that produce a [rows, D] result (O, dQ, dK, dV)
-get, in each extra column, the value of column D - 1 computed from the same operands, and storing the chunk at
-the clamped offsets writes that same value to column D - 1 again: no column past D is read or written, and the
-kernels keep the row-masked loads and stores of the exact head dims, the only masks left. `benchmarks/compile_sm90.py`
+column offsets wrap around its D - DA real columns (72: 64..71, 64..71), so every load is an unmasked in-bounds
+read and each extra tile column repeats a real one. In each product one operand has its extra columns zeroed in
+registers (tl.where on the loaded tile, once per program: Q in the forward and dQ kernels, K and V in the dK/dV
+kernel), so QK^T, dO V^T and the other reductions over D see exact zeros there; the products that produce a
+[rows, D] result (O, dQ, dK, dV) get, in each extra column, the value of the real column it repeats, computed
+from the same operand columns, and storing the chunk at the wrapped offsets writes that same value to that
+column again: no column past D is read or written, and the kernels keep the row-masked loads and stores of the
+exact head dims, the only masks left. `benchmarks/compile_sm90.py`
 compiles every configuration offline for sm_90 (registers, spills, shared memory: benchmarks/results/).
 """
 import functools
@@ -104,10 +105,14 @@ def _second_chunk(
     DB: tl.constexpr,        # second D chunk (0: none)
     HEAD_DIM: tl.constexpr,  # real head dim D
 ):
-    """Columns of the second D chunk: DA..DA+DB-1, clamped to D - 1 when DA + DB > D (see the module docstring)."""
+    """Columns of the second D chunk: DA..DA+DB-1, or when DA + DB > D the D - DA real ones repeated
+    (DA + j % (D - DA): runs of D - DA >= 8 consecutive columns, so the loads stay vectorized; see the module
+    docstring)."""
     cols = DA + tl.arange(0, 16 if DB == 0 else DB)
     if DA + DB > HEAD_DIM:
-        cols = tl.minimum(cols, HEAD_DIM - 1)
+        # D % 8 == 0: runs of 8 consecutive columns, each starting at a multiple of 8 (what the compiler cannot
+        # see through the remainder, and needs to keep the loads and stores vectorized)
+        cols = tl.max_contiguous(tl.multiple_of(DA + (cols - DA) % (HEAD_DIM - DA), 8), 8)
     return cols
 
 
@@ -118,7 +123,7 @@ def _zero_past_head_dim(
     DB: tl.constexpr,        # second D chunk
     HEAD_DIM: tl.constexpr,  # real head dim D
 ):
-    """x with its columns past D (repeats of column D - 1 from the clamped load) set to 0."""
+    """x with its columns past D (repeats of real columns, see _second_chunk) set to 0."""
     if DA + DB > HEAD_DIM:
         x = tl.where((DA + tl.arange(0, DB) < HEAD_DIM)[None, :], x, 0.0)
     return x
@@ -200,10 +205,10 @@ def _fwd_kernel(
     O,                        # [total_q, H, D] output, q's dtype
     LSE,                      # [H, total_q] fp32 output: natural-log softmax normaliser (+inf: no key)
     CU_Q, CU_K,               # [B+1] int32 cu_seqlens of queries / keys
-    stride_qt, stride_qh,     # element strides of Q (token, head)
-    stride_kt, stride_kh,     # element strides of K
-    stride_vt, stride_vh,     # element strides of V
-    stride_ot, stride_oh,     # element strides of O
+    stride_qt, stride_qh,     # strides (in 8-element units) of Q (token, head)
+    stride_kt, stride_kh,     # strides (in 8-element units) of K
+    stride_vt, stride_vh,     # strides (in 8-element units) of V
+    stride_ot, stride_oh,     # strides (in 8-element units) of O
     stride_lse_h,             # element stride of LSE's head axis
     qk_scale,                 # softmax_scale * log2(e)
     dense_q, dense_k,         # sequence lengths (DENSE)
@@ -217,6 +222,10 @@ def _fwd_kernel(
     UPCAST: tl.constexpr,     # compute the dots in fp32 (interpreter bf16)
     PRECISION: tl.constexpr,  # tl.dot input_precision ("tf32" or "ieee")
 ):
+    # strides come in units of 8 elements: every row starts 16-byte aligned as the compiler can see, so the tiles
+    # load and store vectorized whatever D % 16 is (D = 72 included)
+    stride_qt, stride_qh, stride_kt, stride_kh = stride_qt * 8, stride_qh * 8, stride_kt * 8, stride_kh * 8
+    stride_vt, stride_vh, stride_ot, stride_oh = stride_vt * 8, stride_vh * 8, stride_ot * 8, stride_oh * 8
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -348,12 +357,12 @@ def _bwd_dkdv_kernel(
     DELTA,                      # [H, total_q] fp32 rowsum(dO * O); same strides as LSE
     DK, DV,                     # [total_k, H, D] outputs, any strides with unit stride on D
     CU_Q, CU_K,                 # [B+1] int32 cu_seqlens of queries / keys
-    stride_qt, stride_qh,       # element strides of Q (token, head)
-    stride_kt, stride_kh,       # element strides of K
-    stride_vt, stride_vh,       # element strides of V
-    stride_dot, stride_doh,     # element strides of DO
-    stride_dkt, stride_dkh,     # element strides of DK
-    stride_dvt, stride_dvh,     # element strides of DV
+    stride_qt, stride_qh,       # strides (in 8-element units) of Q (token, head)
+    stride_kt, stride_kh,       # strides (in 8-element units) of K
+    stride_vt, stride_vh,       # strides (in 8-element units) of V
+    stride_dot, stride_doh,     # strides (in 8-element units) of DO
+    stride_dkt, stride_dkh,     # strides (in 8-element units) of DK
+    stride_dvt, stride_dvh,     # strides (in 8-element units) of DV
     stride_lse_h,               # element stride of LSE's (and DELTA's) head axis
     qk_scale,                   # softmax_scale * log2(e)
     sm_scale,                   # softmax_scale (applied to dK)
@@ -368,6 +377,9 @@ def _bwd_dkdv_kernel(
     UPCAST: tl.constexpr,       # compute the dots in fp32 (interpreter bf16)
     PRECISION: tl.constexpr,    # tl.dot input_precision ("tf32" or "ieee")
 ):
+    stride_qt, stride_qh, stride_kt, stride_kh = stride_qt * 8, stride_qh * 8, stride_kt * 8, stride_kh * 8
+    stride_vt, stride_vh, stride_dot, stride_doh = stride_vt * 8, stride_vh * 8, stride_dot * 8, stride_doh * 8
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh = stride_dkt * 8, stride_dkh * 8, stride_dvt * 8, stride_dvh * 8
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -482,11 +494,11 @@ def _bwd_dq_kernel(
     DELTA,                      # [H, total_q] fp32 rowsum(dO * O); same strides as LSE
     DQ,                         # [total_q, H, D] output, any strides with unit stride on D
     CU_Q, CU_K,                 # [B+1] int32 cu_seqlens of queries / keys
-    stride_qt, stride_qh,       # element strides of Q (token, head)
-    stride_kt, stride_kh,       # element strides of K
-    stride_vt, stride_vh,       # element strides of V
-    stride_dot, stride_doh,     # element strides of DO
-    stride_dqt, stride_dqh,     # element strides of DQ
+    stride_qt, stride_qh,       # strides (in 8-element units) of Q (token, head)
+    stride_kt, stride_kh,       # strides (in 8-element units) of K
+    stride_vt, stride_vh,       # strides (in 8-element units) of V
+    stride_dot, stride_doh,     # strides (in 8-element units) of DO
+    stride_dqt, stride_dqh,     # strides (in 8-element units) of DQ
     stride_lse_h,               # element stride of LSE's (and DELTA's) head axis
     qk_scale,                   # softmax_scale * log2(e)
     sm_scale,                   # softmax_scale (applied to dQ)
@@ -501,6 +513,9 @@ def _bwd_dq_kernel(
     UPCAST: tl.constexpr,       # compute the dots in fp32 (interpreter bf16)
     PRECISION: tl.constexpr,    # tl.dot input_precision ("tf32" or "ieee")
 ):
+    stride_qt, stride_qh, stride_kt, stride_kh = stride_qt * 8, stride_qh * 8, stride_kt * 8, stride_kh * 8
+    stride_vt, stride_vh, stride_dot, stride_doh = stride_vt * 8, stride_vh * 8, stride_dot * 8, stride_doh * 8
+    stride_dqt, stride_dqh = stride_dqt * 8, stride_dqh * 8
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -619,8 +634,17 @@ def _batch(cu_seqlens, total, dense_len):
     return n_batch
 
 
+def strides8(*tensors):
+    """Token and head strides of [T, H, D] tensors in units of 8 elements, as the attention kernels take them."""
+    strides = [s for t in tensors for s in t.stride()[:2]]
+    if any(s % 8 for s in strides):
+        raise ValueError(f"attention kernels need token and head strides that are multiples of 8, got {strides}")
+    return [s // 8 for s in strides]
+
+
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    """Forward. q [Tq, H, D], k, v [Tk, H, D] (unit stride on D); cu_seqlens int32 [B+1] (validated by the caller),
+    """Forward. q [Tq, H, D], k, v [Tk, H, D] (unit stride on D, token and head strides multiples of 8);
+    cu_seqlens int32 [B+1] (validated by the caller),
     or both None for the dense layout (B sequences of max_seqlen_q / max_seqlen_k tokens)
     -> (out [Tq, H, D] contiguous in q's dtype, lse [H, Tq] fp32)."""
     total_q, n_heads, head_dim = q.shape
@@ -633,8 +657,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     cfg = _config("attn_fwd", head_dim, max_seqlen_q, q.dtype, q.device)
     meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
     _common.launch(_fwd_kernel, (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_heads, n_batch), q, k, v, out, lse,
-                   q if dense else cu_seqlens_q, q if dense else cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0),
-                   k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+                   q if dense else cu_seqlens_q, q if dense else cu_seqlens_k, *strides8(q, k, v, out), lse.stride(0),
                    softmax_scale * LOG2E, max_seqlen_q, max_seqlen_k, **meta, BLOCK_M=cfg["BLOCK_M"],
                    BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
@@ -642,8 +665,8 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
 
 def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                causal, dq, dk, dv):
-    """Backward into preallocated dq [Tq, H, D], dk, dv [Tk, H, D] (any strides with unit stride on D, e.g. slices
-    of one dqkv buffer). Inputs as for varlen_fwd plus dout, out [Tq, H, D] and lse [H, Tq]."""
+    """Backward into preallocated dq [Tq, H, D], dk, dv [Tk, H, D] (unit stride on D, other strides multiples of 8,
+    e.g. slices of one dqkv buffer). Inputs as for varlen_fwd plus dout, out [Tq, H, D] and lse [H, Tq]."""
     total_q, n_heads, head_dim = q.shape
     dense = cu_seqlens_q is None
     n_batch = _batch(cu_seqlens_q, total_q, max_seqlen_q)
@@ -658,16 +681,14 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     cfg = _config("attn_bwd", head_dim, max(max_seqlen_q, max_seqlen_k), q.dtype, q.device)
     meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
     cu_q, cu_k = (q, q) if dense else (cu_seqlens_q, cu_seqlens_k)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
-               dout.stride(1))
+    strides = strides8(q, k, v, dout)
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if max_seqlen_k > 0:
         _common.launch(_bwd_dkdv_kernel, (triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), n_heads, n_batch), q, k, v,
-                       dout, lse, delta, dk, dv, cu_q, cu_k, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
-                       dv.stride(1), lse.stride(0), softmax_scale * LOG2E, softmax_scale, max_seqlen_q, max_seqlen_k,
+                       dout, lse, delta, dk, dv, cu_q, cu_k, *strides, *strides8(dk, dv), lse.stride(0), softmax_scale * LOG2E, softmax_scale, max_seqlen_q, max_seqlen_k,
                        **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **options)
     if max_seqlen_q > 0:
         _common.launch(_bwd_dq_kernel, (triton.cdiv(max_seqlen_q, cfg["DQ_BLOCK_M"]), n_heads, n_batch), q, k, v,
-                       dout, lse, delta, dq, cu_q, cu_k, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
+                       dout, lse, delta, dq, cu_q, cu_k, *strides, *strides8(dq), lse.stride(0),
                        softmax_scale * LOG2E, softmax_scale, max_seqlen_q, max_seqlen_k, **meta,
                        BLOCK_M=cfg["DQ_BLOCK_M"], BLOCK_N=cfg["DQ_BLOCK_N"], **options)

@@ -61,8 +61,9 @@ def _softmax_scale(softmax_scale, head_dim):
 
 
 def _unit_last(x):
-    """The kernels index the head dim with unit stride; anything else is copied."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """The kernels index the head dim with unit stride and take token and head strides that are multiples of 8
+    (contiguous tensors and slices of a packed qkv are, D being a multiple of 8); anything else is copied."""
+    return x if x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1]) else x.contiguous()
 
 
 # ------------------------------------------------------------------------------------------- Triton op
