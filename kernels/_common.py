@@ -46,6 +46,16 @@ def counters(n, device):
     return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
 
 
+def cdiv(a, b):
+    """ceil(a / b) of Python ints (triton.cdiv and next_power_of_2 cost microseconds per call on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def acc_dtype(*dtypes):
     """Triton accumulation dtype: float64 when any operand is float64, float32 otherwise."""
     return tl.float64 if torch.float64 in dtypes else tl.float32
@@ -58,7 +68,7 @@ def torch_acc_dtype(*dtypes):
 
 def block_d(d, cap):
     """Columns per program: D rounded up to a power of two, at most `cap` (>= 16 for tl.arange)."""
-    return max(16, min(triton.next_power_of_2(max(d, 1)), cap))
+    return max(16, min(next_power_of_2(max(d, 1)), cap))
 
 
 # Elements per program tile of the default configurations: a [rows, BLOCK_D] tile holds about this many (rows =
@@ -78,15 +88,15 @@ def num_warps(elements):
 
 def rows(block_rows, n):
     """A configuration's rows per tile, no more than the n rows there are (rounded up to a power of two)."""
-    return min(block_rows, triton.next_power_of_2(max(n, 1)))
+    return min(block_rows, next_power_of_2(max(n, 1)))
 
 
 def split(total, other_programs):
     """Splits a reduction over `total` items into chunks: returns (items_per_chunk, n_chunks) with
     other_programs * n_chunks about TARGET_PROGRAMS and n_chunks <= MAX_CHUNKS (at least one chunk)."""
-    want = max(1, min(total, MAX_CHUNKS, triton.cdiv(TARGET_PROGRAMS, max(other_programs, 1))))
-    per = max(1, triton.cdiv(total, want))
-    return per, max(1, triton.cdiv(total, per))
+    want = max(1, min(total, MAX_CHUNKS, cdiv(TARGET_PROGRAMS, max(other_programs, 1))))
+    per = max(1, cdiv(total, want))
+    return per, max(1, cdiv(total, per))
 
 
 def require_contiguous(t, name):

@@ -54,7 +54,7 @@ def split_head_dim(head_dim):
     """(DA, DB): the two power-of-two chunks the kernels use for `head_dim` (DB = 0: no second chunk)."""
     da = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - da
-    return da, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
+    return da, (0 if rest == 0 else max(16, _common.next_power_of_2(rest)))
 
 
 def head_dim_supported(head_dim):
@@ -608,7 +608,7 @@ def _config(family, head_dim, max_len, dtype, device):
     """The tuned configuration of `family` for this head dim and max sequence length (a power of two in the key).
     fp32 inputs with 128-column chunks (D > 96) run with at most 2 stages: 3 need up to 256 KiB of shared memory
     (triton 3.6-3.8), over the H100's 227."""
-    length = triton.next_power_of_2(max(max_len, 1))
+    length = _common.next_power_of_2(max(max_len, 1))
     config = tuned(family, shape_key(Dh=head_dim, L=length),
                    _default(family, head_dim, length, triton_interpreted()), device)
     if dtype == torch.float32 and sum(split_head_dim(head_dim)) > 96 and config["num_stages"] > 2:
@@ -656,7 +656,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         return out, lse
     cfg = _config("attn_fwd", head_dim, max_seqlen_q, q.dtype, q.device)
     meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
-    _common.launch(_fwd_kernel, (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_heads, n_batch), q, k, v, out, lse,
+    _common.launch(_fwd_kernel, (_common.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_heads, n_batch), q, k, v, out, lse,
                    q if dense else cu_seqlens_q, q if dense else cu_seqlens_k, *strides8(q, k, v, out), lse.stride(0),
                    softmax_scale * LOG2E, max_seqlen_q, max_seqlen_k, **meta, BLOCK_M=cfg["BLOCK_M"],
                    BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -675,20 +675,20 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     delta = _common.empty(lse.shape, torch.float32, lse.device)
     if total_q > 0:
         block_t = 64
-        _common.launch(_bwd_delta_kernel, (triton.cdiv(total_q, block_t), n_heads), out, dout, delta, total_q,
+        _common.launch(_bwd_delta_kernel, (_common.cdiv(total_q, block_t), n_heads), out, dout, delta, total_q,
                        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-                       HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim))
+                       HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=_common.next_power_of_2(head_dim))
     cfg = _config("attn_bwd", head_dim, max(max_seqlen_q, max_seqlen_k), q.dtype, q.device)
     meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
     cu_q, cu_k = (q, q) if dense else (cu_seqlens_q, cu_seqlens_k)
     strides = strides8(q, k, v, dout)
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if max_seqlen_k > 0:
-        _common.launch(_bwd_dkdv_kernel, (triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), n_heads, n_batch), q, k, v,
+        _common.launch(_bwd_dkdv_kernel, (_common.cdiv(max_seqlen_k, cfg["BLOCK_N"]), n_heads, n_batch), q, k, v,
                        dout, lse, delta, dk, dv, cu_q, cu_k, *strides, *strides8(dk, dv), lse.stride(0), softmax_scale * LOG2E, softmax_scale, max_seqlen_q, max_seqlen_k,
                        **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **options)
     if max_seqlen_q > 0:
-        _common.launch(_bwd_dq_kernel, (triton.cdiv(max_seqlen_q, cfg["DQ_BLOCK_M"]), n_heads, n_batch), q, k, v,
+        _common.launch(_bwd_dq_kernel, (_common.cdiv(max_seqlen_q, cfg["DQ_BLOCK_M"]), n_heads, n_batch), q, k, v,
                        dout, lse, delta, dq, cu_q, cu_k, *strides, *strides8(dq), lse.stride(0),
                        softmax_scale * LOG2E, softmax_scale, max_seqlen_q, max_seqlen_k, **meta,
                        BLOCK_M=cfg["DQ_BLOCK_M"], BLOCK_N=cfg["DQ_BLOCK_N"], **options)

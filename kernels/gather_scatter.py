@@ -304,7 +304,7 @@ def gather_fwd(x, ids, cu_seqlens=None, pos_embed=None):
     N = ids.numel()
     B = batch_size(ids, cu_seqlens)
     block_r, block, warps = _config("gather", D, N, x.device)
-    _common.launch(_gather_fwd_kernel, (triton.cdiv(N, block_r), triton.cdiv(D, block)), out, x, ids,
+    _common.launch(_gather_fwd_kernel, (_common.cdiv(N, block_r), _common.cdiv(D, block)), out, x, ids,
                    ids if cu_seqlens is None else cu_seqlens, x if pos_embed is None else pos_embed, N, D, B,
                    ids.shape[-1], B.bit_length(), x.stride(0), x.stride(1), x.stride(2), PACKED=cu_seqlens is not None,
                    HAS_POS=pos_embed is not None, ACC=_common.acc_dtype(x.dtype, dtype), BLOCK_R=block_r,
@@ -330,7 +330,7 @@ def scatter_fwd(src, ids, cu_seqlens, mask_token, length, pos_embed=None):
     if out.numel() == 0:
         return out, inv
     block_r, block, warps = _config("scatter", D, length, src.device)
-    _common.launch(_scatter_fwd_kernel, (triton.cdiv(length, block_r) * B, triton.cdiv(D, block)), out, src, inv,
+    _common.launch(_scatter_fwd_kernel, (_common.cdiv(length, block_r) * B, _common.cdiv(D, block)), out, src, inv,
                    mask_token, mask_token if pos_embed is None else pos_embed, B, length, D,
                    HAS_POS=pos_embed is not None, ACC=_common.acc_dtype(src.dtype, out.dtype), BLOCK_R=block_r,
                    BLOCK_D=block, num_warps=warps)
@@ -342,7 +342,7 @@ def _grid(D, length, batch, config, reduce):
     reduction over samples each program takes one sample; with one, the chunking (and so the summation order)
     depends on the shapes only."""
     block_r, block = config[:2]
-    n_lblocks, n_dblocks = triton.cdiv(length, block_r), triton.cdiv(D, block)
+    n_lblocks, n_dblocks = _common.cdiv(length, block_r), _common.cdiv(D, block)
     per, chunks = _common.split(batch, n_lblocks * n_dblocks) if reduce else (1, max(batch, 1))
     return per, chunks, (n_lblocks * chunks, n_dblocks)
 

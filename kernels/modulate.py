@@ -241,7 +241,7 @@ def is_per_token(cond, x):
 def _token_chunks(length, block_r, other_programs):
     """(tokens per program, programs per sample) of a backward pass over each sample's tokens: whole row tiles,
     split so the reduction order depends on the shapes only."""
-    per_tiles, chunks = _common.split(triton.cdiv(length, block_r), other_programs)
+    per_tiles, chunks = _common.split(_common.cdiv(length, block_r), other_programs)
     return per_tiles * block_r, chunks
 
 
@@ -261,7 +261,7 @@ def layernorm_modulate_fwd(x, shift, scale, eps):
     if out.numel() == 0:
         return out
     block_r, block, warps = _config("ln_modulate_fwd", D, B * L, x.device)
-    _common.launch(_ln_modulate_fwd_kernel, (triton.cdiv(B * L, block_r),), out, x, shift, scale, B * L, L, D, eps,
+    _common.launch(_ln_modulate_fwd_kernel, (_common.cdiv(B * L, block_r),), out, x, shift, scale, B * L, L, D, eps,
                    PER_TOKEN=is_per_token(shift, x), ACC=_common.acc_dtype(dtype), BLOCK_R=block_r, BLOCK_D=block,
                    num_warps=warps)
     return out
@@ -299,7 +299,7 @@ def gated_residual_fwd(x, y, gate):
     if out.numel() == 0:
         return out
     block_r, block, warps = _config("gated_residual_fwd", D, B * L, x.device)
-    _common.launch(_gated_residual_fwd_kernel, (triton.cdiv(B * L, block_r), triton.cdiv(D, block)), out, x, y, gate,
+    _common.launch(_gated_residual_fwd_kernel, (_common.cdiv(B * L, block_r), _common.cdiv(D, block)), out, x, y, gate,
                    B * L, L, D, PER_TOKEN=is_per_token(gate, x), ACC=_common.acc_dtype(dtype), BLOCK_R=block_r,
                    BLOCK_D=block, num_warps=warps)
     return out
@@ -316,7 +316,7 @@ def gated_residual_bwd(grad, y, gate):
     if dy.numel() == 0:  # no tokens: a per-sample grad is an empty sum
         return dy, dgate.zero_()
     block_r, block, warps = _config("gated_residual_bwd", D, L, y.device)
-    n_blocks = triton.cdiv(D, block)
+    n_blocks = _common.cdiv(D, block)
     rows_per_prog, chunks = _token_chunks(L, block_r, B * n_blocks)
     part_dtype = _common.torch_acc_dtype(grad.dtype, y.dtype, gate.dtype)
     part = _common.empty((0,) if per_token else (B, chunks, D), part_dtype, y.device)

@@ -137,6 +137,7 @@ class _TritonVarlen(torch.autograd.Function):
         out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                   causal)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled grad for lse
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal)
         return out, lse
@@ -153,6 +154,7 @@ class _TritonPacked(torch.autograd.Function):
     def forward(ctx, qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
         out, lse = _packed_fwd_op(qkv, cu_seqlens, max_seqlen, softmax_scale, causal)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled grad for lse
         ctx.save_for_backward(qkv, out, lse, cu_seqlens)
         ctx.args = (max_seqlen, softmax_scale, causal)
         return out, lse

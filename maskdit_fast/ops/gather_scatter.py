@@ -267,6 +267,7 @@ class _TritonScatter(torch.autograd.Function):
     def forward(ctx, src, ids, cu_seqlens, mask_token, length, pos_embed):
         out, inv = _scatter_op(src, ids, cu_seqlens, mask_token, length, pos_embed)
         ctx.mark_non_differentiable(inv)
+        ctx.set_materialize_grads(False)  # no zero-filled grad for inv
         ctx.save_for_backward(ids, inv)
         ctx.src_dtype = src.dtype
         ctx.fill_shape, ctx.fill_dtype = mask_token.shape, mask_token.dtype
@@ -294,25 +295,32 @@ class _TritonScatter(torch.autograd.Function):
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _cuda_gather_fake(x, ids_keep, pos_embed):
+    return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]))
+
+
+def _cuda_gather_bwd_fake(grad_out, ids_keep, length, pos_grad):
+    B, _K, D = grad_out.shape
+    return grad_out.new_empty((B, length, D)), grad_out.new_empty((length, D) if pos_grad else (0,))
+
+
+def _cuda_scatter_fake(x_kept, ids_keep, mask_token, length, pos_embed):
+    return x_kept.new_empty((x_kept.shape[0], length, x_kept.shape[2]))
+
+
+def _cuda_scatter_bwd_fake(grad_out, ids_keep, mask_grad, pos_grad):
+    B, L, D = grad_out.shape
+    return (grad_out.new_empty((B, ids_keep.shape[1], D)), grad_out.new_empty((D,) if mask_grad else (0,)),
+            grad_out.new_empty((L, D) if pos_grad else (0,)))
+
+
+CUDA_FAKES = {"gather_tokens": _cuda_gather_fake, "gather_tokens_backward": _cuda_gather_bwd_fake,
+              "scatter_tokens": _cuda_scatter_fake, "scatter_tokens_backward": _cuda_scatter_bwd_fake}
+
+
 def _register_cuda_fakes():
-    @torch.library.register_fake("maskdit_fast_C::gather_tokens")
-    def _(x, ids_keep, pos_embed):
-        return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]))
-
-    @torch.library.register_fake("maskdit_fast_C::gather_tokens_backward")
-    def _(grad_out, ids_keep, length, pos_grad):
-        B, _K, D = grad_out.shape
-        return grad_out.new_empty((B, length, D)), grad_out.new_empty((length, D) if pos_grad else (0,))
-
-    @torch.library.register_fake("maskdit_fast_C::scatter_tokens")
-    def _(x_kept, ids_keep, mask_token, length, pos_embed):
-        return x_kept.new_empty((x_kept.shape[0], length, x_kept.shape[2]))
-
-    @torch.library.register_fake("maskdit_fast_C::scatter_tokens_backward")
-    def _(grad_out, ids_keep, mask_grad, pos_grad):
-        B, L, D = grad_out.shape
-        return (grad_out.new_empty((B, ids_keep.shape[1], D)), grad_out.new_empty((D,) if mask_grad else (0,)),
-                grad_out.new_empty((L, D) if pos_grad else (0,)))
+    for name, fake in CUDA_FAKES.items():
+        torch.library.register_fake(f"maskdit_fast_C::{name}", fake)
 
 
 on_extension_load(_register_cuda_fakes, "gather_tokens")

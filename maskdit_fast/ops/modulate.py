@@ -153,24 +153,31 @@ class _TritonGatedResidual(torch.autograd.Function):
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _cuda_ln_fake(x, shift, scale, eps):
+    stats = x.shape[:2]
+    return x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+
+
+def _cuda_ln_bwd_fake(grad_out, x, scale, mean, rstd, cond_grad):
+    cond = scale.shape if cond_grad else (0,)
+    return x.new_empty(x.shape), x.new_empty(cond), x.new_empty(cond)
+
+
+def _cuda_gate_fake(x, y, gate):
+    return x.new_empty(x.shape)
+
+
+def _cuda_gate_bwd_fake(grad_out, y, gate, y_grad, gate_grad):
+    return y.new_empty(y.shape if y_grad else (0,)), y.new_empty(gate.shape if gate_grad else (0,))
+
+
+CUDA_FAKES = {"layernorm_modulate": _cuda_ln_fake, "layernorm_modulate_backward": _cuda_ln_bwd_fake,
+              "gated_residual": _cuda_gate_fake, "gated_residual_backward": _cuda_gate_bwd_fake}
+
+
 def _register_cuda_fakes():
-    @torch.library.register_fake("maskdit_fast_C::layernorm_modulate")
-    def _(x, shift, scale, eps):
-        stats = x.shape[:2]
-        return x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
-
-    @torch.library.register_fake("maskdit_fast_C::layernorm_modulate_backward")
-    def _(grad_out, x, scale, mean, rstd, cond_grad):
-        cond = scale.shape if cond_grad else (0,)
-        return x.new_empty(x.shape), x.new_empty(cond), x.new_empty(cond)
-
-    @torch.library.register_fake("maskdit_fast_C::gated_residual")
-    def _(x, y, gate):
-        return x.new_empty(x.shape)
-
-    @torch.library.register_fake("maskdit_fast_C::gated_residual_backward")
-    def _(grad_out, y, gate, y_grad, gate_grad):
-        return y.new_empty(y.shape if y_grad else (0,)), y.new_empty(gate.shape if gate_grad else (0,))
+    for name, fake in CUDA_FAKES.items():
+        torch.library.register_fake(f"maskdit_fast_C::{name}", fake)
 
 
 on_extension_load(_register_cuda_fakes, "layernorm_modulate")
