@@ -5,12 +5,15 @@ Every buffer a launcher hands back (outputs, gradients, partial-sum buffers) com
 poison them with NaN (`poisoned()`) and prove that the kernels write every element.
 """
 import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
+
+from maskdit_fast.kernels._config import shape_key
 
 _poison = False
 
@@ -97,6 +100,12 @@ def split(total, other_programs):
     want = max(1, min(total, MAX_CHUNKS, cdiv(TARGET_PROGRAMS, max(other_programs, 1))))
     per = max(1, cdiv(total, want))
     return per, max(1, cdiv(total, per))
+
+
+@functools.lru_cache(maxsize=None)
+def width_key(D):
+    """_config.shape_key(D=D), built once per width: the tuned-configuration key of the glue kernels."""
+    return shape_key(D=D)
 
 
 def require_contiguous(t, name):

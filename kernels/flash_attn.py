@@ -572,14 +572,15 @@ def _tiles(block_m, block_n, warps, stages):
 
 
 # Candidates of the GPU tuning sweep. attn_bwd holds the dK/dV kernel's tiles (a program owns BLOCK_N keys and
-# loops over BLOCK_M queries) and the dQ kernel's (DQ_BLOCK_M queries, DQ_BLOCK_N keys per step). 128-row tiles
-# with 4 warps spill at D = 72 in the offline sm_90 compile (forward, and the 32x128 dK/dV tile): left out.
+# loops over BLOCK_M queries) and the dQ kernel's (DQ_BLOCK_M queries, DQ_BLOCK_N keys per step). Tiles that spill
+# at D = 72 in the offline sm_90 compile are left out: 128 rows with 4 warps (forward, and the 32x128 dK/dV tile),
+# and the 64x64 dK/dV tile with 4 warps (causal).
 TUNING = {
     "attn_fwd": [_tiles(m, n, w, s) for m, n in ((64, 64), (128, 64), (128, 32), (64, 32)) for w in (4, 8)
                  for s in (2, 3) if m < 128 or w == 8],
     "attn_bwd": [{**_tiles(m, n, w, s), "DQ_BLOCK_M": qm, "DQ_BLOCK_N": qn}
                  for m, n, qm, qn in ((32, 128, 128, 32), (32, 64, 64, 32), (64, 64, 64, 32), (16, 64, 64, 16))
-                 for w in (4, 8) for s in (2, 3) if n < 128 or w == 8],
+                 for w in (4, 8) for s in (2, 3) if w == 8 or (n < 128 and m < 64)],
 }
 
 
@@ -604,12 +605,17 @@ def _default(family, head_dim, max_len, interpreted):
     return {**dkdv, "DQ_BLOCK_M": 64 if wide or not long else 128, "DQ_BLOCK_N": 32}
 
 
+@functools.lru_cache(maxsize=None)
+def _shape_key(head_dim, length):
+    return shape_key(Dh=head_dim, L=length)
+
+
 def _config(family, head_dim, max_len, dtype, device):
     """The tuned configuration of `family` for this head dim and max sequence length (a power of two in the key).
     fp32 inputs with 128-column chunks (D > 96) run with at most 2 stages: 3 need up to 256 KiB of shared memory
     (triton 3.6-3.8), over the H100's 227."""
     length = _common.next_power_of_2(max(max_len, 1))
-    config = tuned(family, shape_key(Dh=head_dim, L=length),
+    config = tuned(family, _shape_key(head_dim, length),
                    _default(family, head_dim, length, triton_interpreted()), device)
     if dtype == torch.float32 and sum(split_head_dim(head_dim)) > 96 and config["num_stages"] > 2:
         config = {**config, "num_stages": 2}

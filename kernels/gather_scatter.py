@@ -27,7 +27,7 @@ import triton.language as tl
 from maskdit_fast.backend import result_dtype
 from maskdit_fast.indexing import batch_size
 from maskdit_fast.kernels import _common
-from maskdit_fast.kernels._config import shape_key, tuned
+from maskdit_fast.kernels._config import tuned
 
 BLOCK_CAP = 1024  # widest column block; D = 1152 runs as two blocks per row
 INVERSE_BLOCK = 1024  # positions (and rows) per step of the inverse-map kernel
@@ -271,7 +271,7 @@ def _default(D):
 def _config(family, D, n_rows, device):
     """(BLOCK_R, BLOCK_D, num_warps) of `family` ("gather" / "scatter") at width D for n_rows rows (or grid
     positions): the tuned configuration, no wider than D needs and with no more rows than there are."""
-    config = tuned(family, shape_key(D=D), _default(D), device)
+    config = tuned(family, _common.width_key(D), _default(D), device)
     return (_common.rows(config["BLOCK_R"], n_rows), min(config["BLOCK_D"], _common.block_d(D, BLOCK_CAP)),
             config["num_warps"])
 

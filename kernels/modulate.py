@@ -21,7 +21,7 @@ import triton.language as tl
 
 from maskdit_fast.backend import result_dtype
 from maskdit_fast.kernels import _common
-from maskdit_fast.kernels._config import shape_key, tuned
+from maskdit_fast.kernels._config import tuned
 
 LN_BLOCK_CAP = 65536   # LayerNorm keeps whole rows in registers: D up to this width
 GATE_BLOCK_CAP = 1024  # gated residual is elementwise over columns
@@ -224,7 +224,7 @@ def _config(family, D, n_rows, device):
     if family.startswith("ln_") and D > LN_BLOCK_CAP:  # the kernels hold whole rows: wider ones would be cut
         raise ValueError(f"layernorm_modulate (triton): feature width {D} is over the {LN_BLOCK_CAP} columns a row "
                          "tile holds")
-    config = tuned(family, shape_key(D=D), _default(family, D), device)
+    config = tuned(family, _common.width_key(D), _default(family, D), device)
     if family.startswith("ln_"):
         block = _common.block_d(D, LN_BLOCK_CAP)
     else:

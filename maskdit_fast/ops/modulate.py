@@ -138,7 +138,7 @@ class _TritonGatedResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, gate = ctx.saved_tensors
-        dx = grad.to(ctx.x_dtype)  # grad x is grad itself: no kernel, and no copy unless the dtype differs
+        dx = grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype)  # grad x is grad itself: no kernel
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             return dx, None, None
         return (dx, *_gate_bwd_op(grad, y, gate))
