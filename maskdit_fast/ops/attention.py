@@ -16,10 +16,12 @@ Back-ends (the `backend=` keyword; the global default of maskdit_fast.backend ap
   "cuda"       the package's CUDA extension has no attention kernel: runs "torch".
   "auto"       "torch" (SDPA picks flash / cuDNN on CUDA).
 
-The Triton path is registered with torch.library (maskdit_fast::varlen_attn_fwd/_bwd and the
-qkv-packed pair), with fake kernels (torch.compile) and FLOP formulas for FlopCounterMode:
-4 * sum_b(Lq_b * Lk_b) * H * D forward and 2.5x that backward (causal masks are not discounted, as in
-torch's own attention formulas).
+This file holds, top to bottom: the references (the spec), the input checks (run once, by the public ops), the
+Triton op, the other back-ends, and the public ops that dispatch between them. The Triton op is registered with
+torch.library (maskdit_fast::varlen_attn_fwd/_bwd and the qkv-packed pair; cu_seqlens None for the dense layout)
+and called from autograd.Functions, with fake kernels (torch.compile) and FLOP formulas for FlopCounterMode:
+4 * sum_b(Lq_b * Lk_b) * H * D forward and 2.5x that backward (causal masks are not discounted, as in torch's
+own attention formulas).
 """
 import functools
 import importlib.util
@@ -38,35 +40,109 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OPTIONAL = {"flash_attn": "flash-attn (pip install flash-attn)", "xformers": "xformers (pip install xformers)"}
 
 
-def resolve_attention_backend(backend, device):
-    """Concrete attention back-end ("torch", "triton", "flash_attn" or "xformers") for `device`.
-
-    Extends maskdit_fast.backend.resolve_backend with the optional libraries; raises RuntimeError when
-    the requested one is not installed or cannot run on `device`.
-    """
-    name = backend or get_backend()
-    if name in _OPTIONAL:
-        if importlib.util.find_spec(name) is None:
-            raise RuntimeError(f"attention backend {name!r} requested but {_OPTIONAL[name]} is not installed")
-        if torch.device(device).type != "cuda":
-            raise RuntimeError(f"attention backend {name!r} needs CUDA tensors (got {device})")
-        return name
-    if name not in ("auto",) + ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto',) + ATTENTION_BACKENDS}")
-    return resolve_backend(name, device, cuda_impl=False)  # no CUDA-extension attention: "cuda" runs torch
-
-
+# -------------------------------------------------------------------------------------------------- reference
 def _softmax_scale(softmax_scale, head_dim):
     return float(head_dim ** -0.5 if softmax_scale is None else softmax_scale)
 
 
+def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                         compute_dtype=torch.float64):
+    """Reference (the spec): softmax(q k^T * scale) v per sequence, computed in `compute_dtype`.
+
+    Shapes and semantics as varlen_attention (bottom-right causal; rows that see no key give 0 and
+    lse +inf). float64 is the accuracy reference; the inputs' own low-precision dtype gives PyTorch's
+    plain math in that dtype (what SDPA's math back-end does on a GPU), the baseline for the
+    low-precision error of the kernels. Differentiable. Returns (out [total_q, H, D] in compute_dtype,
+    lse [H, total_q] in compute_dtype).
+    """
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    outs, lses = [], []
+    for qs, qe, ks, ke in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
+                              cu_seqlens_k[1:].tolist()):
+        s = torch.einsum("ihd,jhd->hij", q[qs:qe], k[ks:ke]) * scale
+        if causal:
+            i = torch.arange(qe - qs, device=q.device)[:, None]
+            j = torch.arange(ke - ks, device=q.device)[None, :]
+            s = s.masked_fill(j > i + (ke - ks) - (qe - qs), float("-inf"))
+        lse = torch.logsumexp(s, -1) if ke > ks else s.new_full(s.shape[:2], float("-inf"))
+        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: exp(-inf - -inf) -> 0
+        outs.append(torch.einsum("hij,jhd->ihd", p, v[ks:ke]))
+        lses.append(torch.where(lse == float("-inf"), float("inf"), lse))
+    if not outs:
+        return q.new_zeros(q.shape), q.new_zeros((q.shape[1], q.shape[0]))
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def attention_ref(q, k, v, softmax_scale=None):
+    """Reference: softmax(q k^T * scale) v through torch SDPA. q, k, v [B, L, H, D] -> [B, L, H, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+_checked_cu = {}  # id -> (weakref, _version, total, max_seqlen): one device sync per cu_seqlens tensor
+
+
+def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise TypeError(f"{name} must be a 1-D int32 tensor [batch + 1], got {got}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen for {name} must be >= 0, got {max_seqlen}")
+    if torch.compiler.is_compiling() or not validation_enabled(validate):  # the value checks wait for the device
+        return
+    entry = _checked_cu.get(id(cu))
+    if entry is not None and entry[0]() is cu and entry[1:] == (cu._version, total, max_seqlen):
+        return
+    lengths = cu[1:] - cu[:-1]
+    first, last = cu[0], cu[-1]
+    shortest, longest = (lengths.min(), lengths.max()) if cu.numel() > 1 else (first * 0, first * 0)
+    first, last, shortest, longest = torch.stack([first, last, shortest, longest]).tolist()
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if last != total:
+        raise ValueError(f"{name}[-1] = {last} must equal the number of tokens {total}")
+    if shortest < 0:
+        raise ValueError(f"{name} must be non-decreasing (a sequence has length {shortest})")
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} for {name} is below the longest sequence ({longest})")
+    if len(_checked_cu) > 16:
+        _checked_cu.clear()
+    _checked_cu[id(cu)] = (weakref.ref(cu), cu._version, total, max_seqlen)
+
+
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a [total_tokens, heads, head_dim] tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if q.shape[1:] != k.shape[1:] or k.shape != v.shape:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need "
+                         "equal heads and head_dim, and k, v of the same length)")
+
+
+def _check_triton_head_dim(head_dim):
+    if not _triton().head_dim_supported(head_dim):
+        raise ValueError(f"triton attention supports head_dim % 8 == 0 in [16, 128], got {head_dim}")
+
+
+# -------------------------------------------------------------------------------------------------- Triton op
 def _unit_last(x):
     """The kernels index the head dim with unit stride and take token and head strides that are multiples of 8
     (contiguous tensors and slices of a packed qkv are, D being a multiple of 8); anything else is copied."""
     return x if x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1]) else x.contiguous()
 
 
-# ------------------------------------------------------------------------------------------- Triton op
 _kernels = _empty = None
 
 
@@ -165,7 +241,6 @@ class _TritonPacked(torch.autograd.Function):
         return _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, *ctx.args), None, None, None, None
 
 
-# ------------------------------------------------------------------------------------------ FLOP count
 def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q):
     """sum_b Lq_b * Lk_b; the dense layout (no cu_seqlens) has total_q / max_q sequences of max_q x max_k pairs;
     without real values (fake/meta tensors) the bound B * max_q * max_k."""
@@ -201,62 +276,11 @@ def _packed_bwd_flops(dout, qkv, out, lse, cu_seqlens, max_seqlen, *args, out_va
     return 10 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv.shape[0]) * qkv.shape[2] * qkv.shape[3]
 
 
-# ---------------------------------------------------------------------------------------- validation
-_checked_cu = {}  # id -> (weakref, _version, total, max_seqlen): one device sync per cu_seqlens tensor
+# ---------------------------------------------------------------------------------------------------- CUDA op
+# The CUDA extension (csrc/) has no attention kernel: backend "cuda" runs "torch".
 
 
-def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
-    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
-        raise TypeError(f"{name} must be a 1-D int32 tensor [batch + 1], got {got}")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
-    if max_seqlen < 0:
-        raise ValueError(f"max_seqlen for {name} must be >= 0, got {max_seqlen}")
-    if torch.compiler.is_compiling() or not validation_enabled(validate):  # the value checks wait for the device
-        return
-    entry = _checked_cu.get(id(cu))
-    if entry is not None and entry[0]() is cu and entry[1:] == (cu._version, total, max_seqlen):
-        return
-    lengths = cu[1:] - cu[:-1]
-    first, last = cu[0], cu[-1]
-    shortest, longest = (lengths.min(), lengths.max()) if cu.numel() > 1 else (first * 0, first * 0)
-    first, last, shortest, longest = torch.stack([first, last, shortest, longest]).tolist()
-    if first != 0:
-        raise ValueError(f"{name}[0] must be 0, got {first}")
-    if last != total:
-        raise ValueError(f"{name}[-1] = {last} must equal the number of tokens {total}")
-    if shortest < 0:
-        raise ValueError(f"{name} must be non-decreasing (a sequence has length {shortest})")
-    if longest > max_seqlen:
-        raise ValueError(f"max_seqlen {max_seqlen} for {name} is below the longest sequence ({longest})")
-    if len(_checked_cu) > 16:
-        _checked_cu.clear()
-    _checked_cu[id(cu)] = (weakref.ref(cu), cu._version, total, max_seqlen)
-
-
-def _check_qkv(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"{name} must be a [total_tokens, heads, head_dim] tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if q.shape[1:] != k.shape[1:] or k.shape != v.shape:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need "
-                         "equal heads and head_dim, and k, v of the same length)")
-
-
-def _check_triton_head_dim(head_dim):
-    if not _triton().head_dim_supported(head_dim):
-        raise ValueError(f"triton attention supports head_dim % 8 == 0 in [16, 128], got {head_dim}")
-
-
-# ---------------------------------------------------------------------------------- other back-ends
+# -------------------------------------------------------------------------------------------- other back-ends
 @functools.lru_cache(maxsize=None)
 def _torch_varlen_attn():
     """torch.nn.attention.varlen.varlen_attn (torch >= 2.10) and whether it takes scale/window_size."""
@@ -332,7 +356,25 @@ def _varlen_xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal):
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)[0]
 
 
-# ----------------------------------------------------------------------------------------- public API
+# --------------------------------------------------------------------------------------------------- dispatch
+def resolve_attention_backend(backend, device):
+    """Concrete attention back-end ("torch", "triton", "flash_attn" or "xformers") for `device`.
+
+    Extends maskdit_fast.backend.resolve_backend with the optional libraries; raises RuntimeError when
+    the requested one is not installed or cannot run on `device`.
+    """
+    name = backend or get_backend()
+    if name in _OPTIONAL:
+        if importlib.util.find_spec(name) is None:
+            raise RuntimeError(f"attention backend {name!r} requested but {_OPTIONAL[name]} is not installed")
+        if torch.device(device).type != "cuda":
+            raise RuntimeError(f"attention backend {name!r} needs CUDA tensors (got {device})")
+        return name
+    if name not in ("auto",) + ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto',) + ATTENTION_BACKENDS}")
+    return resolve_backend(name, device, cuda_impl=False)  # no CUDA-extension attention: "cuda" runs torch
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                      causal=False, *, return_lse=False, backend=None, validate=None):
     """Attention over packed variable-length sequences (drop-in for flash-attn's flash_attn_varlen_func).
@@ -405,42 +447,6 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, 
     out, lse = _TritonPacked.apply(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
                                    bool(causal))
     return (out, lse) if return_lse else out
-
-
-def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
-                         compute_dtype=torch.float64):
-    """Reference (the spec): softmax(q k^T * scale) v per sequence, computed in `compute_dtype`.
-
-    Shapes and semantics as varlen_attention (bottom-right causal; rows that see no key give 0 and
-    lse +inf). float64 is the accuracy reference; the inputs' own low-precision dtype gives PyTorch's
-    plain math in that dtype (what SDPA's math back-end does on a GPU), the baseline for the
-    low-precision error of the kernels. Differentiable. Returns (out [total_q, H, D] in compute_dtype,
-    lse [H, total_q] in compute_dtype).
-    """
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
-    q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
-    outs, lses = [], []
-    for qs, qe, ks, ke in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
-                              cu_seqlens_k[1:].tolist()):
-        s = torch.einsum("ihd,jhd->hij", q[qs:qe], k[ks:ke]) * scale
-        if causal:
-            i = torch.arange(qe - qs, device=q.device)[:, None]
-            j = torch.arange(ke - ks, device=q.device)[None, :]
-            s = s.masked_fill(j > i + (ke - ks) - (qe - qs), float("-inf"))
-        lse = torch.logsumexp(s, -1) if ke > ks else s.new_full(s.shape[:2], float("-inf"))
-        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: exp(-inf - -inf) -> 0
-        outs.append(torch.einsum("hij,jhd->ihd", p, v[ks:ke]))
-        lses.append(torch.where(lse == float("-inf"), float("inf"), lse))
-    if not outs:
-        return q.new_zeros(q.shape), q.new_zeros((q.shape[1], q.shape[0]))
-    return torch.cat(outs), torch.cat(lses, 1)
-
-
-def attention_ref(q, k, v, softmax_scale=None):
-    """Reference: softmax(q k^T * scale) v through torch SDPA. q, k, v [B, L, H, D] -> [B, L, H, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         scale=softmax_scale)
-    return out.transpose(1, 2)
 
 
 def attention(q, k, v, softmax_scale=None, *, backend=None):
