@@ -643,9 +643,9 @@ def _batch(cu_seqlens, total, dense_len):
 def strides8(*tensors):
     """Token and head strides of [T, H, D] tensors in units of 8 elements, as the attention kernels take them."""
     strides = [s for t in tensors for s in t.stride()[:2]]
-    if any(s % 8 for s in strides):
+    if any(s & 7 for s in strides):
         raise ValueError(f"attention kernels need token and head strides that are multiples of 8, got {strides}")
-    return [s // 8 for s in strides]
+    return [s >> 3 for s in strides]
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):

@@ -140,7 +140,8 @@ def _check_triton_head_dim(head_dim):
 def _unit_last(x):
     """The kernels index the head dim with unit stride and take token and head strides that are multiples of 8
     (contiguous tensors and slices of a packed qkv are, D being a multiple of 8); anything else is copied."""
-    return x if x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1]) else x.contiguous()
+    *outer, inner = x.stride()
+    return x if inner == 1 and not any(s & 7 for s in outer) else x.contiguous()
 
 
 _kernels = _empty = None

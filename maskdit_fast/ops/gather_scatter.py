@@ -92,10 +92,9 @@ def _check_float(t, name, dims):
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(t.shape)}")
 
 
-def _check_device(device, **tensors):
-    for name, t in tensors.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the tokens are on {device}")
+def _check_device(t, name, device):
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the tokens are on {device}")
 
 
 def _check_layout(ids, cu_seqlens, device):
@@ -112,7 +111,8 @@ def _check_layout(ids, cu_seqlens, device):
             raise TypeError("cu_seqlens must be an int32 (or int64) tensor")
         if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
             raise ValueError(f"cu_seqlens must be [B+1], got shape {tuple(cu_seqlens.shape)}")
-    _check_device(device, ids=ids, cu_seqlens=cu_seqlens)
+        _check_device(cu_seqlens, "cu_seqlens", device)
+    _check_device(ids, "ids", device)
 
 
 def _check_embedding(t, name, shapes, device):
@@ -121,7 +121,7 @@ def _check_embedding(t, name, shapes, device):
     _check_float(t, name, (1, 2, 3))
     if tuple(t.shape) not in shapes:
         raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
-    _check_device(device, **{name: t})
+    _check_device(t, name, device)
 
 
 def _check_id_values(ids, cu_seqlens, length, validate):
@@ -169,7 +169,7 @@ def _check_scatter(src, ids, cu_seqlens, mask_token, length, pos_embed, validate
     _check_float(mask_token, "mask_token", (1, 2, 3))
     if mask_token.numel() != D:
         raise ValueError(f"mask_token must have D = {D} elements, got shape {tuple(mask_token.shape)}")
-    _check_device(src.device, mask_token=mask_token)
+    _check_device(mask_token, "mask_token", src.device)
     _check_embedding(pos_embed, "pos_embed", ((length, D), (1, length, D)), src.device)
     _check_id_values(ids, cu_seqlens, length, validate)
 
