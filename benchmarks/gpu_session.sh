@@ -27,9 +27,10 @@ start=$(date +%s)
 stamp() { echo "[gpu_session] $1 at +$(( $(date +%s) - start ))s"; }
 # Tests of the kernels and of the code that reaches them: on a GPU machine they run on the GPU.
 KERNEL_TESTS="tests/test_ops_gather_scatter.py tests/test_ops_modulate.py tests/test_attention.py
+  tests/test_ops_gpu.py tests/test_attention_gpu.py tests/test_kernel_tuning.py
   tests/test_packed.py tests/test_models.py tests/test_backend.py tests/test_package.py"
 # These also need the built extension (the model test compares backend "cuda" with torch too).
-EXTENSION_TESTS="tests/test_ops_cuda.py tests/test_ops_model.py"
+EXTENSION_TESTS="tests/test_ops_cuda.py tests/test_ops_cuda_gpu.py tests/test_ops_model.py"
 
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
@@ -64,7 +65,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 fi
 
 stamp "GPU report"
-timeout "${REPORT_TIMEOUT:-480}" $py -m maskdit_fast.bench --sections peaks,checks,ops,attention,train_step,profile \
+timeout "${REPORT_TIMEOUT:-480}" $py -m maskdit_fast.bench --sections peaks,ops,attention,train_step,profile \
   --out "$OUT" "$@" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 grep -E "FAILED|failed check|rror" "$OUT/bench.log" | head -n 20

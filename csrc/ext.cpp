@@ -1,5 +1,6 @@
-// maskdit_fast._C: CUDA kernels for the memory-bound ops. Every schema lives here; the Python
-// side (maskdit_fast/ops/cuda_backend.py) registers the fake (meta) impls and the autograd wiring.
+// maskdit_fast._C: CUDA kernels for the memory-bound ops. Every schema lives here, in one fragment per op
+// file: the Python module named by set_python_module (maskdit_fast/ops/gather_scatter.py, .../modulate.py)
+// registers the fake (meta) impls and the autograd wiring of those ops.
 // Only torch/library.h and Python.h: torch/extension.h (all of libtorch + pybind11) would triple
 // the compile time for an empty module.
 #include <Python.h>
@@ -28,8 +29,10 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_bwd(const at::Tensor& grad_out
 }  // namespace maskdit
 
 // Backward ops return an empty [0] tensor for a gradient that was not requested.
-TORCH_LIBRARY(maskdit_fast_C, m) {
-  m.set_python_module("maskdit_fast.ops.cuda_backend");
+TORCH_LIBRARY(maskdit_fast_C, m) {}
+
+TORCH_LIBRARY_FRAGMENT(maskdit_fast_C, m) {
+  m.set_python_module("maskdit_fast.ops.gather_scatter");
   // [B, L, D], [B, K] int64, [L, D]? -> [B, K, D]
   m.def("gather_tokens(Tensor x, Tensor ids_keep, Tensor? pos_embed) -> Tensor");
   // [B, K, D] -> (grad_x [B, L, D], grad_pos_embed [L, D] | [0])
@@ -39,6 +42,10 @@ TORCH_LIBRARY(maskdit_fast_C, m) {
   // [B, L, D] -> (grad_x_kept [B, K, D], grad_mask_token [D] | [0], grad_pos_embed [L, D] | [0])
   m.def("scatter_tokens_backward(Tensor grad_out, Tensor ids_keep, bool mask_grad, bool pos_grad) "
         "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_FRAGMENT(maskdit_fast_C, m) {
+  m.set_python_module("maskdit_fast.ops.modulate");
   // x [B, L, D], shift/scale [B, D] | [B, L, D] -> (out [B, L, D], mean [B, L] fp32, rstd [B, L] fp32)
   m.def("layernorm_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
   // -> (grad_x [B, L, D], grad_shift, grad_scale: shaped like scale | [0])

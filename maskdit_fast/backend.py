@@ -1,21 +1,32 @@
-"""Kernel back-end selection shared by every op in `maskdit_fast.ops`.
+"""Kernel back-end selection shared by every op in `maskdit_fast.ops`, the loading of the compiled CUDA
+extension, and the one way the ops register their compiled implementations with torch.library.
 
-Precedence: the per-call `backend=` keyword, then `set_backend(...)`, then the environment
-variable MASKDIT_FAST_BACKEND, then "auto". "auto" picks the fastest back-end that runs on the
-tensor's device, as measured on an H200 at MaskDiT-XL/2 shapes (benchmarks/results/2026-11-26-nvidia-h200*):
-the compiled "cuda" extension for the ops it implements (1.15-2.5x torch eager, forward + backward),
-else the "torch" reference (torch eager beat the Triton kernels' forward + backward there: 0.24-0.57x).
-"triton" is used only when asked for.
+Precedence: the per-call `backend=` keyword, then `set_backend(...)`, then the environment variable
+MASKDIT_FAST_BACKEND, then "auto". "auto" picks the fastest back-end that runs on the tensor's device, as
+measured on an H200 at MaskDiT-XL/2 shapes (benchmarks/results/2026-11-26-nvidia-h200*): the compiled "cuda"
+extension for the ops it implements (1.15-2.5x torch eager, forward + backward), else the "torch" reference
+(torch eager beat the Triton kernels' forward + backward there: 0.24-0.57x). "triton" is used only when asked for.
+
+The CUDA extension (maskdit_fast._C, csrc/) is loaded on first use of the "cuda" back-end, never at import: a
+missing build, or one made for another torch, costs nothing elsewhere, and its reason is kept for the error
+messages and warned about once. MASKDIT_FAST_EXTENSION=/path/to/_C.so loads a library built elsewhere (an AOT
+build shipped separately, or a CI build directory) instead of the in-package maskdit_fast._C.
 """
 import contextlib
+import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "MASKDIT_FAST_BACKEND"
+EXTENSION_ENV_VAR = "MASKDIT_FAST_EXTENSION"
+_BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` on a machine with a CUDA build of torch and "
+               "nvcc (CUDA_HOME set)")
 _configured = None  # set by set_backend(); None defers to the environment variable
+_pending_fakes = []  # fake registrations of csrc/ ops waiting for the extension (on_extension_load)
 
 
 def set_backend(name):
@@ -67,20 +78,96 @@ def result_dtype(*tensors):
     return dtype
 
 
+# ------------------------------------------------------------------------------------------- CUDA extension
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    """(handle, None) once loaded, else (None, reason). The handle is the module or the library path."""
+    path = os.environ.get(EXTENSION_ENV_VAR)
+    if path:
+        try:
+            torch.ops.load_library(path)
+        except (OSError, RuntimeError) as err:  # missing file, undefined symbols (other torch)
+            return None, f"{EXTENSION_ENV_VAR}={path!r} could not be loaded ({err})"
+        handle = path
+    else:
+        try:
+            from maskdit_fast import _C as handle
+        except ImportError as err:  # not built, or built against another torch (undefined symbols)
+            return None, f"extension maskdit_fast._C not loadable ({err}); {_BUILD_HINT}"
+    while _pending_fakes:
+        _pending_fakes.pop(0)()
+    return handle, None
+
+
+def on_extension_load(register, probe):
+    """Runs `register()` (an op file's fake registrations for its csrc/ ops) once the extension's op `probe`
+    exists: now if the library is already loaded, else as soon as the "cuda" back-end loads it."""
+    if hasattr(torch.ops.maskdit_fast_C, probe):
+        register()
+    else:
+        _pending_fakes.append(register)
+
+
+def extension_loaded():
+    """True if a load was attempted and succeeded (never triggers one)."""
+    return _load_extension.cache_info().currsize > 0 and _load_extension()[0] is not None
+
+
+def extension_available():
+    """Loads the extension if needed; True if its ops (torch.ops.maskdit_fast_C) are registered."""
+    return _load_extension()[0] is not None
+
+
+def extension_unavailable_reason():
+    """Why the extension cannot be used (None when it can)."""
+    return _load_extension()[1]
+
+
+def load_extension(warn=True):
+    """Returns the extension handle (module or library path) or None, warning once with the reason."""
+    handle, reason = _load_extension()
+    if handle is None and warn:
+        _warn_once(reason)
+    return handle
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(reason):
+    warnings.warn(f"maskdit_fast: CUDA back-end disabled: {reason}", stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------- registration
+def define_op(lib, schema, impl, fake):
+    """Defines `schema` in torch.library `lib` with `impl` as its CUDA (and CPU: the Triton interpreter)
+    kernel and `fake` as its fake/meta implementation (torch.compile, meta tensors); returns the OpOverload.
+    The op itself is not differentiable (its outputs never require grad): the autograd.Function calling it is.
+
+    Every compiled back-end uses the same idiom: an op per direction defined this way (or in csrc/ for the
+    "cuda" back-end), called from a torch.autograd.Function. Against custom_op + register_autograd and
+    triton_op it costs the least host time per forward + backward (benchmarks/host_time.py, "registration
+    idioms") and still traces under torch.compile(fullgraph=True), activation checkpointing and FSDP2."""
+    name = schema.split("(", 1)[0]
+    lib.define(schema)
+    for key in ("CPU", "CUDA"):
+        lib.impl(name, impl, key)
+    lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    torch.library.register_fake(f"{lib.ns}::{name}", fake, lib=lib)
+    return getattr(getattr(torch.ops, lib.ns), name).default
+
+
+# ------------------------------------------------------------------------------------------- resolution
 def resolve_backend(backend, device, cuda_impl=True):
     """Returns the concrete back-end ("torch", "triton" or "cuda") for a call on `device`.
 
-    cuda_impl: whether the op has a "cuda" (csrc/) implementation; ops without one run "torch" for "auto"
-    and "cuda" alike (the extension holds the dense glue ops only). Raises a clear error when the
-    requested back-end cannot run there.
+    cuda_impl: whether the op has a "cuda" (csrc/) implementation; ops without one run "torch" for "auto" and
+    "cuda" alike (the extension holds the dense glue ops only). Raises a clear error when the requested back-end
+    cannot run there. Meta tensors run the compiled back-ends' fake implementations (shapes and dtypes only).
     """
     name = backend or get_backend()
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cuda" and cuda_impl:
-            from maskdit_fast import _extension
-            if _extension.load(warn=True) is not None:  # a missing build is said once, then torch runs
-                return "cuda"
+        if device.type == "cuda" and cuda_impl and load_extension(warn=True) is not None:
+            return "cuda"  # a missing build is said once, then torch runs
         return "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {('auto',) + BACKENDS}")
@@ -89,14 +176,13 @@ def resolve_backend(backend, device, cuda_impl=True):
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend 'triton' requested but triton is not installed")
-        if device.type != "cuda" and not triton_interpreted():
+        if device.type not in ("cuda", "meta") and not triton_interpreted():
             raise RuntimeError(
                 f"backend 'triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
                 "before importing triton to run the kernels under the Triton interpreter")
     if name == "cuda":
-        if device.type != "cuda":
+        if device.type not in ("cuda", "meta"):
             raise RuntimeError(f"backend 'cuda' needs CUDA tensors (got {device})")
-        from maskdit_fast import _extension
-        if not _extension.available():
-            raise RuntimeError(f"backend 'cuda' unavailable: {_extension.unavailable_reason()}")
+        if not extension_available():
+            raise RuntimeError(f"backend 'cuda' unavailable: {extension_unavailable_reason()}")
     return name

@@ -36,9 +36,8 @@ def test_precedence_call_then_set_backend_then_env_then_auto(monkeypatch):
 def test_auto_on_cuda_is_the_extension_when_built_else_torch(built, monkeypatch):
     """auto follows the H200 measurements: the CUDA extension's ops, else torch (never Triton); ops the
     extension lacks (varlen gather/scatter, attention) get torch. Resolution needs no GPU."""
-    from maskdit_fast import _extension
     from maskdit_fast.ops.attention import resolve_attention_backend
-    monkeypatch.setattr(_extension, "load", lambda warn=True: object() if built else None)
+    monkeypatch.setattr(backend, "load_extension", lambda warn=True: object() if built else None)
     assert resolve_backend(None, "cuda") == ("cuda" if built else "torch")
     assert resolve_backend("auto", "cuda", cuda_impl=False) == "torch"
     assert resolve_attention_backend("auto", "cuda") == resolve_attention_backend("cuda", "cuda") == "torch"

@@ -43,9 +43,9 @@ def unavailable_reason(case, backend, device):
             if not flash_attn.head_dim_supported(case.head_dim):
                 return f"the Triton attention kernels do not take head dim {case.head_dim}"
     if backend == "cuda":
-        from maskdit_fast import _extension
-        if not _extension.available():
-            return f"the CUDA extension is not available: {_extension.unavailable_reason()}"
+        from maskdit_fast.backend import extension_available, extension_unavailable_reason
+        if not extension_available():
+            return f"the CUDA extension is not available: {extension_unavailable_reason()}"
     if backend in _OPTIONAL_PACKAGES and importlib.util.find_spec(backend) is None:
         return f"{_OPTIONAL_PACKAGES[backend]} is not installed"
     if backend == "torch_varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:

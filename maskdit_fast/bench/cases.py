@@ -7,7 +7,7 @@ import torch
 from maskdit_fast import ops
 from maskdit_fast.bench.costs import (attention_cost, gated_residual_cost, gather_tokens_cost, layernorm_modulate_cost,
                                       scatter_tokens_cost, varlen_attention_cost)
-from maskdit_fast.masking import cu_seqlens_from_counts, random_packed_ids
+from maskdit_fast.indexing import cu_seqlens_from_counts, random_packed_ids
 
 PASSES = ("fwd", "fwd+bwd")
 BASELINE_BACKEND = "torch"

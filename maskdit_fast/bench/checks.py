@@ -1,19 +1,12 @@
 """Correctness before timing: every back-end the report times is first checked against its
-reference at the benchmark's own shape (`check_case`), and the kernels' GPU check modules add their
-rows (`kernel_checks`, the one entry point of those modules). Every check becomes one row of one
-format (`check_row`)."""
-import importlib
-import math
-
+reference at the benchmark's own shape (`check_case`, by maskdit_fast.accuracy's rule). Every check
+becomes one row of one format (`check_row`). The kernels' XL-size GPU checks are tests
+(tests/test_*_gpu.py), which benchmarks/gpu_session.sh runs before the report."""
 import torch
 
+from maskdit_fast import accuracy
 from maskdit_fast.bench.backends import Unavailable
 from maskdit_fast.bench.cases import PASSES
-
-# The kernel workers' GPU check modules; each module's run_checks(device) returns rows
-# (name, max_err, tolerance, passed), e.g. maskdit_fast.ops.gpu_checks.Check.
-CHECK_MODULES = ("maskdit_fast.ops.gpu_checks", "maskdit_fast.ops.attention_gpu_checks",
-                 "maskdit_fast.ops.cuda_gpu_checks")
 
 
 def check_row(source, name, max_err=None, tol=None, passed=None, status=None, reason=None):
@@ -27,10 +20,6 @@ def check_row(source, name, max_err=None, tol=None, passed=None, status=None, re
     return row
 
 
-def _eps(dtype):
-    return torch.finfo(dtype).eps
-
-
 def grads(out, args, argnums, grad_out):
     """Gradients of `out` for output gradient grad_out, w.r.t. args[i] for i in argnums."""
     leaves = [args[i] for i in argnums]
@@ -42,24 +31,16 @@ def _upcast(args):
                  if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-def _compare(got, exact, ref):
-    """(max error of got, tolerance): tolerance = 2 x the error of the reference run in the same
-    dtype + 2 eps x max|exact| (a kernel may round or sum in another order, but must not be worse
-    than twice the spec)."""
-    exact = exact.double()
-    scale = exact.abs().max().item() if exact.numel() else 0.0
-    err_ref = (ref.double() - exact).abs().max().item() if exact.numel() else 0.0
-    err = (got.double() - exact).abs().max().item() if exact.numel() else 0.0
-    if not math.isfinite(err):
-        err = float("inf")
-    return err, 2 * err_ref + 2 * _eps(got.dtype) * scale + 1e-12
+def _ratio(err, tol):
+    """err / tol, for picking the worst result (a zero tolerance: an exact result is 0, any error inf)."""
+    return err / tol if tol else (0.0 if err == 0 else float("inf"))
 
 
 def check_case(case, fn, device, dtype, seed=0):
     """Checks `fn` against case.ref: forward output, then gradients of the grad_argnums args.
 
     The exact answer is the reference in fp64; the reference in `dtype` sets the tolerance
-    (see _compare). Returns {"fwd": (max_err, tol, passed), "fwd+bwd": (...)}, "fwd+bwd" covering the
+    (see maskdit_fast.accuracy). Returns {"fwd": (max_err, tol, passed), "fwd+bwd": (...)}, "fwd+bwd" covering the
     output and every gradient (the worst err/tol ratio). Raises Unavailable if fn cannot run here
     (it raises Unavailable itself, or NotImplementedError: no kernel for this case).
     """
@@ -77,7 +58,7 @@ def check_case(case, fn, device, dtype, seed=0):
         raise Unavailable(f"not implemented: {err}") from err
     if out.shape != exact.shape or out.dtype != ref_out.dtype:
         return {p: (float("inf"), 0.0, False) for p in PASSES}
-    fwd = _compare(out, exact, ref_out)
+    fwd = accuracy.compare(out, exact, ref_out)
     try:
         got_grads = grads(out, args, case.grad_argnums, grad_out)
     except NotImplementedError:
@@ -87,41 +68,7 @@ def check_case(case, fn, device, dtype, seed=0):
         if g is None or g.shape != e.shape:
             worst = (float("inf"), 0.0)
             break
-        cmp = _compare(g, e, r)
-        if cmp[0] / cmp[1] > worst[0] / worst[1]:
+        cmp = accuracy.compare(g, e, r)
+        if _ratio(*cmp) > _ratio(*worst):
             worst = cmp
     return {"fwd": (*fwd, fwd[0] <= fwd[1]), "fwd+bwd": (*worst, worst[0] <= worst[1])}
-
-
-def module_check_rows(name, device):
-    """Rows of one check module's run_checks(device). A missing module or entry point, a crash or a
-    row that is not (name, max_err, tolerance, passed) becomes one clear row instead of ending the
-    report."""
-    source = f"{name}.run_checks"
-    try:
-        module = importlib.import_module(name)
-    except ImportError as err:
-        return [check_row(source, name, status="not available", reason=err)]
-    runner = getattr(module, "run_checks", None)
-    if runner is None:
-        return [check_row(source, name, status="not available", reason="module has no run_checks(device)")]
-    rows = []
-    try:
-        for row in runner(device):
-            if not (isinstance(row, tuple) and len(row) == 4):
-                rows.append(check_row(source, name, status="error",
-                                      reason=f"row {row!r} is not (name, max_err, tolerance, passed)"))
-                continue
-            check, err, tol, passed = row
-            rows.append(check_row(source, check, err, tol, bool(passed)))
-    except Exception as err:  # noqa: BLE001 - one broken module must not end the report
-        rows.append(check_row(source, name, status="error", reason=f"{type(err).__name__}: {err}"))
-    return rows
-
-
-def kernel_checks(device, modules=CHECK_MODULES):
-    """Rows of the kernels' GPU check modules (CHECK_MODULES); skipped off CUDA."""
-    if torch.device(device).type != "cuda":
-        return [check_row(f"{name}.run_checks", name, status="skipped", reason="needs a CUDA GPU")
-                for name in modules]
-    return [row for name in modules for row in module_check_rows(name, device)]

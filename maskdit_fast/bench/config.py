@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-SECTIONS = ("peaks", "checks", "ops", "attention", "train_step", "profile", "cpu_figure")
+SECTIONS = ("peaks", "ops", "attention", "train_step", "profile", "cpu_figure")
 MODES = ("gpu", "gpu-quick", "cpu", "cpu-quick")
 
 
@@ -73,7 +73,7 @@ def make_config(mode, device):
                       train_warmup=2 if quick else 3, train_reps=4 if quick else 10, max_batch=512, fixed_batch=0,
                       compile_backend="inductor", profile=dict(input_size=32, batch=128, warmup=2, steps=3),
                       cpu_figure=CPU_FIGURE,
-                      budgets=dict(peaks=15, checks=45, ops=70 if quick else 90, attention=30 if quick else 40,
+                      budgets=dict(peaks=15, ops=70 if quick else 90, attention=30 if quick else 40,
                                    train_step=120 if quick else 210, profile=30, cpu_figure=30),
                       sections=SECTIONS)
     if mode == "cpu":
@@ -87,7 +87,7 @@ def make_config(mode, device):
                       compile_backend="inductor",
                       profile=dict(input_size=fig["overrides"]["input_size"], batch=fig["batch"], warmup=1, steps=2),
                       cpu_figure=fig,
-                      budgets=dict(peaks=20, checks=60, ops=120, attention=30, train_step=300, profile=60,
+                      budgets=dict(peaks=20, ops=120, attention=30, train_step=300, profile=60,
                                    cpu_figure=90),
                       sections=tuple(s for s in SECTIONS if s != "train_step"))
     if mode == "cpu-quick":
@@ -99,7 +99,7 @@ def make_config(mode, device):
                       train_warmup=1, train_reps=2, max_batch=4, fixed_batch=4, compile_backend="aot_eager",
                       profile=dict(input_size=fig["overrides"]["input_size"], batch=2, warmup=1, steps=2),
                       cpu_figure=fig,
-                      budgets=dict(peaks=10, checks=20, ops=20, attention=20, train_step=30, profile=20,
+                      budgets=dict(peaks=10, ops=20, attention=20, train_step=30, profile=20,
                                    cpu_figure=30),
                       sections=SECTIONS)
     raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")

@@ -12,7 +12,6 @@ import time
 import torch
 
 from maskdit_fast.bench.cases import attention_cases, op_cases
-from maskdit_fast.bench.checks import kernel_checks
 from maskdit_fast.bench.config import SECTIONS
 from maskdit_fast.bench.op_section import run_op_section
 from maskdit_fast.bench.step_profile import run_profile
@@ -112,9 +111,6 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print, budgets=None)
     def peaks(budget):
         report["peaks"] = run_peaks(cfg, timer_factory)
 
-    def checks(budget):
-        report["checks"] += kernel_checks(cfg.device)
-
     def op_rows(budget):
         report["ops"] = run_op_section(op_cases(cfg), cfg, budget, report["peaks"], timer_factory,
                                        report["checks"])
@@ -139,7 +135,7 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print, budgets=None)
             log(f"[bench] CPU figure: MaskDiT {fig['maskdit_ms']:.1f} ms vs DiT {fig['dit_ms']:.1f} ms per step "
                 f"-> {fig['speedup']:.2f}x")
 
-    for name, fn in (("peaks", peaks), ("checks", checks), ("ops", op_rows), ("attention", attention_rows),
+    for name, fn in (("peaks", peaks), ("ops", op_rows), ("attention", attention_rows),
                      ("train_step", train), ("profile", profile), ("cpu_figure", cpu_figure)):
         section(name, fn)
     report["total_s"] = round(time.monotonic() - t0, 1)

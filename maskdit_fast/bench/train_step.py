@@ -218,9 +218,9 @@ def train_unavailable(variant, cfg):
     if variant.cuda_graphs and device.type != "cuda":
         return "skipped", "CUDA graphs need a CUDA device"
     if variant.backend == "auto":
-        from maskdit_fast import _extension
-        if not _extension.available():  # "auto" would run the torch glue ops: not the fused row
-            return "unavailable", f"the CUDA extension is not available: {_extension.unavailable_reason()}"
+        from maskdit_fast.backend import extension_available, extension_unavailable_reason
+        if not extension_available():  # "auto" would run the torch glue ops: not the fused row
+            return "unavailable", f"the CUDA extension is not available: {extension_unavailable_reason()}"
     if variant.backend == "triton" and not triton_available():
         return "unavailable", "triton is not installed"
     if variant.fp8:
