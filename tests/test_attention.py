@@ -5,6 +5,7 @@ the same shapes run the compiled kernels (the `device` fixture). Inputs are draw
 import importlib
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -222,13 +223,30 @@ def test_validate_false_skips_the_cu_seqlens_value_check(monkeypatch):
     """validate=False (the model's own cu_seqlens) skips the value check, its one device sync; the
     structural checks still run."""
     q, c = torch.randn(6, 1, 64), cu([2, 4])
-    attn_mod._checked_cu.clear()
+    value_checks = []
+    monkeypatch.setattr(attn_mod, "_check_cu_seqlens_values", lambda *args: value_checks.append(args[1]))
     ops.varlen_attention_qkvpacked(torch.stack([q, q, q], 1), c, 4, backend="torch", validate=False)
-    assert id(c) not in attn_mod._checked_cu
+    assert value_checks == []
     ops.varlen_attention_qkvpacked(torch.stack([q, q, q], 1), c, 4, backend="torch")
-    assert id(c) in attn_mod._checked_cu
+    assert value_checks and all(name.startswith("cu_seqlens") for name in value_checks)
     with pytest.raises(TypeError, match="int32"):
         ops.varlen_attention(q, q, q, c.long(), c.long(), 4, 4, backend="torch", validate=False)
+
+
+def test_cu_seqlens_changed_without_a_version_bump_is_checked_again():
+    """Writes through .data or a numpy view do not bump a tensor's version: a verdict cached by (id, version)
+    would pass stale values; every validated call checks the values it gets."""
+    q = torch.randn(6, 1, 64)
+    qkv = torch.stack([q, q, q], 1)
+    array = np.array([0, 2, 6], dtype=np.int32)
+    c = torch.from_numpy(array)
+    ops.varlen_attention_qkvpacked(qkv, c, 4, backend="torch")
+    array[1] = 7  # lengths 7 and -1
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.varlen_attention_qkvpacked(qkv, c, 7, backend="torch")
+    c.data[1] = 1  # lengths 1 and 5: max_seqlen 4 too small
+    with pytest.raises(ValueError, match="max_seqlen 4"):
+        ops.varlen_attention_qkvpacked(qkv, c, 4, backend="torch")
 
 
 @pytest.mark.gpu

@@ -26,7 +26,6 @@ own attention formulas).
 import functools
 import importlib.util
 import inspect
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +81,6 @@ def attention_ref(q, k, v, softmax_scale=None):
 
 
 # ----------------------------------------------------------------------------------------------------- checks
-_checked_cu = {}  # id -> (weakref, _version, total, max_seqlen): one device sync per cu_seqlens tensor
-
-
 def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
         got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
@@ -93,11 +89,14 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be >= 0, got {max_seqlen}")
-    if torch.compiler.is_compiling() or not validation_enabled(validate):  # the value checks wait for the device
-        return
-    entry = _checked_cu.get(id(cu))
-    if entry is not None and entry[0]() is cu and entry[1:] == (cu._version, total, max_seqlen):
-        return
+    if not torch.compiler.is_compiling() and validation_enabled(validate):
+        _check_cu_seqlens_values(cu, name, total, max_seqlen)
+
+
+def _check_cu_seqlens_values(cu, name, total, max_seqlen):
+    """The value checks: one device sync, on every call. No verdict is cached: a tensor's contents can change
+    without a version bump (writes through .data or a numpy view), so a cached verdict could be stale. Callers
+    that built cu_seqlens themselves from checked counts (the models) pass validate=False instead."""
     lengths = cu[1:] - cu[:-1]
     first, last = cu[0], cu[-1]
     shortest, longest = (lengths.min(), lengths.max()) if cu.numel() > 1 else (first * 0, first * 0)
@@ -110,9 +109,6 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
         raise ValueError(f"{name} must be non-decreasing (a sequence has length {shortest})")
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen {max_seqlen} for {name} is below the longest sequence ({longest})")
-    if len(_checked_cu) > 16:
-        _checked_cu.clear()
-    _checked_cu[id(cu)] = (weakref.ref(cu), cu._version, total, max_seqlen)
 
 
 def _check_qkv(q, k, v):
