@@ -36,7 +36,7 @@ HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": st
 
 import torch  # noqa: E402
 
-from maskdit_fast import ops  # noqa: E402
+from maskdit_fast import backend, ops  # noqa: E402
 from maskdit_fast.indexing import cu_seqlens_from_counts, random_keep_ids, random_packed_ids  # noqa: E402
 from maskdit_fast.kernels import _common  # noqa: E402
 
@@ -117,8 +117,8 @@ class _Stubs:
             name = schema.split("(", 1)[0]
             lib.define(schema)
             lib.impl(name, fakes[name], "CPU")
-        gs._register_cuda_fakes()
-        md._register_cuda_fakes()
+        for fakes, register in backend._pending_fakes:  # what loading the extension does: the op files' fakes
+            backend._register_fakes(fakes, register)
         _Stubs.library = lib  # kept alive: the ops live as long as their Library object
         return True
 

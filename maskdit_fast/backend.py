@@ -95,17 +95,24 @@ def _load_extension():
         except ImportError as err:  # not built, or built against another torch (undefined symbols)
             return None, f"extension maskdit_fast._C not loadable ({err}); {_BUILD_HINT}"
     while _pending_fakes:
-        _pending_fakes.pop(0)()
+        _register_fakes(*_pending_fakes.pop(0))
     return handle, None
 
 
-def on_extension_load(register, probe):
-    """Runs `register()` (an op file's fake registrations for its csrc/ ops) once the extension's op `probe`
-    exists: now if the library is already loaded, else as soon as the "cuda" back-end loads it."""
-    if hasattr(torch.ops.maskdit_fast_C, probe):
-        register()
+def _register_fakes(fakes, register):
+    for name, fake in fakes.items():
+        register(f"maskdit_fast_C::{name}", fake)
+
+
+def on_extension_load(fakes, register):
+    """Registers the fake implementations {op name: fake} of an op file's csrc/ ops once the extension's ops exist:
+    now if the library is already loaded, else as soon as the "cuda" back-end loads it. `register` is
+    torch.library.register_fake called from the op file (torch checks that the module registering a C++ op's fake
+    is the one the library names with set_python_module)."""
+    if hasattr(torch.ops.maskdit_fast_C, next(iter(fakes))):
+        _register_fakes(fakes, register)
     else:
-        _pending_fakes.append(register)
+        _pending_fakes.append((fakes, register))
 
 
 def extension_loaded():

@@ -317,13 +317,7 @@ def _cuda_scatter_bwd_fake(grad_out, ids_keep, mask_grad, pos_grad):
 CUDA_FAKES = {"gather_tokens": _cuda_gather_fake, "gather_tokens_backward": _cuda_gather_bwd_fake,
               "scatter_tokens": _cuda_scatter_fake, "scatter_tokens_backward": _cuda_scatter_bwd_fake}
 
-
-def _register_cuda_fakes():
-    for name, fake in CUDA_FAKES.items():
-        torch.library.register_fake(f"maskdit_fast_C::{name}", fake)
-
-
-on_extension_load(_register_cuda_fakes, "gather_tokens")
+on_extension_load(CUDA_FAKES, lambda name, fake: torch.library.register_fake(name, fake))
 
 
 class _CudaGather(torch.autograd.Function):

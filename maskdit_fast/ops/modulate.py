@@ -174,13 +174,7 @@ def _cuda_gate_bwd_fake(grad_out, y, gate, y_grad, gate_grad):
 CUDA_FAKES = {"layernorm_modulate": _cuda_ln_fake, "layernorm_modulate_backward": _cuda_ln_bwd_fake,
               "gated_residual": _cuda_gate_fake, "gated_residual_backward": _cuda_gate_bwd_fake}
 
-
-def _register_cuda_fakes():
-    for name, fake in CUDA_FAKES.items():
-        torch.library.register_fake(f"maskdit_fast_C::{name}", fake)
-
-
-on_extension_load(_register_cuda_fakes, "layernorm_modulate")
+on_extension_load(CUDA_FAKES, lambda name, fake: torch.library.register_fake(name, fake))
 
 
 class _CudaLayerNormModulate(torch.autograd.Function):
