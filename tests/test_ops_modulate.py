@@ -188,6 +188,15 @@ def test_layernorm_modulate_bad_input(case, error, match, backend, device):
         md.layernorm_modulate(*case(*args), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf"), "1e-6", True])
+def test_layernorm_modulate_bad_eps(eps, backend, device):
+    """A negative eps gave NaN silently: every back-end refuses what is not a finite number >= 0."""
+    args = (torch.randn(2, 5, 8).to(device), torch.randn(2, 8).to(device), torch.randn(2, 8).to(device))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        md.layernorm_modulate(*args, eps=eps, backend=backend)
+
+
 @pytest.mark.parametrize("case,error,match", [
     (lambda x, y, g: (x, y[:, :4], g), ValueError, "must match"),
     (lambda x, y, g: (x, y.int(), g), TypeError, "y must be a floating-point"),

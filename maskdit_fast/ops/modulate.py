@@ -57,8 +57,10 @@ def _check_conditioning(x, **conds):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _check_layernorm_modulate(x, shift, scale):
+def _check_layernorm_modulate(x, shift, scale, eps):
     _check_tokens(x, "x")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     _check_conditioning(x, shift=shift, scale=scale)
     if shift.shape != scale.shape:
         raise ValueError(f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} must have the same shape")
@@ -245,7 +247,7 @@ def layernorm_modulate(x, shift, scale, eps=1e-6, *, backend=None):
     Returns:
         [B, L, D], dtype of x promoted with shift's and scale's (as the reference expression).
     """
-    _check_layernorm_modulate(x, shift, scale)
+    _check_layernorm_modulate(x, shift, scale, eps)
     name = resolve_backend(backend, x.device)
     if name == "torch":
         return layernorm_modulate_ref(x, shift, scale, eps)
