@@ -263,10 +263,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
   c10::cuda::CUDAGuard guard(x_new.device());
   auto dx = at::empty_like(x_new);
   auto dy = at::empty_like(x_new);
-  const auto cond_shape = cond_grad ? gate.sizes() : at::IntArrayRef{0};
-  auto dgate = at::empty(cond_shape, x_new.options());
-  auto dshift = at::empty(cond_shape, x_new.options());
-  auto dscale = at::empty(cond_shape, x_new.options());
+  auto cond_grad_buffer = [&] {
+    return cond_grad ? at::empty(gate.sizes(), x_new.options()) : at::empty({0}, x_new.options());
+  };
+  auto dgate = cond_grad_buffer(), dshift = cond_grad_buffer(), dscale = cond_grad_buffer();
   if (x_new.numel() == 0) {  // no tokens: per-sample grads are empty sums
     for (at::Tensor* t : {&dgate, &dshift, &dscale}) t->zero_();
     return {dx, dy, dgate, dshift, dscale};
