@@ -9,7 +9,7 @@
 namespace maskdit {
 namespace {
 
-// One row per threadIdx.y; thread x holds packs x, x + blockDim.x, ... (NV of them) of x_new in registers.
+// One row per threadIdx.y; thread x holds its packs of x_new in registers (rows.cuh).
 template <typename T, int VEC, int NV>
 __global__ void res_ln_mod_fwd_kernel(const T* __restrict__ x,      // [rows, D]
                                       const T* __restrict__ y,      // [rows, D]
@@ -22,13 +22,12 @@ __global__ void res_ln_mod_fwd_kernel(const T* __restrict__ x,      // [rows, D]
                                       float* __restrict__ rstd_out, // [rows]
                                       int64_t rows, int64_t L, int64_t D, bool per_token, float eps) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
-  const bool valid = row < rows;  // no early return: row_sum2 synchronises the block
+  const bool valid = row < rows;  // no early return: row_stats synchronises the block
   const int64_t crow = per_token ? row : row / L;
   float v[NV][VEC];
-  float s = 0.f;
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
-    const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
+    const int64_t c = row_col<VEC>(j);
     if (valid && c < D) {
       float yv[VEC], gv[VEC];
       load_float<T, VEC>(x + row * D + c, v[j]);
@@ -38,40 +37,17 @@ __global__ void res_ln_mod_fwd_kernel(const T* __restrict__ x,      // [rows, D]
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         out.v[i] = static_cast<T>(v[j][i] + gv[i] * yv[i]);
-        v[j][i] = static_cast<float>(out.v[i]);  // LayerNorm of x_new as stored
-        s += v[j][i];
+        v[j][i] = static_cast<float>(out.v[i]);  // h normalises x_new as stored
       }
       store_pack<T, VEC>(x_new + row * D + c, out);
     }
   }
-  // statistics with correctly rounded division and rsqrt (--use_fast_math would approximate them)
-  const float mean = __fdiv_rn(row_sum2(make_float2(s, 0.f)).x, static_cast<float>(D));
-  float ss = 0.f;  // two-pass variance: no cancellation when |mean| >> std
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-    const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
-    if (valid && c < D) {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) ss += (v[j][i] - mean) * (v[j][i] - mean);
-    }
-  }
-  const float rstd = __frsqrt_rn(__fdiv_rn(row_sum2(make_float2(ss, 0.f)).x, static_cast<float>(D)) + eps);
+  const float2 stats = row_stats<VEC, NV>(v, valid, D, eps);
   if (!valid) return;
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-    const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
-    if (c < D) {
-      float sh[VEC], sc[VEC], o[VEC];
-      load_float<T, VEC>(shift + crow * D + c, sh);
-      load_float<T, VEC>(scale + crow * D + c, sc);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) o[i] = (v[j][i] - mean) * rstd * (1.f + sc[i]) + sh[i];
-      store_float<T, VEC>(h + row * D + c, o);
-    }
-  }
+  store_modulated<T, VEC, NV>(v, stats, shift + crow * D, scale + crow * D, h + row * D, D);
   if (threadIdx.x == 0) {
-    mean_out[row] = mean;
-    rstd_out[row] = rstd;
+    mean_out[row] = stats.x;
+    rstd_out[row] = stats.y;
   }
 }
 
@@ -104,7 +80,7 @@ __global__ void res_ln_mod_bwd_kernel(const T* __restrict__ gx,         // [B, L
   KahanSum<VEC> acc_gate[NV], acc_shift[NV], acc_scale[NV];
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
-    const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
+    const int64_t c = row_col<VEC>(j);
     if (!per_token && c < D) {
       load_float<T, VEC>(gate + b * D + c, gate_b[j]);
       load_float<T, VEC>(scale + b * D + c, scale1_b[j]);
@@ -116,33 +92,15 @@ __global__ void res_ln_mod_bwd_kernel(const T* __restrict__ gx,         // [B, L
     const int64_t l = lb + threadIdx.y;
     const bool valid = l < l1;
     const int64_t row = b * L + l;
-    const float m = valid ? mean[row] : 0.f;
     const float r = valid ? rstd[row] : 0.f;
+    const T* scale_row = per_token ? scale + row * D : nullptr;
     float xh[NV][VEC], dh[NV][VEC], gs[NV][VEC];
-    float2 s = make_float2(0.f, 0.f);
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
-      if (valid && c < D) {
-        float sc[VEC];
-        load_float<T, VEC>(xn + row * D + c, xh[j]);
-        load_float<T, VEC>(gh + row * D + c, dh[j]);
-        if (per_token) load_float<T, VEC>(scale + row * D + c, sc);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          xh[j][i] = (xh[j][i] - m) * r;
-          gs[j][i] = dh[j][i] * (per_token ? 1.f + sc[i] : scale1_b[j][i]);
-          s.x += gs[j][i];
-          s.y += gs[j][i] * xh[j][i];
-        }
-      }
-    }
-    s = row_sum2(s);
-    const float mean_gs = __fdiv_rn(s.x, static_cast<float>(D)), mean_gsx = __fdiv_rn(s.y, static_cast<float>(D));
+    const float2 means = ln_grad_row<T, VEC, NV>(xn + row * D, gh + row * D, scale_row, scale1_b,
+                                                 valid ? mean[row] : 0.f, r, valid, per_token, D, xh, dh, gs);
     if (!valid) continue;  // after the block-wide reduction of this iteration
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
-      const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
+      const int64_t c = row_col<VEC>(j);
       if (c >= D) continue;
       const int64_t off = row * D + c;
       float g[VEC], gt[VEC], d[VEC];
@@ -150,7 +108,7 @@ __global__ void res_ln_mod_bwd_kernel(const T* __restrict__ gx,         // [B, L
       if (per_token) load_float<T, VEC>(gate + off, gt);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        g[i] += r * (gs[j][i] - mean_gs - xh[j][i] * mean_gsx);
+        g[i] += r * (gs[j][i] - means.x - xh[j][i] * means.y);
         d[i] = (per_token ? gt[i] : gate_b[j][i]) * g[i];
       }
       store_float<T, VEC>(dx + off, g);
@@ -183,7 +141,7 @@ __global__ void res_ln_mod_bwd_kernel(const T* __restrict__ gx,         // [B, L
   const int64_t plane = B * prows * D;
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
-    const int64_t c = (threadIdx.x + j * static_cast<int64_t>(blockDim.x)) * VEC;
+    const int64_t c = row_col<VEC>(j);
     if (c < D) {
       store_float<float, VEC>(part + prow * D + c, acc_gate[j].sum);
       store_float<float, VEC>(part + plane + prow * D + c, acc_shift[j].sum);
