@@ -2,7 +2,6 @@
 reference: Triton on the `device` fixture (tests/conftest.py: interpreted on CPU, compiled on a GPU), the CUDA
 extension on a GPU; registration (opcheck, torch.compile, meta/fake tensors, the csrc schemas); bad input.
 Values are drawn with CPU generators and then moved, so CPU and GPU runs draw the same values."""
-import contextlib
 import functools
 
 import pytest
@@ -12,8 +11,8 @@ from maskdit_fast import backend as mbackend
 from maskdit_fast import ops
 from maskdit_fast.ops import modulate as md
 from maskdit_fast.ops import residual_modulate as rm
-from maskdit_fast.ops.gpu_checks import check_op
-from conftest import assert_checks, grad_generator
+from maskdit_fast.accuracy import check_op
+from conftest import assert_checks, assert_deterministic_backward, assert_no_host_sync, grad_generator
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SMALL = [(3, 7, 72), (2, 5, 100), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72)]
@@ -50,14 +49,13 @@ def _checks(name, backend, args, dgen, **kwargs):
     op = functools.partial(rm.residual_layernorm_modulate, backend=backend, **kwargs)
     ref = functools.partial(rm.residual_layernorm_modulate_ref, **kwargs)
     fixed = tuple(a.detach() for a in args)  # no grads: forward only
-    poison = contextlib.nullcontext()
+    check = functools.partial(check_op, generator=dgen)
     if backend == "cuda":
-        from maskdit_fast.ops.cuda_gpu_checks import poisoned_allocations
-        poison = poisoned_allocations()
-    with poison:
-        return (check_op(f"{name} x_new", _output(op, 0), _output(ref, 0), fixed, dgen)
-                + check_op(f"{name} h", _output(op, 1), _output(ref, 1), fixed, dgen)
-                + check_op(f"{name} (x_new, h)", _stacked(op), _stacked(ref), args, dgen))
+        from test_ops_cuda_gpu import poisoned_allocations
+        check = functools.partial(check, poison=poisoned_allocations)
+    return (check(f"{name} x_new", _output(op, 0), _output(ref, 0), fixed)
+            + check(f"{name} h", _output(op, 1), _output(ref, 1), fixed)
+            + check(f"{name} (x_new, h)", _stacked(op), _stacked(ref), args))
 
 
 def _inputs(B, L, D, dtype, gen, device, per_token):
@@ -337,13 +335,29 @@ def test_cuda_rejects_float64():
         rm.residual_layernorm_modulate(*args, backend="cuda")
 
 
+# ---------------------------------------------------------------------------------------------------
+# GPU: MaskDiT-XL/2 sizes, bf16, both compiled back-ends
+# ---------------------------------------------------------------------------------------------------
+
+XL = [(256, 128, 1152), (256, 256, 512)]  # encoder (128 of 256 tokens kept), decoder
+
+
 @pytest.mark.gpu
-def test_gpu_backward_is_deterministic_at_dit_xl_size():
-    """MaskDiT-XL/2 encoder: 128 kept tokens of width 1152, bf16, both compiled back-ends."""
-    gen = torch.Generator().manual_seed(11)
-    args = _inputs(32, 128, 1152, torch.bfloat16, gen, "cuda", per_token=False)
-    grads = [torch.randn(32, 128, 1152, generator=gen).to("cuda", torch.bfloat16) for _ in range(2)]
-    for backend in ("triton", "cuda"):
-        first, second = [torch.autograd.grad(rm.residual_layernorm_modulate(*args, backend=backend), args, grads)
-                         for _ in range(2)]
-        assert all(torch.equal(a, b) for a, b in zip(first, second)), backend
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("shape", XL, ids=["encoder", "decoder"])
+def test_gpu_xl_sizes(shape, per_token, backend):
+    gen = torch.Generator().manual_seed(12)
+    args = _inputs(*shape, torch.bfloat16, gen, "cuda", per_token)
+    assert_checks(_checks(f"residual_layernorm_modulate {shape}", backend, args, grad_generator(gen, "cuda")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_xl_backward_is_deterministic_and_never_waits(backend):
+    gen = torch.Generator().manual_seed(13)
+    args = _inputs(*XL[0], torch.bfloat16, gen, "cuda", per_token=False)
+    op = _stacked(functools.partial(rm.residual_layernorm_modulate, backend=backend))
+    dgen = grad_generator(gen, "cuda")
+    assert_deterministic_backward(op, args, dgen)
+    assert_no_host_sync(lambda: torch.autograd.grad(op(*args).float().square().sum(), args))
