@@ -240,6 +240,42 @@ def test_torch_compile_fullgraph_matches_eager(device):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Launch configurations: the contract with the tuning sweep (kernels/_config.py)
+# ---------------------------------------------------------------------------------------------------
+
+def _candidates():
+    from maskdit_fast.kernels import residual_modulate as krm
+    return [(family, config) for family, configs in krm.TUNING.items() for config in configs]
+
+
+@pytest.mark.parametrize("family,config", _candidates(), ids=str)
+def test_every_tuning_candidate_is_correct(family, config, device):
+    """More tokens than any candidate's rows per tile, a width over 1024 columns."""
+    from maskdit_fast.kernels import _config
+    gen = torch.Generator().manual_seed(14)
+    args = _inputs(2, 17, 1152, torch.bfloat16, gen, device, per_token=False)
+    with _config.override(family, config):
+        assert_checks(_checks(f"residual_layernorm_modulate {family} {config}", "triton", args,
+                              grad_generator(gen, device)))
+
+
+def test_launchers_look_up_their_family_and_shape_key(monkeypatch, device):
+    from maskdit_fast.kernels import _config
+    from maskdit_fast.kernels import residual_modulate as krm
+    seen = []
+
+    def spy(family, key, default, device=None):
+        seen.append((family, key, device.type))
+        return _config.tuned(family, key, default, device)
+    monkeypatch.setattr(krm, "tuned", spy)
+    args = _inputs(2, 3, 100, torch.float32, torch.Generator().manual_seed(15), device, per_token=False)
+    torch.autograd.grad(rm.residual_layernorm_modulate(*args, backend="triton"), args,
+                        [torch.ones(2, 3, 100, device=device)] * 2)
+    assert seen == [("residual_ln_modulate_fwd", "D=100", torch.device(device).type),
+                    ("residual_ln_modulate_bwd", "D=100", torch.device(device).type)]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bad input (on the test device: a CPU tensor on a GPU machine would fail the device check first)
 # ---------------------------------------------------------------------------------------------------
 
