@@ -24,7 +24,7 @@ import triton.language as tl
 
 from maskdit_fast.backend import result_dtype
 from maskdit_fast.kernels import _common
-from maskdit_fast.kernels._config import shape_key, tuned
+from maskdit_fast.kernels._config import tuned
 from maskdit_fast.kernels.modulate import LN_BLOCK_CAP, is_per_token
 
 # Every candidate and default compiles for sm_90 without spills at D = 1152 and 512, per-sample and per-token
@@ -183,7 +183,7 @@ def _config(family, D, n_rows, device):
     if D > LN_BLOCK_CAP:
         raise ValueError(f"residual_layernorm_modulate (triton): feature width {D} is over the {LN_BLOCK_CAP} "
                          "columns a row tile holds")
-    config = tuned(family, shape_key(D=D), _default(D), device)
+    config = tuned(family, _common.width_key(D), _default(D), device)
     return _common.rows(config["BLOCK_R"], n_rows), _common.block_d(D, LN_BLOCK_CAP), config["num_warps"]
 
 
@@ -209,7 +209,7 @@ def residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps):
     if xn.numel() == 0:  # the statistics are read only by a backward with tokens to differentiate
         return xn, h, mean, rstd
     block_r, block, warps = _config("residual_ln_modulate_fwd", D, B * L, x.device)
-    _common.launch(_fwd_kernel, (triton.cdiv(B * L, block_r),), xn, h, mean, rstd, x, y, gate, shift, scale, B * L, L,
+    _common.launch(_fwd_kernel, (_common.cdiv(B * L, block_r),), xn, h, mean, rstd, x, y, gate, shift, scale, B * L, L,
                    D, eps, PER_TOKEN=is_per_token(gate, x), ACC=_common.acc_dtype(stat_dtype), BLOCK_R=block_r,
                    BLOCK_D=block, num_warps=warps)
     return xn, h, mean, rstd
@@ -230,7 +230,7 @@ def residual_layernorm_modulate_bwd(grad_xn, grad_h, xn, y, gate, scale, mean, r
     if dx.numel() == 0:  # no tokens: per-sample grads are empty sums
         return dx, dy, dgate.zero_(), dshift.zero_(), dscale.zero_()
     block_r, block, warps = _config("residual_ln_modulate_bwd", D, L, xn.device)
-    tiles_per_prog, chunks = _common.split(triton.cdiv(L, block_r), B)
+    tiles_per_prog, chunks = _common.split(_common.cdiv(L, block_r), B)
     part_dtype = _common.torch_acc_dtype(grad_xn.dtype, grad_h.dtype, xn.dtype, y.dtype, gate.dtype, scale.dtype)
     part = _common.empty((0,) if per_token else (B, chunks, 3, D), part_dtype, xn.device)
     count = _common.counters(0 if per_token else B, xn.device)

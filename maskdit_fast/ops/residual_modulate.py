@@ -106,7 +106,8 @@ class _TritonResidualLayerNormModulate(torch.autograd.Function):
     def backward(ctx, grad_x, grad_h):
         x_dtype, shift_dtype = ctx.dtypes
         dx, dy, dgate, dshift, dscale = _bwd_op(grad_x, grad_h, *ctx.saved_tensors)
-        return dx.to(x_dtype), dy, dgate, dshift.to(shift_dtype), dscale, None
+        return (dx if dx.dtype == x_dtype else dx.to(x_dtype), dy, dgate,
+                dshift if dshift.dtype == shift_dtype else dshift.to(shift_dtype), dscale, None)
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA op
@@ -114,21 +115,21 @@ class _TritonResidualLayerNormModulate(torch.autograd.Function):
 # module as the home of their fake implementations. Its kernels take one dtype (float32, float16 or bfloat16),
 # contiguous tensors and [B, D] or [B, L, D] conditioning; the forward also returns the fp32 row statistics its
 # backward reads. The backward returns empty [0] tensors for the conditioning grads when they are not asked for.
-def _register_cuda_fakes():
-    @torch.library.register_fake("maskdit_fast_C::residual_layernorm_modulate")
-    def _(x, y, gate, shift, scale, eps):
-        stats = x.shape[:2]
-        return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32),
-                x.new_empty(stats, dtype=torch.float32))
-
-    @torch.library.register_fake("maskdit_fast_C::residual_layernorm_modulate_backward")
-    def _(grad_x, grad_h, x_new, y, gate, scale, mean, rstd, cond_grad):
-        cond = gate.shape if cond_grad else (0,)
-        return (x_new.new_empty(x_new.shape), x_new.new_empty(x_new.shape), x_new.new_empty(cond),
-                x_new.new_empty(cond), x_new.new_empty(cond))
+def _cuda_fwd_fake(x, y, gate, shift, scale, eps):
+    stats = x.shape[:2]
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, dtype=torch.float32))
 
 
-on_extension_load(_register_cuda_fakes, "residual_layernorm_modulate")
+def _cuda_bwd_fake(grad_x, grad_h, x_new, y, gate, scale, mean, rstd, cond_grad):
+    cond = gate.shape if cond_grad else (0,)
+    return (x_new.new_empty(x_new.shape), x_new.new_empty(x_new.shape), x_new.new_empty(cond), x_new.new_empty(cond),
+            x_new.new_empty(cond))
+
+
+CUDA_FAKES = {"residual_layernorm_modulate": _cuda_fwd_fake, "residual_layernorm_modulate_backward": _cuda_bwd_fake}
+
+on_extension_load(CUDA_FAKES, lambda name, fake: torch.library.register_fake(name, fake))
 
 
 class _CudaResidualLayerNormModulate(torch.autograd.Function):
@@ -150,7 +151,8 @@ class _CudaResidualLayerNormModulate(torch.autograd.Function):
 def _cuda_residual_layernorm_modulate(x, y, gate, shift, scale, eps):
     dtype = result_dtype(x, y, gate, shift, scale)
     x_new, h = _CudaResidualLayerNormModulate.apply(*_cuda_inputs(x, y, gate, shift, scale, dtype=dtype), eps)
-    return x_new.to(result_dtype(x, y, gate)), h
+    x_dtype = result_dtype(x, y, gate)
+    return x_new if x_new.dtype == x_dtype else x_new.to(x_dtype), h
 
 
 # ---------------------------------------------------------------------------------------------------- public op
