@@ -44,3 +44,4 @@ if [ -z "$lib" ]; then
   exit 1
 fi
 MASKDIT_FAST_EXTENSION="$lib" python -m pytest -q tests/test_ops_cuda.py
+MASKDIT_FAST_EXTENSION="$lib" python -m pytest -q tests/test_ops_residual_modulate.py -k cuda
