@@ -299,6 +299,14 @@ def test_bad_input(case, error, match, backend, device):
         rm.residual_layernorm_modulate(*case(*args), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), "1e-6"])
+def test_bad_eps(eps, backend, device):
+    args = [torch.randn(2, 5, 8).to(device) for _ in range(2)] + [torch.randn(2, 8).to(device) for _ in range(3)]
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        rm.residual_layernorm_modulate(*args, eps=eps, backend=backend)
+
+
 def test_launchers_reject_non_contiguous(device):
     from maskdit_fast.kernels import residual_modulate as krm
     x = torch.randn(2, 8, 5).to(device).transpose(1, 2)

@@ -28,8 +28,8 @@ so a forward + backward moves 10/14 = 0.71x the bytes of the two separate ops, a
 import torch
 
 from maskdit_fast.backend import define_op, on_extension_load, resolve_backend, result_dtype
-from maskdit_fast.ops.modulate import (_check_conditioning, _check_gated_residual, _cuda_inputs, gated_residual_ref,
-                                       layernorm_modulate_ref)
+from maskdit_fast.ops.modulate import (_check_conditioning, _check_eps, _check_gated_residual, _cuda_inputs,
+                                       gated_residual_ref, layernorm_modulate_ref)
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -41,8 +41,9 @@ def residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps=1e-6):
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _check(x, y, gate, shift, scale):
+def _check(x, y, gate, shift, scale, eps):
     _check_gated_residual(x, y, gate)
+    _check_eps(eps)
     _check_conditioning(x, shift=shift, scale=scale)
     if not gate.shape == shift.shape == scale.shape:
         raise ValueError(f"gate {tuple(gate.shape)}, shift {tuple(shift.shape)} and scale {tuple(scale.shape)} must "
@@ -174,7 +175,7 @@ def residual_layernorm_modulate(x, y, gate, shift, scale, eps=1e-6, *, backend=N
         (x_new, h), both [B, L, D]: x_new of dtype promote(x, y, gate), h of dtype promote(x_new, shift, scale)
         (as the reference expressions).
     """
-    _check(x, y, gate, shift, scale)
+    _check(x, y, gate, shift, scale, eps)
     name = resolve_backend(backend, x.device)
     if name == "torch":
         return residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps)
