@@ -14,7 +14,7 @@ Paths, each at the MaskDiT-XL/2 shapes (bf16; B=256, L=256 tokens of which K=128
           head of 8), i.e. a lower bound of its host time at any size.
 Large CPU allocations come from the heap (glibc's mmap threshold raised; the script re-executes itself with
 MALLOC_MMAP_THRESHOLD_ set), as the CUDA caching allocator serves them on a GPU. Median of many calls, one
-process, one thread. The "registration idioms" section times one forward + backward of a trivial op registered
+process, one thread, the paths of an op timed in turn (round robin). The "registration idioms" section times one forward + backward of a trivial op registered
 each way this package could (the choice behind maskdit_fast.backend.define_op).
 """
 import argparse
@@ -123,16 +123,19 @@ class _Stubs:
         return True
 
 
-def _time(fn, leaves, calls, warmup):
-    """Median seconds of one forward + backward over `calls` calls: torch.autograd.grad of the leaves for a
-    preallocated output grad (no accumulation into .grad, which would copy a grad the caller still holds)."""
-    grad = torch.zeros_like(fn())
-    times = []
+def _time(cases, calls, warmup):
+    """Median seconds of one forward + backward of each (fn, leaves) case over `calls` calls, the cases called in
+    turn (round robin) so that a load change on the machine affects all of them alike: torch.autograd.grad of the
+    leaves for a preallocated output grad (no accumulation into .grad, which would copy a grad the caller still
+    holds)."""
+    grads = [torch.zeros_like(fn()) for fn, _ in cases]
+    times = [[] for _ in cases]
     for _ in range(warmup + calls):
-        start = time.perf_counter()
-        torch.autograd.grad(fn(), leaves, grad)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+        for (fn, leaves), grad, samples in zip(cases, grads, times):
+            start = time.perf_counter()
+            torch.autograd.grad(fn(), leaves, grad)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples[warmup:]) for samples in times]
 
 
 def _launch_counts(stubs, fn, leaves):
@@ -150,15 +153,13 @@ def measure_ops(calls, warmup):
     rows = []
     for name, (shape, fn, leaves) in xl.items():
         tiny_shape, tiny_fn, tiny_leaves = tiny[name]
-        torch_s = _time(functools.partial(tiny_fn, "torch"), tiny_leaves, calls, warmup)
+        paths = [p for p in ("triton", "cuda") if p == "triton" or (name in CUDA_OPS and stubs.cuda)]
+        torch_s, *seconds = _time([(functools.partial(tiny_fn, "torch"), tiny_leaves)]
+                                  + [(functools.partial(fn, p), leaves) for p in paths], calls, warmup)
         rows.append(dict(op=name, path="torch", shape=tiny_shape, us=torch_s * 1e6, vs_torch=1.0))
-        for path in ("triton", "cuda"):
-            if path == "cuda" and (name not in CUDA_OPS or not stubs.cuda):
-                continue
-            call = functools.partial(fn, path)
-            seconds = _time(call, leaves, calls, warmup)
-            fwd, bwd = _launch_counts(stubs, call, leaves) if path == "triton" else (None, None)
-            rows.append(dict(op=name, path=path, shape=shape, us=seconds * 1e6, vs_torch=seconds / torch_s,
+        for path, s in zip(paths, seconds):
+            fwd, bwd = _launch_counts(stubs, functools.partial(fn, path), leaves) if path == "triton" else (None, None)
+            rows.append(dict(op=name, path=path, shape=shape, us=s * 1e6, vs_torch=s / torch_s,
                              launches_fwd=fwd, launches_bwd=bwd))
     return rows
 
@@ -202,8 +203,8 @@ def measure_idioms(calls, warmup):
               "torch.library.triton_op + register_autograd": triton_fwd,
               "Library define/impl + autograd.Function (maskdit_fast)": Defined.apply,
               "torch eager x * y (for scale)": torch.mul}
-    rows = [dict(idiom=name, us=_time(functools.partial(fn, x, y), (x, y), calls, warmup) * 1e6)
-            for name, fn in idioms.items()]
+    seconds = _time([(functools.partial(fn, x, y), (x, y)) for fn in idioms.values()], calls, warmup)
+    rows = [dict(idiom=name, us=s * 1e6) for name, s in zip(idioms, seconds)]
     del lib
     return rows
 

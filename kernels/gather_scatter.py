@@ -272,8 +272,14 @@ def _config(family, D, n_rows, device):
     """(BLOCK_R, BLOCK_D, num_warps) of `family` ("gather" / "scatter") at width D for n_rows rows (or grid
     positions): the tuned configuration, no wider than D needs and with no more rows than there are."""
     config = tuned(family, _common.width_key(D), _default(D), device)
-    return (_common.rows(config["BLOCK_R"], n_rows), min(config["BLOCK_D"], _common.block_d(D, BLOCK_CAP)),
-            config["num_warps"])
+    block_r = config["BLOCK_R"]
+    return _fit(D, min(n_rows, block_r), block_r, config["BLOCK_D"], config["num_warps"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _fit(D, n_rows, block_r, block_d, warps):
+    """_config's arithmetic, once per configuration and shape (n_rows capped at block_r: all it can change)."""
+    return _common.rows(block_r, n_rows), min(block_d, _common.block_d(D, BLOCK_CAP)), warps
 
 
 def inverse_map(ids, cu_seqlens, length):
@@ -337,6 +343,7 @@ def scatter_fwd(src, ids, cu_seqlens, mask_token, length, pos_embed=None):
     return out, inv
 
 
+@functools.lru_cache(maxsize=1024)
 def _grid(D, length, batch, config, reduce):
     """Programs of the full-grid backward kernels: (samples per program, sample chunks, grid). Without a
     reduction over samples each program takes one sample; with one, the chunking (and so the summation order)

@@ -221,15 +221,22 @@ def _default(family, D):
 def _config(family, D, n_rows, device):
     """(BLOCK_R, BLOCK_D, num_warps) of `family` at width D for n_rows rows: the tuned configuration, with the
     column block no wider than D needs (LayerNorm: whole rows) and no more rows than there are."""
+    config = tuned(family, _common.width_key(D), _default(family, D), device)
+    block_r = config["BLOCK_R"]
+    return _fit(family, D, min(n_rows, block_r), block_r, config.get("BLOCK_D"), config["num_warps"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _fit(family, D, n_rows, block_r, block_d, warps):
+    """_config's arithmetic, once per configuration and shape (n_rows capped at block_r: all it can change)."""
     if family.startswith("ln_") and D > LN_BLOCK_CAP:  # the kernels hold whole rows: wider ones would be cut
         raise ValueError(f"layernorm_modulate (triton): feature width {D} is over the {LN_BLOCK_CAP} columns a row "
                          "tile holds")
-    config = tuned(family, _common.width_key(D), _default(family, D), device)
     if family.startswith("ln_"):
         block = _common.block_d(D, LN_BLOCK_CAP)
     else:
-        block = min(config["BLOCK_D"], _common.block_d(D, GATE_BLOCK_CAP))
-    return _common.rows(config["BLOCK_R"], n_rows), block, config["num_warps"]
+        block = min(block_d, _common.block_d(D, GATE_BLOCK_CAP))
+    return _common.rows(block_r, n_rows), block, warps
 
 
 def is_per_token(cond, x):
@@ -238,6 +245,7 @@ def is_per_token(cond, x):
     return cond.dim() == 3 and cond.shape[1] == x.shape[1] and x.shape[1] != 1
 
 
+@functools.lru_cache(maxsize=1024)
 def _token_chunks(length, block_r, other_programs):
     """(tokens per program, programs per sample) of a backward pass over each sample's tokens: whole row tiles,
     split so the reduction order depends on the shapes only."""

@@ -171,7 +171,8 @@ def resolve_backend(backend, device, cuda_impl=True):
     cannot run there. Meta tensors run the compiled back-ends' fake implementations (shapes and dtypes only).
     """
     name = backend or get_backend()
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if name == "auto":
         if device.type == "cuda" and cuda_impl and load_extension(warn=True) is not None:
             return "cuda"  # a missing build is said once, then torch runs
@@ -181,7 +182,7 @@ def resolve_backend(backend, device, cuda_impl=True):
     if name == "cuda" and not cuda_impl:
         return "torch"
     if name == "triton":
-        if not triton_available():
+        if not _TRITON:
             raise RuntimeError("backend 'triton' requested but triton is not installed")
         if device.type not in ("cuda", "meta") and not triton_interpreted():
             raise RuntimeError(
