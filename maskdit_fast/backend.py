@@ -73,7 +73,7 @@ def result_dtype(*tensors):
     """dtype of an op's output: torch's promotion over its float tensor arguments (None skipped)."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
-        if t is not None:
+        if t is not None and t.dtype != dtype:
             dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 

@@ -46,11 +46,12 @@ def _check_tokens(x, name):
 
 def _check_conditioning(x, **conds):
     B, L, D = x.shape
-    shapes = ((B, D), (B, 1, D), (B, L, D))
     for name, t in conds.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if tuple(t.shape) not in shapes:
+        shape = t.shape
+        if not (shape == x.shape or shape == (B, D) or shape == (B, 1, D)):
+            shapes = ((B, D), (B, 1, D), (B, L, D))
             raise ValueError(f"{name} must have shape [B, D], [B, 1, D] or [B, L, D] = "
                              f"{' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
         if t.device != x.device:
@@ -141,7 +142,8 @@ class _TritonGatedResidual(torch.autograd.Function):
     def backward(ctx, grad):
         y, gate = ctx.saved_tensors
         dx = grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype)  # grad x is grad itself: no kernel
-        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        _, need_y, need_gate = ctx.needs_input_grad
+        if not (need_y or need_gate):
             return dx, None, None
         return (dx, *_gate_bwd_op(grad, y, gate))
 
