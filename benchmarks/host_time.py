@@ -99,8 +99,8 @@ class _Stubs:
 
     @staticmethod
     def _resolve(real):
-        def resolve(backend, device, cuda_impl=True):
-            return "cuda" if backend == "cuda" and cuda_impl else real(backend, device, cuda_impl)
+        def resolve(backend, device, cuda_impl=True, op=None):
+            return "cuda" if backend == "cuda" and cuda_impl else real(backend, device, cuda_impl, op)
         return resolve
 
     @staticmethod

@@ -250,7 +250,7 @@ def layernorm_modulate(x, shift, scale, eps=1e-6, *, backend=None):
         [B, L, D], dtype of x promoted with shift's and scale's (as the reference expression).
     """
     _check_layernorm_modulate(x, shift, scale, eps)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, op="layernorm_modulate")
     if name == "torch":
         return layernorm_modulate_ref(x, shift, scale, eps)
     if name == "cuda":
@@ -273,7 +273,7 @@ def gated_residual(x, y, gate, *, backend=None):
         [B, L, D], dtype promote(x, y, gate).
     """
     _check_gated_residual(x, y, gate)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, op="gated_residual")
     if name == "torch":
         return gated_residual_ref(x, y, gate)
     if name == "cuda":
