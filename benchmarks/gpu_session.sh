@@ -30,7 +30,7 @@ KERNEL_TESTS="tests/test_ops_gather_scatter.py tests/test_ops_modulate.py tests/
   tests/test_ops_gpu.py tests/test_attention_gpu.py tests/test_kernel_tuning.py
   tests/test_packed.py tests/test_models.py tests/test_backend.py tests/test_package.py"
 # These also need the built extension (the model test compares backend "cuda" with torch too).
-EXTENSION_TESTS="tests/test_ops_cuda.py tests/test_ops_cuda_gpu.py tests/test_ops_model.py"
+EXTENSION_TESTS="tests/test_ops_cuda.py tests/test_ops_cuda_gpu.py tests/test_ops_model.py tests/test_ops_residual_modulate.py"
 
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"

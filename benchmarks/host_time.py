@@ -42,6 +42,7 @@ from maskdit_fast.kernels import _common  # noqa: E402
 
 gs = sys.modules["maskdit_fast.ops.gather_scatter"]
 md = sys.modules["maskdit_fast.ops.modulate"]
+rm = sys.modules["maskdit_fast.ops.residual_modulate"]
 attn = sys.modules["maskdit_fast.ops.attention"]
 XL = dict(B=256, L=256, K=128, D=1152, DD=512, H=16, Dh=72)
 TINY = dict(B=2, L=4, K=2, D=8, DD=8, H=1, Dh=8)
@@ -112,7 +113,7 @@ class _Stubs:
         with open(os.path.join(ROOT, "csrc", "ext.cpp")) as f:
             source = re.sub(r'"\s*\n\s*"', "", f.read())  # join the split string literals
         lib = torch.library.Library("maskdit_fast_C", "DEF")
-        fakes = {**gs.CUDA_FAKES, **md.CUDA_FAKES}
+        fakes = {**gs.CUDA_FAKES, **md.CUDA_FAKES, **rm.CUDA_FAKES}
         for schema in re.findall(r'm\.def\("([^"]+)"\)', source):
             name = schema.split("(", 1)[0]
             lib.define(schema)

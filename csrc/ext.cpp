@@ -26,6 +26,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_modulate_bwd(const at::
 at::Tensor gated_residual_fwd(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate);
 std::tuple<at::Tensor, at::Tensor> gated_residual_bwd(const at::Tensor& grad_out, const at::Tensor& y,
                                                       const at::Tensor& gate, bool y_grad, bool gate_grad);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_layernorm_modulate_fwd(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& shift, const at::Tensor& scale,
+    double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_layernorm_modulate_bwd(
+    const at::Tensor& grad_x, const at::Tensor& grad_h, const at::Tensor& x_new, const at::Tensor& y,
+    const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd, bool cond_grad);
 }  // namespace maskdit
 
 // Backward ops return an empty [0] tensor for a gradient that was not requested.
@@ -58,6 +64,17 @@ TORCH_LIBRARY_FRAGMENT(maskdit_fast_C, m) {
         "-> (Tensor, Tensor)");
 }
 
+TORCH_LIBRARY_FRAGMENT(maskdit_fast_C, m) {
+  m.set_python_module("maskdit_fast.ops.residual_modulate");
+  // x, y [B, L, D], gate/shift/scale [B, D] | [B, L, D]
+  //   -> (x_new [B, L, D], h [B, L, D], mean [B, L] fp32, rstd [B, L] fp32)
+  m.def("residual_layernorm_modulate(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_x, grad_y [B, L, D], grad_gate, grad_shift, grad_scale: shaped like gate | [0])
+  m.def("residual_layernorm_modulate_backward(Tensor grad_x, Tensor grad_h, Tensor x_new, Tensor y, Tensor gate, "
+        "Tensor scale, Tensor mean, Tensor rstd, bool cond_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(maskdit_fast_C, CUDA, m) {
   m.impl("gather_tokens", &maskdit::gather_tokens_fwd);
   m.impl("gather_tokens_backward", &maskdit::gather_tokens_bwd);
@@ -67,6 +84,8 @@ TORCH_LIBRARY_IMPL(maskdit_fast_C, CUDA, m) {
   m.impl("layernorm_modulate_backward", &maskdit::layernorm_modulate_bwd);
   m.impl("gated_residual", &maskdit::gated_residual_fwd);
   m.impl("gated_residual_backward", &maskdit::gated_residual_bwd);
+  m.impl("residual_layernorm_modulate", &maskdit::residual_layernorm_modulate_fwd);
+  m.impl("residual_layernorm_modulate_backward", &maskdit::residual_layernorm_modulate_bwd);
 }
 
 // `import maskdit_fast._C` loads this library, which runs the registrations above; the Python

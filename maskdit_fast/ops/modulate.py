@@ -58,10 +58,14 @@ def _check_conditioning(x, **conds):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _check_layernorm_modulate(x, shift, scale, eps):
-    _check_tokens(x, "x")
+def _check_eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def _check_layernorm_modulate(x, shift, scale, eps):
+    _check_tokens(x, "x")
+    _check_eps(eps)
     _check_conditioning(x, shift=shift, scale=scale)
     if shift.shape != scale.shape:
         raise ValueError(f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} must have the same shape")
