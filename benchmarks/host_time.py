@@ -47,7 +47,7 @@ attn = sys.modules["maskdit_fast.ops.attention"]
 XL = dict(B=256, L=256, K=128, D=1152, DD=512, H=16, Dh=72)
 TINY = dict(B=2, L=4, K=2, D=8, DD=8, H=1, Dh=8)
 PATHS = ("torch", "triton", "cuda")
-CUDA_OPS = ("gather_tokens", "scatter_tokens", "layernorm_modulate", "gated_residual")
+CUDA_OPS = ("gather_tokens", "scatter_tokens", "layernorm_modulate", "gated_residual", "residual_layernorm_modulate")
 
 
 def _cases(s, dtype=torch.bfloat16):
@@ -62,7 +62,8 @@ def _cases(s, dtype=torch.bfloat16):
     counts = torch.full((B,), K) + torch.arange(B) % 3 - 1  # per-sample keep counts around K
     packed, cu = random_packed_ids(counts, L, g), cu_seqlens_from_counts(counts)
     x, pos, xk, fill, dpos = leaf(B, L, D), leaf(1, L, D), leaf(B, K, DD), leaf(1, 1, DD), leaf(1, L, DD)
-    xp, h, y, c1, c2 = leaf(packed.numel(), DD), leaf(B, K, D), leaf(B, K, D), leaf(B, D), leaf(B, D)
+    xp, h, y = leaf(packed.numel(), DD), leaf(B, K, D), leaf(B, K, D)
+    c1, c2, c3 = leaf(B, D), leaf(B, D), leaf(B, D)
     qkv, q, k, v = leaf(B, K, 3, H, Dh), leaf(B, K, H, Dh), leaf(B, K, H, Dh), leaf(B, K, H, Dh)
     nv = dict(validate=False)
     return {
@@ -79,6 +80,9 @@ def _cases(s, dtype=torch.bfloat16):
                                lambda b: ops.layernorm_modulate(h, c1, c2, backend=b), (h, c1, c2)),
         "gated_residual": (f"[{B},{K},{D}], per-sample gate", lambda b: ops.gated_residual(h, y, c1, backend=b),
                            (h, y, c1)),
+        "residual_layernorm_modulate": (f"[{B},{K},{D}], per-sample [{B},{D}]",
+                                        lambda b: ops.residual_layernorm_modulate(h, y, c1, c2, c3, backend=b),
+                                        (h, y, c1, c2, c3)),
         "attention": (f"q, k, v [{B},{K},{H},{Dh}]", lambda b: ops.attention(q, k, v, backend=b), (q, k, v)),
         "attention_qkvpacked": (f"qkv [{B},{K},3,{H},{Dh}]", lambda b: ops.attention_qkvpacked(qkv, backend=b), (qkv,)),
     }
@@ -92,7 +96,7 @@ class _Stubs:
         self.launches = 0
         _common.launch = self._launch
         self.cuda = self._stand_in_extension()
-        for module in (gs, md):
+        for module in (gs, md, rm):
             module.resolve_backend = self._resolve(module.resolve_backend)
 
     def _launch(self, *args, **kwargs):
@@ -124,12 +128,17 @@ class _Stubs:
         return True
 
 
+def _zero_grads(out):
+    """Output grads of zeros for an op's output (a tensor, or a tuple of them)."""
+    return tuple(map(torch.zeros_like, out)) if isinstance(out, tuple) else torch.zeros_like(out)
+
+
 def _time(cases, calls, warmup):
     """Median seconds of one forward + backward of each (fn, leaves) case over `calls` calls, the cases called in
     turn (round robin) so that a load change on the machine affects all of them alike: torch.autograd.grad of the
     leaves for a preallocated output grad (no accumulation into .grad, which would copy a grad the caller still
     holds)."""
-    grads = [torch.zeros_like(fn()) for fn, _ in cases]
+    grads = [_zero_grads(fn()) for fn, _ in cases]
     times = [[] for _ in cases]
     for _ in range(warmup + calls):
         for (fn, leaves), grad, samples in zip(cases, grads, times):
@@ -144,7 +153,7 @@ def _launch_counts(stubs, fn, leaves):
     stubs.launches = 0
     out = fn()
     forward = stubs.launches
-    torch.autograd.grad(out, leaves, torch.zeros_like(out))
+    torch.autograd.grad(out, leaves, _zero_grads(out))
     return forward, stubs.launches - forward
 
 
