@@ -265,7 +265,7 @@ def layernorm_modulate_fwd(x, shift, scale, eps):
     _check(x, shift, scale)
     B, L, D = x.shape
     dtype = result_dtype(x, shift, scale)
-    out = _common.empty((B, L, D), dtype, x.device)
+    out = _common.empty_like(x, dtype)
     if out.numel() == 0:
         return out
     block_r, block, warps = _config("ln_modulate_fwd", D, B * L, x.device)
@@ -281,9 +281,7 @@ def layernorm_modulate_bwd(grad, x, shift, scale, eps):
     _check(grad, x, shift, scale)
     B, L, D = x.shape
     per_token = is_per_token(shift, x)
-    dx = _common.empty((B, L, D), x.dtype, x.device)
-    dshift = _common.empty(shift.shape, shift.dtype, x.device)
-    dscale = _common.empty(scale.shape, scale.dtype, x.device)
+    dx, dshift, dscale = _common.empty_like(x), _common.empty_like(shift), _common.empty_like(scale)
     if dx.numel() == 0:  # no tokens: per-sample grads are empty sums
         return dx, dshift.zero_(), dscale.zero_()
     block_r, block, warps = _config("ln_modulate_bwd", D, L, x.device)
@@ -303,7 +301,7 @@ def gated_residual_fwd(x, y, gate):
     _check(x, y, gate)
     B, L, D = x.shape
     dtype = result_dtype(x, y, gate)
-    out = _common.empty((B, L, D), dtype, x.device)
+    out = _common.empty_like(x, dtype)
     if out.numel() == 0:
         return out
     block_r, block, warps = _config("gated_residual_fwd", D, B * L, x.device)
@@ -319,8 +317,7 @@ def gated_residual_bwd(grad, y, gate):
     _check(grad, y, gate)
     B, L, D = y.shape
     per_token = is_per_token(gate, y)
-    dy = _common.empty((B, L, D), y.dtype, y.device)
-    dgate = _common.empty(gate.shape, gate.dtype, y.device)
+    dy, dgate = _common.empty_like(y), _common.empty_like(gate)
     if dy.numel() == 0:  # no tokens: a per-sample grad is an empty sum
         return dy, dgate.zero_()
     block_r, block, warps = _config("gated_residual_bwd", D, L, y.device)
