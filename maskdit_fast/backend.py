@@ -207,13 +207,19 @@ def _device_table(index):
     return measured_backends(f"sm_{major}{minor}")
 
 
+@torch.compiler.assume_constant_result
+def _measured_winner(op, device):
+    """The measured winner of `op` on CUDA `device`, or None. A constant under torch.compile: traced, the file
+    reads and device queries behind it would break the graph."""
+    return _device_table(device.index if device.index is not None else torch.cuda.current_device()).get(op)
+
+
 def _auto(op, device, cuda_impl):
     """"auto" on `device`: the measured winner of `op` where it is listed and can run here, else the compiled
     "cuda" extension if the op has a csrc/ implementation and the extension loads, else "torch"."""
     if device.type != "cuda":
         return "torch"
-    winner = None if op is None else _device_table(
-        device.index if device.index is not None else torch.cuda.current_device()).get(op)
+    winner = None if op is None else _measured_winner(op, device)
     if winner == "torch" or (winner == "triton" and _TRITON):
         return winner
     if cuda_impl and load_extension(warn=True) is not None:

@@ -151,6 +151,21 @@ def test_auto_picks_the_measured_winner_else_the_fallback(stand_in_table, built,
     assert resolve_backend("auto", gpu, op="gated_residual") == fallback  # no table for sm_80
 
 
+def test_auto_traces_without_a_graph_break(stand_in_table, monkeypatch):
+    """Inside torch.compile(fullgraph=True) the table lookup is a constant: no file read or device query traced."""
+    (stand_in_table / "sm_90-backends.json").write_text(json.dumps({"backends": {"gated_residual": "triton"}}))
+    monkeypatch.setattr(backend, "load_extension", lambda warn=True: None)
+    gpu = torch.device("cuda", 0)
+
+    def pick(x):
+        triton = resolve_backend("auto", gpu, op="gated_residual") == "triton"
+        unlisted = resolve_backend("auto", gpu, op="scatter_tokens") == "torch"
+        return x + 1 if triton and unlisted else x - 1
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(2)), torch.ones(2))
+
+
 def test_a_malformed_table_is_a_clear_error(stand_in_table):
     (stand_in_table / "sm_90-backends.json").write_text(json.dumps({"backends": {"gated_residual": "fast"}}))
     with pytest.raises(ValueError, match="sm_90-backends.json"):
