@@ -14,7 +14,7 @@ Paths, each at the MaskDiT-XL/2 shapes (bf16; B=256, L=256 tokens of which K=128
           head of 8), i.e. a lower bound of its host time at any size.
 Large CPU allocations come from the heap (glibc's mmap threshold raised; the script re-executes itself with
 MALLOC_MMAP_THRESHOLD_ set), as the CUDA caching allocator serves them on a GPU. Median of many calls, one
-process, one thread. The "registration idioms" section times one forward + backward of a trivial op registered
+process, one thread, the paths of an op timed in turn (round robin). The "registration idioms" section times one forward + backward of a trivial op registered
 each way this package could (the choice behind maskdit_fast.backend.define_op).
 """
 import argparse
@@ -47,7 +47,7 @@ attn = sys.modules["maskdit_fast.ops.attention"]
 XL = dict(B=256, L=256, K=128, D=1152, DD=512, H=16, Dh=72)
 TINY = dict(B=2, L=4, K=2, D=8, DD=8, H=1, Dh=8)
 PATHS = ("torch", "triton", "cuda")
-CUDA_OPS = ("gather_tokens", "scatter_tokens", "layernorm_modulate", "gated_residual")
+CUDA_OPS = ("gather_tokens", "scatter_tokens", "layernorm_modulate", "gated_residual", "residual_layernorm_modulate")
 
 
 def _cases(s, dtype=torch.bfloat16):
@@ -62,7 +62,8 @@ def _cases(s, dtype=torch.bfloat16):
     counts = torch.full((B,), K) + torch.arange(B) % 3 - 1  # per-sample keep counts around K
     packed, cu = random_packed_ids(counts, L, g), cu_seqlens_from_counts(counts)
     x, pos, xk, fill, dpos = leaf(B, L, D), leaf(1, L, D), leaf(B, K, DD), leaf(1, 1, DD), leaf(1, L, DD)
-    xp, h, y, c1, c2 = leaf(packed.numel(), DD), leaf(B, K, D), leaf(B, K, D), leaf(B, D), leaf(B, D)
+    xp, h, y = leaf(packed.numel(), DD), leaf(B, K, D), leaf(B, K, D)
+    c1, c2, c3 = leaf(B, D), leaf(B, D), leaf(B, D)
     qkv, q, k, v = leaf(B, K, 3, H, Dh), leaf(B, K, H, Dh), leaf(B, K, H, Dh), leaf(B, K, H, Dh)
     nv = dict(validate=False)
     return {
@@ -79,6 +80,9 @@ def _cases(s, dtype=torch.bfloat16):
                                lambda b: ops.layernorm_modulate(h, c1, c2, backend=b), (h, c1, c2)),
         "gated_residual": (f"[{B},{K},{D}], per-sample gate", lambda b: ops.gated_residual(h, y, c1, backend=b),
                            (h, y, c1)),
+        "residual_layernorm_modulate": (f"[{B},{K},{D}], per-sample [{B},{D}]",
+                                        lambda b: ops.residual_layernorm_modulate(h, y, c1, c2, c3, backend=b),
+                                        (h, y, c1, c2, c3)),
         "attention": (f"q, k, v [{B},{K},{H},{Dh}]", lambda b: ops.attention(q, k, v, backend=b), (q, k, v)),
         "attention_qkvpacked": (f"qkv [{B},{K},3,{H},{Dh}]", lambda b: ops.attention_qkvpacked(qkv, backend=b), (qkv,)),
     }
@@ -92,7 +96,7 @@ class _Stubs:
         self.launches = 0
         _common.launch = self._launch
         self.cuda = self._stand_in_extension()
-        for module in (gs, md):
+        for module in (gs, md, rm):
             module.resolve_backend = self._resolve(module.resolve_backend)
 
     def _launch(self, *args, **kwargs):
@@ -100,8 +104,8 @@ class _Stubs:
 
     @staticmethod
     def _resolve(real):
-        def resolve(backend, device, cuda_impl=True):
-            return "cuda" if backend == "cuda" and cuda_impl else real(backend, device, cuda_impl)
+        def resolve(backend, device, cuda_impl=True, op=None):
+            return "cuda" if backend == "cuda" and cuda_impl else real(backend, device, cuda_impl, op)
         return resolve
 
     @staticmethod
@@ -124,16 +128,24 @@ class _Stubs:
         return True
 
 
-def _time(fn, leaves, calls, warmup):
-    """Median seconds of one forward + backward over `calls` calls: torch.autograd.grad of the leaves for a
-    preallocated output grad (no accumulation into .grad, which would copy a grad the caller still holds)."""
-    grad = torch.zeros_like(fn())
-    times = []
+def _zero_grads(out):
+    """Output grads of zeros for an op's output (a tensor, or a tuple of them)."""
+    return tuple(map(torch.zeros_like, out)) if isinstance(out, tuple) else torch.zeros_like(out)
+
+
+def _time(cases, calls, warmup):
+    """Median seconds of one forward + backward of each (fn, leaves) case over `calls` calls, the cases called in
+    turn (round robin) so that a load change on the machine affects all of them alike: torch.autograd.grad of the
+    leaves for a preallocated output grad (no accumulation into .grad, which would copy a grad the caller still
+    holds)."""
+    grads = [_zero_grads(fn()) for fn, _ in cases]
+    times = [[] for _ in cases]
     for _ in range(warmup + calls):
-        start = time.perf_counter()
-        torch.autograd.grad(fn(), leaves, grad)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+        for (fn, leaves), grad, samples in zip(cases, grads, times):
+            start = time.perf_counter()
+            torch.autograd.grad(fn(), leaves, grad)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples[warmup:]) for samples in times]
 
 
 def _launch_counts(stubs, fn, leaves):
@@ -141,7 +153,7 @@ def _launch_counts(stubs, fn, leaves):
     stubs.launches = 0
     out = fn()
     forward = stubs.launches
-    torch.autograd.grad(out, leaves, torch.zeros_like(out))
+    torch.autograd.grad(out, leaves, _zero_grads(out))
     return forward, stubs.launches - forward
 
 
@@ -151,15 +163,13 @@ def measure_ops(calls, warmup):
     rows = []
     for name, (shape, fn, leaves) in xl.items():
         tiny_shape, tiny_fn, tiny_leaves = tiny[name]
-        torch_s = _time(functools.partial(tiny_fn, "torch"), tiny_leaves, calls, warmup)
+        paths = [p for p in ("triton", "cuda") if p == "triton" or (name in CUDA_OPS and stubs.cuda)]
+        torch_s, *seconds = _time([(functools.partial(tiny_fn, "torch"), tiny_leaves)]
+                                  + [(functools.partial(fn, p), leaves) for p in paths], calls, warmup)
         rows.append(dict(op=name, path="torch", shape=tiny_shape, us=torch_s * 1e6, vs_torch=1.0))
-        for path in ("triton", "cuda"):
-            if path == "cuda" and (name not in CUDA_OPS or not stubs.cuda):
-                continue
-            call = functools.partial(fn, path)
-            seconds = _time(call, leaves, calls, warmup)
-            fwd, bwd = _launch_counts(stubs, call, leaves) if path == "triton" else (None, None)
-            rows.append(dict(op=name, path=path, shape=shape, us=seconds * 1e6, vs_torch=seconds / torch_s,
+        for path, s in zip(paths, seconds):
+            fwd, bwd = _launch_counts(stubs, functools.partial(fn, path), leaves) if path == "triton" else (None, None)
+            rows.append(dict(op=name, path=path, shape=shape, us=s * 1e6, vs_torch=s / torch_s,
                              launches_fwd=fwd, launches_bwd=bwd))
     return rows
 
@@ -203,8 +213,8 @@ def measure_idioms(calls, warmup):
               "torch.library.triton_op + register_autograd": triton_fwd,
               "Library define/impl + autograd.Function (maskdit_fast)": Defined.apply,
               "torch eager x * y (for scale)": torch.mul}
-    rows = [dict(idiom=name, us=_time(functools.partial(fn, x, y), (x, y), calls, warmup) * 1e6)
-            for name, fn in idioms.items()]
+    seconds = _time([(functools.partial(fn, x, y), (x, y)) for fn in idioms.values()], calls, warmup)
+    rows = [dict(idiom=name, us=s * 1e6) for name, s in zip(idioms, seconds)]
     del lib
     return rows
 

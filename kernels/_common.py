@@ -44,6 +44,15 @@ def empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def empty_like(t, dtype=None):
+    """An uninitialised tensor of t's shape (and layout: contiguous for a contiguous t), of `dtype` or t's; filled
+    as `empty` fills inside `poisoned()`. torch.empty_like skips the shape and device parsing of torch.empty:
+    about a third of its host time."""
+    if _poison:
+        return empty(t.shape, dtype or t.dtype, t.device)
+    return torch.empty_like(t, dtype=dtype)
+
+
 def counters(n, device):
     """n zeroed int32 arrival counters of `last_to_arrive` (one per reduced output tile)."""
     return torch.zeros(max(n, 1), dtype=torch.int32, device=device)

@@ -272,8 +272,14 @@ def _config(family, D, n_rows, device):
     """(BLOCK_R, BLOCK_D, num_warps) of `family` ("gather" / "scatter") at width D for n_rows rows (or grid
     positions): the tuned configuration, no wider than D needs and with no more rows than there are."""
     config = tuned(family, _common.width_key(D), _default(D), device)
-    return (_common.rows(config["BLOCK_R"], n_rows), min(config["BLOCK_D"], _common.block_d(D, BLOCK_CAP)),
-            config["num_warps"])
+    block_r = config["BLOCK_R"]
+    return _fit(D, min(n_rows, block_r), block_r, config["BLOCK_D"], config["num_warps"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _fit(D, n_rows, block_r, block_d, warps):
+    """_config's arithmetic, once per configuration and shape (n_rows capped at block_r: all it can change)."""
+    return _common.rows(block_r, n_rows), min(block_d, _common.block_d(D, BLOCK_CAP)), warps
 
 
 def inverse_map(ids, cu_seqlens, length):
@@ -296,17 +302,16 @@ def gather_fwd(x, ids, cu_seqlens=None, pos_embed=None):
     _common.require_contiguous(ids, "ids")
     if pos_embed is not None:
         _common.require_contiguous(pos_embed, "pos_embed")
-    D = x.shape[-1]
+    device, D, N = x.device, x.shape[2], ids.numel()
     dtype = result_dtype(x, pos_embed)
-    out = _common.empty((*ids.shape, D), dtype, x.device)
-    if out.numel() == 0:
+    out = _common.empty((*ids.shape, D), dtype, device)
+    if N * D == 0:
         return out
-    N = ids.numel()
     B = batch_size(ids, cu_seqlens)
-    block_r, block, warps = _config("gather", D, N, x.device)
+    block_r, block, warps = _config("gather", D, N, device)
     _common.launch(_gather_fwd_kernel, (_common.cdiv(N, block_r), _common.cdiv(D, block)), out, x, ids,
                    ids if cu_seqlens is None else cu_seqlens, x if pos_embed is None else pos_embed, N, D, B,
-                   ids.shape[-1], B.bit_length(), x.stride(0), x.stride(1), x.stride(2), PACKED=cu_seqlens is not None,
+                   ids.shape[-1], B.bit_length(), *x.stride(), PACKED=cu_seqlens is not None,
                    HAS_POS=pos_embed is not None, ACC=_common.acc_dtype(x.dtype, dtype), BLOCK_R=block_r,
                    BLOCK_D=block, num_warps=warps)
     return out
@@ -337,6 +342,7 @@ def scatter_fwd(src, ids, cu_seqlens, mask_token, length, pos_embed=None):
     return out, inv
 
 
+@functools.lru_cache(maxsize=1024)
 def _grid(D, length, batch, config, reduce):
     """Programs of the full-grid backward kernels: (samples per program, sample chunks, grid). Without a
     reduction over samples each program takes one sample; with one, the chunking (and so the summation order)
@@ -353,19 +359,19 @@ def gather_bwd(grad, ids, cu_seqlens, length, x_dtype, pos_grad, pos_dtype):
     Returns (dx [B, length, D] x_dtype, zeros at masked positions; dpos [length, D] pos_dtype = grad summed over
     samples, or an empty [0] tensor when not pos_grad)."""
     _common.require_contiguous(grad, "grad")
-    D = grad.shape[-1]
+    device, D = grad.device, grad.shape[-1]
     B = batch_size(ids, cu_seqlens)
-    dx = _common.empty((B, length, D), x_dtype, grad.device)
-    dpos = _common.empty((length, D) if pos_grad else (0,), pos_dtype, grad.device)
+    dx = _common.empty((B, length, D), x_dtype, device)
+    dpos = _common.empty((length, D) if pos_grad else (0,), pos_dtype, device)
     if length * D == 0:
         return dx, dpos
     if B == 0:  # no sample: an empty sum
         return dx, dpos.zero_()
-    config = _config("gather", D, length, grad.device)
+    config = _config("gather", D, length, device)
     per, chunks, grid = _grid(D, length, B, config, pos_grad)
     part_dtype = _common.torch_acc_dtype(grad.dtype, pos_dtype)
-    part = _common.empty((chunks, length, D) if pos_grad else (0,), part_dtype, grad.device)
-    count = _common.counters(grid[0] // chunks * grid[1] if pos_grad else 0, grad.device)
+    part = _common.empty((chunks, length, D) if pos_grad else (0,), part_dtype, device)
+    count = _common.counters(grid[0] // chunks * grid[1] if pos_grad else 0, device)
     _common.launch(_gather_bwd_kernel, grid, dx, dpos, part, count, grad, inverse_map(ids, cu_seqlens, length), B,
                    length, D, per, chunks, POS_GRAD=pos_grad, ACC=_common.acc_dtype(part_dtype),
                    BLOCK_R=config[0], BLOCK_D=config[1], num_warps=config[2])
@@ -380,20 +386,21 @@ def scatter_bwd(grad, ids, inv, src_dtype, fill_grad, fill_dtype, pos_grad, pos_
     dpos [L, D] pos_dtype = grad summed over samples, or empty [0] when not pos_grad)."""
     _common.require_contiguous(grad, "grad")
     B, L, D = grad.shape
-    dsrc = _common.empty((*ids.shape, D), src_dtype, grad.device)
-    dfill = _common.empty((D,) if fill_grad else (0,), fill_dtype, grad.device)
-    dpos = _common.empty((L, D) if pos_grad else (0,), pos_dtype, grad.device)
+    device = grad.device
+    dsrc = _common.empty((*ids.shape, D), src_dtype, device)
+    dfill = _common.empty((D,) if fill_grad else (0,), fill_dtype, device)
+    dpos = _common.empty((L, D) if pos_grad else (0,), pos_dtype, device)
     if L * D == 0:
         return dsrc, dfill.zero_(), dpos
     if B == 0:  # no sample: empty sums
         return dsrc, dfill.zero_(), dpos.zero_()
-    config = _config("scatter", D, L, grad.device)
+    config = _config("scatter", D, L, device)
     per, chunks, grid = _grid(D, L, B, config, fill_grad or pos_grad)
     n_lblocks = grid[0] // chunks
     part_dtype = _common.torch_acc_dtype(grad.dtype, fill_dtype, pos_dtype)
-    fill_part = _common.empty((n_lblocks * chunks, D) if fill_grad else (0,), part_dtype, grad.device)
-    pos_part = _common.empty((chunks, L, D) if pos_grad else (0,), part_dtype, grad.device)
-    count = _common.counters((n_lblocks + 1) * grid[1] if fill_grad or pos_grad else 0, grad.device)
+    fill_part = _common.empty((n_lblocks * chunks, D) if fill_grad else (0,), part_dtype, device)
+    pos_part = _common.empty((chunks, L, D) if pos_grad else (0,), part_dtype, device)
+    count = _common.counters((n_lblocks + 1) * grid[1] if fill_grad or pos_grad else 0, device)
     _common.launch(_scatter_bwd_kernel, grid, dsrc, dfill, dpos, fill_part, pos_part, count, grad, inv, B, L, D, per,
                    chunks, FILL_GRAD=fill_grad, POS_GRAD=pos_grad, ACC=_common.acc_dtype(part_dtype),
                    BLOCK_R=config[0], BLOCK_D=config[1], num_warps=config[2])

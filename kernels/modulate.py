@@ -221,15 +221,22 @@ def _default(family, D):
 def _config(family, D, n_rows, device):
     """(BLOCK_R, BLOCK_D, num_warps) of `family` at width D for n_rows rows: the tuned configuration, with the
     column block no wider than D needs (LayerNorm: whole rows) and no more rows than there are."""
+    config = tuned(family, _common.width_key(D), _default(family, D), device)
+    block_r = config["BLOCK_R"]
+    return _fit(family, D, min(n_rows, block_r), block_r, config.get("BLOCK_D"), config["num_warps"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _fit(family, D, n_rows, block_r, block_d, warps):
+    """_config's arithmetic, once per configuration and shape (n_rows capped at block_r: all it can change)."""
     if family.startswith("ln_") and D > LN_BLOCK_CAP:  # the kernels hold whole rows: wider ones would be cut
         raise ValueError(f"layernorm_modulate (triton): feature width {D} is over the {LN_BLOCK_CAP} columns a row "
                          "tile holds")
-    config = tuned(family, _common.width_key(D), _default(family, D), device)
     if family.startswith("ln_"):
         block = _common.block_d(D, LN_BLOCK_CAP)
     else:
-        block = min(config["BLOCK_D"], _common.block_d(D, GATE_BLOCK_CAP))
-    return _common.rows(config["BLOCK_R"], n_rows), block, config["num_warps"]
+        block = min(block_d, _common.block_d(D, GATE_BLOCK_CAP))
+    return _common.rows(block_r, n_rows), block, warps
 
 
 def is_per_token(cond, x):
@@ -238,6 +245,7 @@ def is_per_token(cond, x):
     return cond.dim() == 3 and cond.shape[1] == x.shape[1] and x.shape[1] != 1
 
 
+@functools.lru_cache(maxsize=1024)
 def _token_chunks(length, block_r, other_programs):
     """(tokens per program, programs per sample) of a backward pass over each sample's tokens: whole row tiles,
     split so the reduction order depends on the shapes only."""
@@ -257,7 +265,7 @@ def layernorm_modulate_fwd(x, shift, scale, eps):
     _check(x, shift, scale)
     B, L, D = x.shape
     dtype = result_dtype(x, shift, scale)
-    out = _common.empty((B, L, D), dtype, x.device)
+    out = _common.empty_like(x, dtype)
     if out.numel() == 0:
         return out
     block_r, block, warps = _config("ln_modulate_fwd", D, B * L, x.device)
@@ -273,9 +281,7 @@ def layernorm_modulate_bwd(grad, x, shift, scale, eps):
     _check(grad, x, shift, scale)
     B, L, D = x.shape
     per_token = is_per_token(shift, x)
-    dx = _common.empty((B, L, D), x.dtype, x.device)
-    dshift = _common.empty(shift.shape, shift.dtype, x.device)
-    dscale = _common.empty(scale.shape, scale.dtype, x.device)
+    dx, dshift, dscale = _common.empty_like(x), _common.empty_like(shift), _common.empty_like(scale)
     if dx.numel() == 0:  # no tokens: per-sample grads are empty sums
         return dx, dshift.zero_(), dscale.zero_()
     block_r, block, warps = _config("ln_modulate_bwd", D, L, x.device)
@@ -295,7 +301,7 @@ def gated_residual_fwd(x, y, gate):
     _check(x, y, gate)
     B, L, D = x.shape
     dtype = result_dtype(x, y, gate)
-    out = _common.empty((B, L, D), dtype, x.device)
+    out = _common.empty_like(x, dtype)
     if out.numel() == 0:
         return out
     block_r, block, warps = _config("gated_residual_fwd", D, B * L, x.device)
@@ -311,8 +317,7 @@ def gated_residual_bwd(grad, y, gate):
     _check(grad, y, gate)
     B, L, D = y.shape
     per_token = is_per_token(gate, y)
-    dy = _common.empty((B, L, D), y.dtype, y.device)
-    dgate = _common.empty(gate.shape, gate.dtype, y.device)
+    dy, dgate = _common.empty_like(y), _common.empty_like(gate)
     if dy.numel() == 0:  # no tokens: a per-sample grad is an empty sum
         return dy, dgate.zero_()
     block_r, block, warps = _config("gated_residual_bwd", D, L, y.device)

@@ -9,8 +9,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHES = {"gather_tokens": (1, 2), "gather_tokens_varlen": (1, 2), "scatter_tokens": (2, 1),
             "scatter_tokens_varlen": (2, 1), "layernorm_modulate": (1, 1), "gated_residual": (1, 1),
-            "attention": (1, 3), "attention_qkvpacked": (1, 3)}
-CUDA_OPS = {"gather_tokens", "scatter_tokens", "layernorm_modulate", "gated_residual"}
+            "residual_layernorm_modulate": (1, 1), "attention": (1, 3), "attention_qkvpacked": (1, 3)}
+CUDA_OPS = {"gather_tokens", "scatter_tokens", "layernorm_modulate", "gated_residual", "residual_layernorm_modulate"}
 
 
 def test_quick_report(tmp_path):

@@ -387,7 +387,7 @@ def gather_tokens(x, ids_keep, pos_embed=None, *, backend=None, validate=None):
         [B, K, D], dtype of x promoted with pos_embed's (as `x + pos_embed` would be).
     """
     _check_gather(x, ids_keep, None, pos_embed, validate)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, op="gather_tokens")
     if name == "torch":
         return gather_tokens_ref(x, ids_keep, pos_embed)
     if name == "cuda":
@@ -415,7 +415,7 @@ def scatter_tokens(x_kept, ids_keep, mask_token, length, pos_embed=None, *, back
         [B, L, D], dtype of x_kept promoted with pos_embed's.
     """
     _check_scatter(x_kept, ids_keep, None, mask_token, length, pos_embed, validate)
-    name = resolve_backend(backend, x_kept.device)
+    name = resolve_backend(backend, x_kept.device, op="scatter_tokens")
     if name == "torch":
         return scatter_tokens_ref(x_kept, ids_keep, mask_token, length, pos_embed)
     if name == "cuda":
@@ -439,7 +439,7 @@ def gather_tokens_varlen(x, ids_packed, cu_seqlens, pos_embed=None, *, backend=N
         [T, D], dtype of x promoted with pos_embed's.
     """
     _check_gather(x, ids_packed, cu_seqlens, pos_embed, validate)
-    name = resolve_backend(backend, x.device, cuda_impl=False)
+    name = resolve_backend(backend, x.device, cuda_impl=False, op="gather_tokens_varlen")
     if name == "torch":
         return gather_tokens_varlen_ref(x, ids_packed, cu_seqlens, pos_embed)
     return _TritonGather.apply(x, ids_packed, cu_seqlens, pos_embed)
@@ -462,7 +462,7 @@ def scatter_tokens_varlen(x_packed, ids_packed, cu_seqlens, mask_token, length, 
         [B, L, D], dtype of x_packed promoted with pos_embed's.
     """
     _check_scatter(x_packed, ids_packed, cu_seqlens, mask_token, length, pos_embed, validate)
-    name = resolve_backend(backend, x_packed.device, cuda_impl=False)
+    name = resolve_backend(backend, x_packed.device, cuda_impl=False, op="scatter_tokens_varlen")
     if name == "torch":
         return scatter_tokens_varlen_ref(x_packed, ids_packed, cu_seqlens, mask_token, length, pos_embed)
     return _TritonScatter.apply(x_packed, ids_packed, cu_seqlens, mask_token, length, pos_embed)[0]

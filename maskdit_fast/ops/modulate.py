@@ -46,11 +46,12 @@ def _check_tokens(x, name):
 
 def _check_conditioning(x, **conds):
     B, L, D = x.shape
-    shapes = ((B, D), (B, 1, D), (B, L, D))
     for name, t in conds.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if tuple(t.shape) not in shapes:
+        shape = t.shape
+        if not (shape == x.shape or shape == (B, D) or shape == (B, 1, D)):
+            shapes = ((B, D), (B, 1, D), (B, L, D))
             raise ValueError(f"{name} must have shape [B, D], [B, 1, D] or [B, L, D] = "
                              f"{' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
         if t.device != x.device:
@@ -145,7 +146,8 @@ class _TritonGatedResidual(torch.autograd.Function):
     def backward(ctx, grad):
         y, gate = ctx.saved_tensors
         dx = grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype)  # grad x is grad itself: no kernel
-        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        _, need_y, need_gate = ctx.needs_input_grad
+        if not (need_y or need_gate):
             return dx, None, None
         return (dx, *_gate_bwd_op(grad, y, gate))
 
@@ -252,7 +254,7 @@ def layernorm_modulate(x, shift, scale, eps=1e-6, *, backend=None):
         [B, L, D], dtype of x promoted with shift's and scale's (as the reference expression).
     """
     _check_layernorm_modulate(x, shift, scale, eps)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, op="layernorm_modulate")
     if name == "torch":
         return layernorm_modulate_ref(x, shift, scale, eps)
     if name == "cuda":
@@ -275,7 +277,7 @@ def gated_residual(x, y, gate, *, backend=None):
         [B, L, D], dtype promote(x, y, gate).
     """
     _check_gated_residual(x, y, gate)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, op="gated_residual")
     if name == "torch":
         return gated_residual_ref(x, y, gate)
     if name == "cuda":

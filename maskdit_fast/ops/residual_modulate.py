@@ -176,7 +176,7 @@ def residual_layernorm_modulate(x, y, gate, shift, scale, eps=1e-6, *, backend=N
         (as the reference expressions).
     """
     _check(x, y, gate, shift, scale, eps)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, op="residual_layernorm_modulate")
     if name == "torch":
         return residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps)
     if name == "cuda":
