@@ -709,7 +709,8 @@ TUNING = {
                  for s in (2, 3) if m < 128 or w == 8],
     "attn_bwd": [{**_tiles(m, n, w, s), "DQ_BLOCK_M": qm, "DQ_BLOCK_N": qn}
                  for m, n, qm, qn in ((32, 128, 128, 32), (32, 64, 64, 32), (64, 64, 64, 32), (16, 64, 64, 16))
-                 for w in (4, 8) for s in (2, 3) if w == 8 or (n < 128 and m < 64)],
+                 for w in (4, 8) for s in (2, 3) if w == 8 or (n < 128 and m < 64)]
+    + [_fused(m, w, s) for m in (16, 32, 64) for w in (4, 8) for s in (1, 2)],
 }
 
 
