@@ -703,14 +703,15 @@ FUSED_MAX_LEN = 128
 # Candidates of the GPU tuning sweep. attn_bwd holds the dK/dV kernel's tiles (a program owns BLOCK_N keys and
 # loops over BLOCK_M queries) and the dQ kernel's (DQ_BLOCK_M queries, DQ_BLOCK_N keys per step). Tiles that spill
 # at D = 72 in the offline sm_90 compile are left out: 128 rows with 4 warps (forward, and the 32x128 dK/dV tile),
-# and the 64x64 dK/dV tile with 4 warps (causal).
+# and the 64x64 dK/dV tile with 4 warps (causal); of the fused backward (holding 128 keys' K, V, dK, dV), every
+# 4-warp tile, and 2 stages past 16 queries per step.
 TUNING = {
     "attn_fwd": [_tiles(m, n, w, s) for m, n in ((64, 64), (128, 64), (128, 32), (64, 32)) for w in (4, 8)
                  for s in (2, 3) if m < 128 or w == 8],
     "attn_bwd": [{**_tiles(m, n, w, s), "DQ_BLOCK_M": qm, "DQ_BLOCK_N": qn}
                  for m, n, qm, qn in ((32, 128, 128, 32), (32, 64, 64, 32), (64, 64, 64, 32), (16, 64, 64, 16))
                  for w in (4, 8) for s in (2, 3) if w == 8 or (n < 128 and m < 64)]
-    + [_fused(m, w, s) for m in (16, 32, 64) for w in (4, 8) for s in (1, 2)],
+    + [_fused(16, 8, 1), _fused(16, 8, 2), _fused(32, 8, 1), _fused(64, 8, 1)],
 }
 
 
@@ -723,15 +724,19 @@ def _default(family, head_dim, max_len, interpreted):
     sequence for short sequences so the grid keeps enough programs. 8 warps: with 4, ptxas (sm_90, bf16) spills in
     the backward already at D=64; with 8 the D <= 80 kernels fit in 255 registers without spills; past 80 columns
     smaller backward tiles keep D=96 so. Fixed rather than autotuned in-process: no compile-time blow-up, no tuning
-    runs inside the first step or a CUDA-graph capture (a measured table replaces them: kernels/_config.py)."""
-    fused = family == "attn_bwd" and max_len <= FUSED_MAX_LEN
+    runs inside the first step or a CUDA-graph capture (a measured table replaces them: kernels/_config.py).
+
+    The backward of sequences up to FUSED_MAX_LEN tokens with D <= 80 (MaskDiT-XL/2's encoder: 128 kept tokens of
+    D = 72) is the fused one-launch kernel (under the interpreter too, so the tests run what a GPU runs); wider
+    heads would hold 128 x 128 tiles of K, V, dK and dV and take the split kernels."""
+    da, db = split_head_dim(head_dim)
+    long, wide = max_len > 64, da + db > 80
+    fused = family == "attn_bwd" and max_len <= FUSED_MAX_LEN and not wide
     if interpreted:
         return (_tiles(32, 16, 4, 1) if family == "attn_fwd" else _fused(16, 4, 1) if fused
                 else {**_tiles(16, 32, 4, 1), "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 16})
     if fused:
-        return _fused(32, 8, 2)
-    da, db = split_head_dim(head_dim)
-    long, wide = max_len > 64, da + db > 80
+        return _fused(32, 8, 1)
     if family == "attn_fwd":
         return _tiles(128 if long else 64, 64, 8, 3)
     dkdv = _tiles(64, 64, 8, 3) if wide else _tiles(32, 128 if long else 64, 8, 3)
