@@ -41,8 +41,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-from maskdit_fast.backend import triton_interpreted
 from maskdit_fast.kernels import _common
 from maskdit_fast.kernels._config import shape_key, tuned
 
@@ -685,6 +685,11 @@ def _bwd_fused_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ launch
+# Whether the kernels above run under the interpreter: fixed when they were decorated (triton reads TRITON_INTERPRET
+# once), so a module constant, not an environment lookup per call.
+INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
+
+
 def _tiles(block_m, block_n, warps, stages):
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
@@ -753,7 +758,7 @@ def _config(family, head_dim, max_len, dtype, device):
     fp32 inputs with 128-column chunks (D > 96) run with at most 2 stages: 3 need up to 256 KiB of shared memory
     (triton 3.6-3.8), over the H100's 227."""
     length = _common.next_power_of_2(max(max_len, 1))
-    default = _default(family, head_dim, length, triton_interpreted())
+    default = _default(family, head_dim, length, INTERPRETED)
     config = tuned(family, _shape_key(head_dim, length), default, device)
     if config.get("FUSED") and length > FUSED_MAX_LEN:  # a fused candidate timed at a longer shape: split runs
         config = default
@@ -782,10 +787,15 @@ def _batch(cu_seqlens, total, dense_len):
 
 def strides8(*tensors):
     """Token and head strides of [T, H, D] tensors in units of 8 elements, as the attention kernels take them."""
-    strides = [s for t in tensors for s in t.stride()[:2]]
-    if any(s & 7 for s in strides):
-        raise ValueError(f"attention kernels need token and head strides that are multiples of 8, got {strides}")
-    return [s >> 3 for s in strides]
+    out, bits = [], 0
+    for t in tensors:  # a plain loop: this runs several times per call on the host path
+        token, head = t.stride()[:2]
+        bits |= token | head
+        out += (token >> 3, head >> 3)
+    if bits & 7:
+        raise ValueError("attention kernels need token and head strides that are multiples of 8, got "
+                         f"{[s for t in tensors for s in t.stride()[:2]]}")
+    return out
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
@@ -801,7 +811,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if total_q == 0 or n_batch == 0 or max_seqlen_q == 0:
         return out, lse
     cfg = _config("attn_fwd", head_dim, max_seqlen_q, q.dtype, q.device)
-    meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
+    meta = _meta(head_dim, q.dtype, bool(causal), dense, INTERPRETED)
     _common.launch(_fwd_kernel, (_common.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_heads, n_batch), q, k, v, out, lse,
                    q if dense else cu_seqlens_q, q if dense else cu_seqlens_k, *strides8(q, k, v, out), lse.stride(0),
                    softmax_scale * LOG2E, max_seqlen_q, max_seqlen_k, **meta, BLOCK_M=cfg["BLOCK_M"],
@@ -819,7 +829,7 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if n_batch == 0 or (total_q == 0 and k.shape[0] == 0):
         return
     cfg = _config("attn_bwd", head_dim, max(max_seqlen_q, max_seqlen_k), q.dtype, q.device)
-    meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
+    meta = _meta(head_dim, q.dtype, bool(causal), dense, INTERPRETED)
     cu_q, cu_k = (q, q) if dense else (cu_seqlens_q, cu_seqlens_k)
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("FUSED"):

@@ -136,8 +136,8 @@ def _check_triton_head_dim(head_dim):
 def _unit_last(x):
     """The kernels index the head dim with unit stride and take token and head strides that are multiples of 8
     (contiguous tensors and slices of a packed qkv are, D being a multiple of 8); anything else is copied."""
-    *outer, inner = x.stride()
-    return x if inner == 1 and not any(s & 7 for s in outer) else x.contiguous()
+    strides = x.stride()  # 3-D [T, H, D] or 4-D [T, 3, H, D]: the outer strides are 0, 1 and -2
+    return x if strides[-1] == 1 and not (strides[0] | strides[1] | strides[-2]) & 7 else x.contiguous()
 
 
 _kernels = _empty = None
