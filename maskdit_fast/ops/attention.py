@@ -122,7 +122,8 @@ def _check_qkv(q, k, v):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if q.shape[1:] != k.shape[1:] or k.shape != v.shape:
+    (_, heads, dim), (n_k, heads_k, dim_k) = q.shape, k.shape  # ints: torch.Size comparisons cost microseconds
+    if heads != heads_k or dim != dim_k or (n_k, heads_k, dim_k) != tuple(v.shape):
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need "
                          "equal heads and head_dim, and k, v of the same length)")
 
