@@ -10,10 +10,14 @@ Causal masking is aligned to the bottom-right corner (flash-attn >= 2.1): query 
 key j iff j <= i + Lk - Lq.
 
 Kernels: forward with the online softmax (log2 domain, deferred normalisation); backward recomputes P
-from the saved lse: one kernel per key block for dK/dV (iterating over query blocks) and one per query
-block for dQ (iterating over key blocks), so there are no atomics. Both grids are
-(blocks of max_seqlen, H, B); max_seqlen and the lengths are runtime values (no recompiles for new
-lengths). Loops first run the key/query blocks that need no mask, then the few boundary blocks.
+from the saved lse. Split backward: a delta = rowsum(dO * O) kernel, one kernel per key block for dK/dV
+(iterating over query blocks) and one per query block for dQ (iterating over key blocks), so there are no
+atomics; grids (blocks of max_seqlen, H, B), max_seqlen and the lengths runtime values (no recompiles for
+new lengths). Loops first run the key/query blocks that need no mask, then the few boundary blocks.
+Fused backward (sequences up to FUSED_MAX_LEN tokens, the config key FUSED): one program per (head,
+sequence) holds all keys (a key tile of the power of two >= max_seqlen_k, the same bucket the configuration
+key rounds to) and loops over query blocks, computing delta itself and writing each block's complete dQ:
+5 GEMMs per block instead of the split kernels' 7, one launch, no atomics (deterministic).
 
 Dense layout (`DENSE`): B sequences of equal lengths Lq, Lk back to back, no cu_seqlens (the model's dense
 attention, with no index tensors to build per call).
