@@ -10,10 +10,14 @@ Causal masking is aligned to the bottom-right corner (flash-attn >= 2.1): query 
 key j iff j <= i + Lk - Lq.
 
 Kernels: forward with the online softmax (log2 domain, deferred normalisation); backward recomputes P
-from the saved lse: one kernel per key block for dK/dV (iterating over query blocks) and one per query
-block for dQ (iterating over key blocks), so there are no atomics. Both grids are
-(blocks of max_seqlen, H, B); max_seqlen and the lengths are runtime values (no recompiles for new
-lengths). Loops first run the key/query blocks that need no mask, then the few boundary blocks.
+from the saved lse. Split backward: a delta = rowsum(dO * O) kernel, one kernel per key block for dK/dV
+(iterating over query blocks) and one per query block for dQ (iterating over key blocks), so there are no
+atomics; grids (blocks of max_seqlen, H, B), max_seqlen and the lengths runtime values (no recompiles for
+new lengths). Loops first run the key/query blocks that need no mask, then the few boundary blocks.
+Fused backward (sequences up to FUSED_MAX_LEN tokens, the config key FUSED): one program per (head,
+sequence) holds all keys (a key tile of the power of two >= max_seqlen_k, the same bucket the configuration
+key rounds to) and loops over query blocks, computing delta itself and writing each block's complete dQ:
+5 GEMMs per block instead of the split kernels' 7, one launch, no atomics (deterministic).
 
 Dense layout (`DENSE`): B sequences of equal lengths Lq, Lk back to back, no cu_seqlens (the model's dense
 attention, with no index tensors to build per call).
@@ -41,8 +45,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-from maskdit_fast.backend import triton_interpreted
 from maskdit_fast.kernels import _common
 from maskdit_fast.kernels._config import shape_key, tuned
 
@@ -566,21 +570,157 @@ def _bwd_dq_kernel(
                  mask=m_mask[:, None])
 
 
+@triton.jit
+def _bwd_fused_kernel(
+    Q,                          # [total_q, H, D] queries (unit stride on D)
+    K, V,                       # [total_k, H, D] keys / values
+    O,                          # [total_q, H, D] forward output
+    DO,                         # [total_q, H, D] output gradient
+    LSE,                        # [H, total_q] fp32 forward lse (natural log)
+    DQ,                         # [total_q, H, D] output, any strides with unit stride on D
+    DK, DV,                     # [total_k, H, D] outputs, any strides with unit stride on D
+    CU_Q, CU_K,                 # [B+1] int32 cu_seqlens of queries / keys
+    stride_qt, stride_qh,       # strides (in 8-element units) of Q (token, head)
+    stride_kt, stride_kh,       # strides (in 8-element units) of K
+    stride_vt, stride_vh,       # strides (in 8-element units) of V
+    stride_dot, stride_doh,     # strides (in 8-element units) of DO
+    stride_ot, stride_oh,       # strides (in 8-element units) of O
+    stride_dqt, stride_dqh,     # strides (in 8-element units) of DQ
+    stride_dkt, stride_dkh,     # strides (in 8-element units) of DK
+    stride_dvt, stride_dvh,     # strides (in 8-element units) of DV
+    stride_lse_h,               # element stride of LSE's head axis
+    qk_scale,                   # softmax_scale * log2(e)
+    sm_scale,                   # softmax_scale (applied to dQ and dK)
+    dense_q, dense_k,           # sequence lengths (DENSE)
+    CAUSAL: tl.constexpr,       # causal mask, bottom-right aligned
+    DENSE: tl.constexpr,        # dense layout: no cu_seqlens
+    HEAD_DIM: tl.constexpr,     # real head dim D
+    DA: tl.constexpr,           # first (power-of-two) D chunk
+    DB: tl.constexpr,           # second D chunk (0: none)
+    BLOCK_M: tl.constexpr,      # queries per loop iteration
+    BLOCK_N: tl.constexpr,      # keys held by the program: a power of two >= every sequence's key count
+    UPCAST: tl.constexpr,       # compute the dots in fp32 (interpreter bf16)
+    PRECISION: tl.constexpr,    # tl.dot input_precision ("tf32" or "ieee")
+):
+    """Backward of one (head, sequence) whose keys fit one tile: the program holds K, V, dK and dV and loops over
+    query blocks; each block computes its delta = rowsum(dO * O), S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
+    dK += dS^T Q and its complete dQ = dS K (5 GEMMs, no atomics, one launch)."""
+    stride_qt, stride_qh, stride_kt, stride_kh = stride_qt * 8, stride_qh * 8, stride_kt * 8, stride_kh * 8
+    stride_vt, stride_vh, stride_dot, stride_doh = stride_vt * 8, stride_vh * 8, stride_dot * 8, stride_doh * 8
+    stride_ot, stride_oh, stride_dqt, stride_dqh = stride_ot * 8, stride_oh * 8, stride_dqt * 8, stride_dqh * 8
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh = stride_dkt * 8, stride_dkh * 8, stride_dvt * 8, stride_dvh * 8
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    q_start, q_len = _seq_bounds(CU_Q, b, dense_q, DENSE)
+    k_start, k_len = _seq_bounds(CU_K, b, dense_k, DENSE)
+    shift = k_len - q_len
+    q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
+    o_base = O + q_start.to(tl.int64) * stride_ot + h * stride_oh
+    do_base = DO + q_start.to(tl.int64) * stride_dot + h * stride_doh
+    dq_base = DQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh
+    lse_base = LSE + h.to(tl.int64) * stride_lse_h + q_start
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_da = tl.arange(0, DA)
+    offs_db = _second_chunk(DA, DB, HEAD_DIM)
+    n_mask = offs_n < k_len
+    k_base = K + k_start.to(tl.int64) * stride_kt + h * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + h * stride_vh
+    # K stays as loaded (dQ = dS K repeats real columns into the extra ones); V is zeroed past D for V dO^T
+    ka = _load_rows(k_base, offs_n, stride_kt, offs_da, n_mask, True, UPCAST)
+    va = _load_rows(v_base, offs_n, stride_vt, offs_da, n_mask, True, UPCAST)
+    kb = ka
+    vb = va
+    if DB > 0:
+        kb = _load_rows(k_base, offs_n, stride_kt, offs_db, n_mask, True, UPCAST)
+        vb = _zero_past_head_dim(_load_rows(v_base, offs_n, stride_vt, offs_db, n_mask, True, UPCAST), DA, DB, HEAD_DIM)
+    dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+    dv_a = tl.zeros([BLOCK_N, DA], tl.float32)
+    dk_b = tl.zeros([BLOCK_N, 16 if DB == 0 else DB], tl.float32)
+    dv_b = tl.zeros([BLOCK_N, 16 if DB == 0 else DB], tl.float32)
+
+    for start_m in range(0, q_len, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < q_len
+        # rows past the sequence read lse = +inf, so their P (and dS) are exactly 0
+        lse2 = tl.load(lse_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        qa = _load_rows(q_base, offs_m, stride_qt, offs_da, m_mask, True, UPCAST)
+        doa = _load_rows(do_base, offs_m, stride_dot, offs_da, m_mask, True, UPCAST)
+        oa = _load_rows(o_base, offs_m, stride_ot, offs_da, m_mask, True, UPCAST)
+        delta = tl.sum(oa.to(tl.float32) * doa.to(tl.float32), 1)
+        s_t = tl.dot(ka, tl.trans(qa), input_precision=PRECISION)
+        qb = qa
+        dob = doa
+        if DB > 0:  # Q and dO as loaded for dK and dV, zeroed past D where the reduction runs over D
+            qb = _load_rows(q_base, offs_m, stride_qt, offs_db, m_mask, True, UPCAST)
+            dob = _load_rows(do_base, offs_m, stride_dot, offs_db, m_mask, True, UPCAST)
+            ob = _zero_past_head_dim(_load_rows(o_base, offs_m, stride_ot, offs_db, m_mask, True, UPCAST), DA, DB,
+                                     HEAD_DIM)
+            delta += tl.sum(ob.to(tl.float32) * dob.to(tl.float32), 1)
+            s_t += tl.dot(kb, tl.trans(_zero_past_head_dim(qb, DA, DB, HEAD_DIM)), input_precision=PRECISION)
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+        valid = n_mask[:, None]
+        if CAUSAL:  # key j is seen by query i iff j <= i + shift
+            valid = valid & (offs_n[:, None] <= offs_m[None, :] + shift)
+        p_t = tl.where(valid, p_t, 0.0)
+        dv_a = tl.dot(p_t.to(doa.dtype), doa, dv_a, input_precision=PRECISION)
+        dp_t = tl.dot(va, tl.trans(doa), input_precision=PRECISION)
+        if DB > 0:
+            dv_b = tl.dot(p_t.to(dob.dtype), dob, dv_b, input_precision=PRECISION)
+            dp_t += tl.dot(vb, tl.trans(dob), input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(qa.dtype)
+        dk_a = tl.dot(ds_t, qa, dk_a, input_precision=PRECISION)
+        ds = tl.trans(ds_t)
+        dq_ptrs = dq_base + offs_m[:, None] * stride_dqt
+        dq_a = tl.dot(ds, ka, input_precision=PRECISION)
+        tl.store(dq_ptrs + offs_da[None, :], (dq_a * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None])
+        if DB > 0:
+            dk_b = tl.dot(ds_t, qb, dk_b, input_precision=PRECISION)
+            dq_b = tl.dot(ds, kb, input_precision=PRECISION)
+            tl.store(dq_ptrs + offs_db[None, :], (dq_b * sm_scale).to(DQ.dtype.element_ty), mask=m_mask[:, None])
+
+    dk_ptrs = DK + k_start.to(tl.int64) * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt
+    dv_ptrs = DV + k_start.to(tl.int64) * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt
+    tl.store(dk_ptrs + offs_da[None, :], (dk_a * sm_scale).to(DK.dtype.element_ty), mask=n_mask[:, None])
+    tl.store(dv_ptrs + offs_da[None, :], dv_a.to(DV.dtype.element_ty), mask=n_mask[:, None])
+    if DB > 0:
+        tl.store(dk_ptrs + offs_db[None, :], (dk_b * sm_scale).to(DK.dtype.element_ty), mask=n_mask[:, None])
+        tl.store(dv_ptrs + offs_db[None, :], dv_b.to(DV.dtype.element_ty), mask=n_mask[:, None])
+
+
 # ------------------------------------------------------------------------------------------------ launch
+# Whether the kernels above run under the interpreter: fixed when they were decorated (triton reads TRITON_INTERPRET
+# once), so a module constant, not an environment lookup per call.
+INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
+
+
 def _tiles(block_m, block_n, warps, stages):
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
+def _fused(block_m, warps, stages):
+    """Configuration of the fused backward (_bwd_fused_kernel): BLOCK_M queries per step; its key tile is the
+    sequences' longest key count rounded up to a power of two (at most FUSED_MAX_LEN)."""
+    return {"FUSED": True, "BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
+
+
+# Longest sequence (queries and keys, rounded up to a power of two) the fused backward runs for: past it the key
+# tile, dK and dV no longer fit a program's registers. A fused configuration looked up for a longer shape (a sweep
+# timing its candidates at every shape) gives way to the default split backward.
+FUSED_MAX_LEN = 128
+
 # Candidates of the GPU tuning sweep. attn_bwd holds the dK/dV kernel's tiles (a program owns BLOCK_N keys and
 # loops over BLOCK_M queries) and the dQ kernel's (DQ_BLOCK_M queries, DQ_BLOCK_N keys per step). Tiles that spill
 # at D = 72 in the offline sm_90 compile are left out: 128 rows with 4 warps (forward, and the 32x128 dK/dV tile),
-# and the 64x64 dK/dV tile with 4 warps (causal).
+# and the 64x64 dK/dV tile with 4 warps (causal); of the fused backward (holding 128 keys' K, V, dK, dV), every
+# 4-warp tile, and 2 stages past 16 queries per step.
 TUNING = {
     "attn_fwd": [_tiles(m, n, w, s) for m, n in ((64, 64), (128, 64), (128, 32), (64, 32)) for w in (4, 8)
                  for s in (2, 3) if m < 128 or w == 8],
     "attn_bwd": [{**_tiles(m, n, w, s), "DQ_BLOCK_M": qm, "DQ_BLOCK_N": qn}
                  for m, n, qm, qn in ((32, 128, 128, 32), (32, 64, 64, 32), (64, 64, 64, 32), (16, 64, 64, 16))
-                 for w in (4, 8) for s in (2, 3) if w == 8 or (n < 128 and m < 64)],
+                 for w in (4, 8) for s in (2, 3) if w == 8 or (n < 128 and m < 64)]
+    + [_fused(16, 8, 1), _fused(16, 8, 2), _fused(32, 8, 1), _fused(64, 8, 1)],
 }
 
 
@@ -593,12 +733,19 @@ def _default(family, head_dim, max_len, interpreted):
     sequence for short sequences so the grid keeps enough programs. 8 warps: with 4, ptxas (sm_90, bf16) spills in
     the backward already at D=64; with 8 the D <= 80 kernels fit in 255 registers without spills; past 80 columns
     smaller backward tiles keep D=96 so. Fixed rather than autotuned in-process: no compile-time blow-up, no tuning
-    runs inside the first step or a CUDA-graph capture (a measured table replaces them: kernels/_config.py)."""
-    if interpreted:
-        return (_tiles(32, 16, 4, 1) if family == "attn_fwd"
-                else {**_tiles(16, 32, 4, 1), "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 16})
+    runs inside the first step or a CUDA-graph capture (a measured table replaces them: kernels/_config.py).
+
+    The backward of sequences up to FUSED_MAX_LEN tokens with D <= 80 (MaskDiT-XL/2's encoder: 128 kept tokens of
+    D = 72) is the fused one-launch kernel (under the interpreter too, so the tests run what a GPU runs); wider
+    heads would hold 128 x 128 tiles of K, V, dK and dV and take the split kernels."""
     da, db = split_head_dim(head_dim)
     long, wide = max_len > 64, da + db > 80
+    fused = family == "attn_bwd" and max_len <= FUSED_MAX_LEN and not wide
+    if interpreted:
+        return (_tiles(32, 16, 4, 1) if family == "attn_fwd" else _fused(16, 4, 1) if fused
+                else {**_tiles(16, 32, 4, 1), "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 16})
+    if fused:
+        return _fused(32, 8, 1)
     if family == "attn_fwd":
         return _tiles(128 if long else 64, 64, 8, 3)
     dkdv = _tiles(64, 64, 8, 3) if wide else _tiles(32, 128 if long else 64, 8, 3)
@@ -615,8 +762,10 @@ def _config(family, head_dim, max_len, dtype, device):
     fp32 inputs with 128-column chunks (D > 96) run with at most 2 stages: 3 need up to 256 KiB of shared memory
     (triton 3.6-3.8), over the H100's 227."""
     length = _common.next_power_of_2(max(max_len, 1))
-    config = tuned(family, _shape_key(head_dim, length),
-                   _default(family, head_dim, length, triton_interpreted()), device)
+    default = _default(family, head_dim, length, INTERPRETED)
+    config = tuned(family, _shape_key(head_dim, length), default, device)
+    if config.get("FUSED") and length > FUSED_MAX_LEN:  # a fused candidate timed at a longer shape: split runs
+        config = default
     if dtype == torch.float32 and sum(split_head_dim(head_dim)) > 96 and config["num_stages"] > 2:
         config = {**config, "num_stages": 2}
     return config
@@ -642,10 +791,15 @@ def _batch(cu_seqlens, total, dense_len):
 
 def strides8(*tensors):
     """Token and head strides of [T, H, D] tensors in units of 8 elements, as the attention kernels take them."""
-    strides = [s for t in tensors for s in t.stride()[:2]]
-    if any(s & 7 for s in strides):
-        raise ValueError(f"attention kernels need token and head strides that are multiples of 8, got {strides}")
-    return [s >> 3 for s in strides]
+    out, bits = [], 0
+    for t in tensors:  # a plain loop: this runs several times per call on the host path
+        token, head = t.stride()[:2]
+        bits |= token | head
+        out += (token >> 3, head >> 3)
+    if bits & 7:
+        raise ValueError("attention kernels need token and head strides that are multiples of 8, got "
+                         f"{[s for t in tensors for s in t.stride()[:2]]}")
+    return out
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
@@ -661,7 +815,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if total_q == 0 or n_batch == 0 or max_seqlen_q == 0:
         return out, lse
     cfg = _config("attn_fwd", head_dim, max_seqlen_q, q.dtype, q.device)
-    meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
+    meta = _meta(head_dim, q.dtype, bool(causal), dense, INTERPRETED)
     _common.launch(_fwd_kernel, (_common.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_heads, n_batch), q, k, v, out, lse,
                    q if dense else cu_seqlens_q, q if dense else cu_seqlens_k, *strides8(q, k, v, out), lse.stride(0),
                    softmax_scale * LOG2E, max_seqlen_q, max_seqlen_k, **meta, BLOCK_M=cfg["BLOCK_M"],
@@ -678,17 +832,23 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     n_batch = _batch(cu_seqlens_q, total_q, max_seqlen_q)
     if n_batch == 0 or (total_q == 0 and k.shape[0] == 0):
         return
+    cfg = _config("attn_bwd", head_dim, max(max_seqlen_q, max_seqlen_k), q.dtype, q.device)
+    meta = _meta(head_dim, q.dtype, bool(causal), dense, INTERPRETED)
+    cu_q, cu_k = (q, q) if dense else (cu_seqlens_q, cu_seqlens_k)
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("FUSED"):
+        _common.launch(_bwd_fused_kernel, (n_heads, n_batch), q, k, v, out, dout, lse, dq, dk, dv, cu_q, cu_k,
+                       *strides8(q, k, v, dout, out, dq, dk, dv), lse.stride(0), softmax_scale * LOG2E, softmax_scale,
+                       max_seqlen_q, max_seqlen_k, **meta, BLOCK_M=cfg["BLOCK_M"],
+                       BLOCK_N=max(16, _common.next_power_of_2(max_seqlen_k)), **options)
+        return
     delta = _common.empty(lse.shape, torch.float32, lse.device)
     if total_q > 0:
         block_t = 64
         _common.launch(_bwd_delta_kernel, (_common.cdiv(total_q, block_t), n_heads), out, dout, delta, total_q,
                        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
                        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=_common.next_power_of_2(head_dim))
-    cfg = _config("attn_bwd", head_dim, max(max_seqlen_q, max_seqlen_k), q.dtype, q.device)
-    meta = _meta(head_dim, q.dtype, bool(causal), dense, triton_interpreted())
-    cu_q, cu_k = (q, q) if dense else (cu_seqlens_q, cu_seqlens_k)
     strides = strides8(q, k, v, dout)
-    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if max_seqlen_k > 0:
         _common.launch(_bwd_dkdv_kernel, (_common.cdiv(max_seqlen_k, cfg["BLOCK_N"]), n_heads, n_batch), q, k, v,
                        dout, lse, delta, dk, dv, cu_q, cu_k, *strides, *strides8(dk, dv), lse.stride(0), softmax_scale * LOG2E, softmax_scale, max_seqlen_q, max_seqlen_k,

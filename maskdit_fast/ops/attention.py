@@ -122,7 +122,8 @@ def _check_qkv(q, k, v):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if q.shape[1:] != k.shape[1:] or k.shape != v.shape:
+    (_, heads, dim), (n_k, heads_k, dim_k) = q.shape, k.shape  # ints: torch.Size comparisons cost microseconds
+    if heads != heads_k or dim != dim_k or (n_k, heads_k, dim_k) != tuple(v.shape):
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need "
                          "equal heads and head_dim, and k, v of the same length)")
 
@@ -136,8 +137,8 @@ def _check_triton_head_dim(head_dim):
 def _unit_last(x):
     """The kernels index the head dim with unit stride and take token and head strides that are multiples of 8
     (contiguous tensors and slices of a packed qkv are, D being a multiple of 8); anything else is copied."""
-    *outer, inner = x.stride()
-    return x if inner == 1 and not any(s & 7 for s in outer) else x.contiguous()
+    strides = x.stride()  # 3-D [T, H, D] or 4-D [T, 3, H, D]: the outer strides are 0, 1 and -2
+    return x if strides[-1] == 1 and not (strides[0] | strides[1] | strides[-2]) & 7 else x.contiguous()
 
 
 _kernels = _empty = None
@@ -204,38 +205,45 @@ _packed_bwd_op = define_op(
     lambda dout, qkv, *_: qkv.new_empty(qkv.shape))
 
 
+def _outputs(ctx, out, lse, return_lse):
+    """The Functions' outputs: out, or (out, lse) with lse not differentiable. Without lse the call skips marking
+    it (host time of the dense ops, which never return it)."""
+    if not return_lse:
+        return out
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled grad for lse
+    return out, lse
+
+
 class _TritonVarlen(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                return_lse):
         out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                   causal)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)  # no zero-filled grad for lse
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-        return out, lse
+        return _outputs(ctx, out, lse, return_lse)
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, *_dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class _TritonPacked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
+    def forward(ctx, qkv, cu_seqlens, max_seqlen, softmax_scale, causal, return_lse):
         out, lse = _packed_fwd_op(qkv, cu_seqlens, max_seqlen, softmax_scale, causal)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)  # no zero-filled grad for lse
         ctx.save_for_backward(qkv, out, lse, cu_seqlens)
         ctx.args = (max_seqlen, softmax_scale, causal)
-        return out, lse
+        return _outputs(ctx, out, lse, return_lse)
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, *_dlse):
         qkv, out, lse, cu_seqlens = ctx.saved_tensors
-        return _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, *ctx.args), None, None, None, None
+        return _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, *ctx.args), None, None, None, None, None
 
 
 def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q):
@@ -404,9 +412,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     name = resolve_attention_backend(backend, q.device)
     if name == "triton":
         _check_triton_head_dim(q.shape[-1])
-        out, lse = _TritonVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                       scale, bool(causal))
-        return (out, lse) if return_lse else out
+        return _TritonVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
+                                   bool(causal), bool(return_lse))
     if name == "flash_attn":
         return _varlen_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                                   return_lse)
@@ -441,9 +448,8 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, 
     _check_qkv(qkv[:, 0], qkv[:, 1], qkv[:, 2])
     _check_cu_seqlens(cu_seqlens, "cu_seqlens", qkv.shape[0], max_seqlen, qkv.device, validate)
     _check_triton_head_dim(qkv.shape[-1])
-    out, lse = _TritonPacked.apply(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
-                                   bool(causal))
-    return (out, lse) if return_lse else out
+    return _TritonPacked.apply(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
+                               bool(causal), bool(return_lse))
 
 
 def attention(q, k, v, softmax_scale=None, *, backend=None):
@@ -474,8 +480,8 @@ def attention(q, k, v, softmax_scale=None, *, backend=None):
     qf, kf, vf = q.reshape(batch * length, n_heads, head_dim), k.flatten(0, 1), v.flatten(0, 1)
     _check_qkv(qf, kf, vf)
     _check_triton_head_dim(head_dim)
-    out, _ = _TritonVarlen.apply(qf, kf, vf, None, None, length, length_k, _softmax_scale(softmax_scale, head_dim),
-                                 False)
+    out = _TritonVarlen.apply(qf, kf, vf, None, None, length, length_k, _softmax_scale(softmax_scale, head_dim), False,
+                              False)
     return out.view(batch, length, n_heads, head_dim)
 
 
@@ -496,5 +502,5 @@ def attention_qkvpacked(qkv, softmax_scale=None, *, backend=None):
     flat = qkv.reshape(batch * length, 3, n_heads, head_dim)
     _check_qkv(flat[:, 0], flat[:, 1], flat[:, 2])
     _check_triton_head_dim(head_dim)
-    out, _ = _TritonPacked.apply(flat, None, length, _softmax_scale(softmax_scale, head_dim), False)
+    out = _TritonPacked.apply(flat, None, length, _softmax_scale(softmax_scale, head_dim), False, False)
     return out.view(batch, length, n_heads, head_dim)
