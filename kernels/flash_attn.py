@@ -808,7 +808,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     or both None for the dense layout (B sequences of max_seqlen_q / max_seqlen_k tokens)
     -> (out [Tq, H, D] contiguous in q's dtype, lse [H, Tq] fp32)."""
     total_q, n_heads, head_dim = q.shape
-    out = _common.empty(q.shape, q.dtype, q.device)
+    out = _common.empty_like(q)
     lse = _common.empty((n_heads, total_q), torch.float32, q.device)
     dense = cu_seqlens_q is None
     n_batch = _batch(cu_seqlens_q, total_q, max_seqlen_q)

@@ -231,6 +231,33 @@ def test_opcheck(device):
     torch.library.opcheck(attn_mod._packed_fwd_op, (qkv, cu_q, 5, 0.125, False))
 
 
+def test_torch_compile_fullgraph_and_checkpointing_match_torch_backend(device):
+    """The dense, packed and varlen Triton attention under torch.compile(fullgraph=True) and under activation
+    checkpointing give the gradients of the "torch" back-end in eager mode (fp32, the dense Functions' flattening
+    and views included)."""
+    gen = torch.Generator().manual_seed(12)
+    B, L, H, D = 2, 5, 2, 72
+    qkv = torch.randn(B, L, 3, H, D, generator=gen).to(device).requires_grad_()
+    cu_l = cu([3, 0, 7], device)
+    packed = torch.randn(10, 3, H, D, generator=gen).to(device).requires_grad_()
+    w = torch.randn(B, L, H, D, generator=gen).to(device)
+
+    def block(qkv, packed, backend="triton"):
+        q, k, v = qkv.unbind(2)
+        dense = ops.attention(q, k, v, backend=backend) + 2 * ops.attention_qkvpacked(qkv, backend=backend)
+        varlen = ops.varlen_attention_qkvpacked(packed, cu_l, 7, backend=backend, validate=False)
+        return (dense * w).sum() + varlen.square().sum()
+
+    def checkpointed(qkv, packed):
+        return torch.utils.checkpoint.checkpoint(block, qkv, packed, use_reentrant=False)
+
+    want = torch.autograd.grad(block(qkv, packed, "torch"), [qkv, packed])
+    for fn in (torch.compile(block, backend="aot_eager", fullgraph=True), checkpointed):
+        got = torch.autograd.grad(fn(qkv, packed), [qkv, packed])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_flop_counter_sees_attention(device):
     from torch.utils.flop_counter import FlopCounterMode
     lq, lk, heads, head_dim = [3, 0, 7], [2, 5, 9], 2, 64

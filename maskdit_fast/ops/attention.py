@@ -111,21 +111,29 @@ def _check_cu_seqlens_values(cu, name, total, max_seqlen):
         raise ValueError(f"max_seqlen {max_seqlen} for {name} is below the longest sequence ({longest})")
 
 
-def _check_qkv(q, k, v):
+def _check_dtype(name, x):
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def _check_qkv(q, k, v, dense=False):
+    """q, k, v: [total_tokens, heads, head_dim] (varlen) or, dense, [B, L, heads, head_dim] with k, v of one
+    length and q, k, v of one batch size."""
+    ndim = 4 if dense else 3
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"{name} must be a [total_tokens, heads, head_dim] tensor, got "
+        if not isinstance(x, torch.Tensor) or x.dim() != ndim:
+            layout = "[B, L, heads, head_dim]" if dense else "[total_tokens, heads, head_dim]"
+            raise ValueError(f"{name} must be a {layout} tensor, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+        _check_dtype(name, x)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    (_, heads, dim), (n_k, heads_k, dim_k) = q.shape, k.shape  # ints: torch.Size comparisons cost microseconds
-    if heads != heads_k or dim != dim_k or (n_k, heads_k, dim_k) != tuple(v.shape):
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need "
-                         "equal heads and head_dim, and k, v of the same length)")
+    q_shape, k_shape = tuple(q.shape), tuple(k.shape)  # tuples of ints: torch.Size comparisons cost microseconds
+    if (q_shape[-2:] != k_shape[-2:] or k_shape != tuple(v.shape)) or (dense and q_shape[0] != k_shape[0]):
+        raise ValueError(f"shape mismatch: q {q_shape}, k {k_shape}, v {tuple(v.shape)} (need equal heads and "
+                         f"head_dim{', batch' if dense else ''}, and k, v of the same length)")
 
 
 def _check_triton_head_dim(head_dim):
@@ -141,16 +149,16 @@ def _unit_last(x):
     return x if strides[-1] == 1 and not (strides[0] | strides[1] | strides[-2]) & 7 else x.contiguous()
 
 
-_kernels = _empty = None
+_kernels = _empty_like = None
 
 
 def _triton():
     """kernels/flash_attn.py, imported on first use: importing triton is slow and must follow TRITON_INTERPRET."""
-    global _kernels, _empty
+    global _kernels, _empty_like
     if _kernels is None:
         from maskdit_fast.kernels import flash_attn
-        from maskdit_fast.kernels._common import empty
-        _kernels, _empty = flash_attn, empty
+        from maskdit_fast.kernels._common import empty_like
+        _kernels, _empty_like = flash_attn, empty_like
     return _kernels
 
 
@@ -162,7 +170,7 @@ def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                 causal):
     kernels = _triton()
-    dq, dk, dv = (_empty(x.shape, x.dtype, x.device) for x in (q, k, v))
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     kernels.varlen_bwd(_unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), out, lse, cu_seqlens_q,
                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dq, dk, dv)
     return dq, dk, dv
@@ -177,7 +185,7 @@ def _packed_fwd(qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
 def _packed_bwd(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal):
     qkv = _unit_last(qkv)
     kernels = _triton()
-    dqkv = _empty(qkv.shape, qkv.dtype, qkv.device)  # dq, dk, dv written into its three slices
+    dqkv = _empty_like(qkv)  # dq, dk, dv written into its three slices
     kernels.varlen_bwd(_unit_last(dout), qkv[:, 0], qkv[:, 1], qkv[:, 2], out, lse, cu_seqlens, cu_seqlens,
                          max_seqlen, max_seqlen, softmax_scale, causal, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
     return dqkv
@@ -216,34 +224,51 @@ def _outputs(ctx, out, lse, return_lse):
 
 
 class _TritonVarlen(torch.autograd.Function):
+    """q, k, v [T, H, D] with cu_seqlens, or dense [B, L, H, D] with cu_seqlens None. Dense inputs are flattened
+    to the kernels' [B * L, H, D] here, inside the Function, where autograd records no view nodes (four of them,
+    the reshapes and the output view, cost about a fifth of the op's host time)."""
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                 return_lse):
+        ctx.shapes = (q.shape, k.shape) if q.dim() == 4 else None
+        if ctx.shapes:
+            q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
         out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                   causal)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-        return _outputs(ctx, out, lse, return_lse)
+        return _outputs(ctx, out.view(ctx.shapes[0]) if ctx.shapes else out, lse, return_lse)
 
     @staticmethod
     def backward(ctx, dout, *_dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+        dq, dk, dv = _varlen_bwd_op(dout.flatten(0, 1) if ctx.shapes else dout, q, k, v, out, lse, cu_seqlens_q,
+                                    cu_seqlens_k, *ctx.args)
+        if ctx.shapes:
+            dq, dk, dv = dq.view(ctx.shapes[0]), dk.view(ctx.shapes[1]), dv.view(ctx.shapes[1])
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class _TritonPacked(torch.autograd.Function):
+    """qkv [T, 3, H, D] with cu_seqlens, or dense [B, L, 3, H, D] with cu_seqlens None (flattened here, as in
+    _TritonVarlen)."""
     @staticmethod
     def forward(ctx, qkv, cu_seqlens, max_seqlen, softmax_scale, causal, return_lse):
+        ctx.shape = qkv.shape if qkv.dim() == 5 else None
+        if ctx.shape:
+            qkv = qkv.flatten(0, 1)
         out, lse = _packed_fwd_op(qkv, cu_seqlens, max_seqlen, softmax_scale, causal)
         ctx.save_for_backward(qkv, out, lse, cu_seqlens)
         ctx.args = (max_seqlen, softmax_scale, causal)
+        if ctx.shape:
+            out = out.view(*ctx.shape[:2], *out.shape[1:])
         return _outputs(ctx, out, lse, return_lse)
 
     @staticmethod
     def backward(ctx, dout, *_dlse):
         qkv, out, lse, cu_seqlens = ctx.saved_tensors
-        return _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, *ctx.args), None, None, None, None, None
+        dqkv = _packed_bwd_op(dout.flatten(0, 1) if ctx.shape else dout, qkv, out, lse, cu_seqlens, *ctx.args)
+        return dqkv.view(ctx.shape) if ctx.shape else dqkv, None, None, None, None, None
 
 
 def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q):
@@ -445,7 +470,7 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, 
     if name != "triton":
         return varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                 softmax_scale, causal, return_lse=return_lse, backend=name, validate=validate)
-    _check_qkv(qkv[:, 0], qkv[:, 1], qkv[:, 2])
+    _check_dtype("qkv", qkv)
     _check_cu_seqlens(cu_seqlens, "cu_seqlens", qkv.shape[0], max_seqlen, qkv.device, validate)
     _check_triton_head_dim(qkv.shape[-1])
     return _TritonPacked.apply(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
@@ -473,16 +498,11 @@ def attention(q, k, v, softmax_scale=None, *, backend=None):
     if name == "xformers":
         from xformers.ops import memory_efficient_attention
         return memory_efficient_attention(q, k, v, scale=softmax_scale)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[0] != q.shape[0]:
-        raise ValueError(f"attention expects q [B, L, H, D], k, v [B, Lk, H, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    (batch, length, n_heads, head_dim), length_k = q.shape, k.shape[1]
-    qf, kf, vf = q.reshape(batch * length, n_heads, head_dim), k.flatten(0, 1), v.flatten(0, 1)
-    _check_qkv(qf, kf, vf)
+    _check_qkv(q, k, v, dense=True)
+    head_dim = q.shape[-1]
     _check_triton_head_dim(head_dim)
-    out = _TritonVarlen.apply(qf, kf, vf, None, None, length, length_k, _softmax_scale(softmax_scale, head_dim), False,
-                              False)
-    return out.view(batch, length, n_heads, head_dim)
+    return _TritonVarlen.apply(q, k, v, None, None, q.shape[1], k.shape[1], _softmax_scale(softmax_scale, head_dim),
+                               False, False)
 
 
 def attention_qkvpacked(qkv, softmax_scale=None, *, backend=None):
@@ -498,9 +518,7 @@ def attention_qkvpacked(qkv, softmax_scale=None, *, backend=None):
     if name != "triton":
         q, k, v = qkv.unbind(2)
         return attention(q, k, v, softmax_scale, backend=name)
-    batch, length, _, n_heads, head_dim = qkv.shape
-    flat = qkv.reshape(batch * length, 3, n_heads, head_dim)
-    _check_qkv(flat[:, 0], flat[:, 1], flat[:, 2])
+    _check_dtype("qkv", qkv)
+    head_dim = qkv.shape[-1]
     _check_triton_head_dim(head_dim)
-    out = _TritonPacked.apply(flat, None, length, _softmax_scale(softmax_scale, head_dim), False, False)
-    return out.view(batch, length, n_heads, head_dim)
+    return _TritonPacked.apply(qkv, None, qkv.shape[1], _softmax_scale(softmax_scale, head_dim), False, False)
