@@ -1,4 +1,5 @@
-"""Fused glue ops (gather/scatter of kept tokens, LayerNorm + adaLN modulation, gated residual):
+"""Fused glue ops (gather/scatter of kept tokens, LayerNorm + adaLN modulation, gated residual, and the two
+fused into residual_layernorm_modulate):
 every op x back-end (torch eager, torch.compile'd reference, triton, cuda) x pass (fwd, fwd+bwd).
 extra_info: achieved GB/s and % of the copy-bandwidth floor (bytes counted in
 maskdit_fast.bench.costs)."""

@@ -7,8 +7,9 @@ Every kernel family that a launcher looks up through `kernels._config.tuned(fami
 over the candidates its kernel module lists in `TUNING[family]`, at MaskDiT-XL/2's shapes in bf16 (the
 benchmark report's XL cases, `maskdit_fast.bench.op_cases` / `attention_cases`: encoder attention L=128
 Dh=72, decoder L=256 Dh=32, DiT L=256 Dh=72, varlen 64..192 tokens per sample; glue at the encoder
-width 1152 and the decoder width 512). A candidate reaches the kernel through `kernels._config.override`,
-i.e. through the production launch path of the public op (`maskdit_fast.ops`, backend "triton").
+width 1152 and the decoder width 512, the fused residual + LayerNorm-modulate also at DiT's L=256 x 1152).
+A candidate reaches the kernel through `kernels._config.override`, i.e. through the production launch path
+of the public op (`maskdit_fast.ops`, backend "triton").
 
 Phase 1 (compile): every (family, shape, config) runs once in a pool of spawned worker processes
 (min(16, CPUs)); the compiled Triton kernels' registers, spills and shared memory are read from the JIT
@@ -58,7 +59,7 @@ import torch  # noqa: E402
 
 from maskdit_fast import bench, ops  # noqa: E402
 from maskdit_fast.bench.cases import _varlen_layout  # noqa: E402
-from maskdit_fast.bench.checks import grads  # noqa: E402
+from maskdit_fast.bench.checks import grads, map_outputs  # noqa: E402
 from maskdit_fast.bench.timing import Rotation, time_calls, time_graph_replays  # noqa: E402
 from maskdit_fast.kernels import _config  # noqa: E402
 
@@ -132,10 +133,12 @@ def attention_shapes(cfg):
 
 
 def _glue(cfg, names, width, baselines=GLUE_BASELINES, label=None):
+    """The report's op cases `names` at cfg's shapes, keyed by `width`; `label` renames them "<op>[label]"
+    (replacing the case's own label)."""
     out = []
     for c in bench.op_cases(cfg):
         if c.name in names:
-            case = dataclasses.replace(c, name=f"{c.name}[{label}]") if label else c
+            case = dataclasses.replace(c, name=f"{c.name.split('[')[0]}[{label}]") if label else c
             # the CUDA extension has no varlen gather / scatter (backend "cuda" would run torch)
             own = tuple(b for b in baselines if b != "cuda" or "cuda" in c.backends)
             out.append(Shape(_config.shape_key(D=width), case, own))
@@ -170,9 +173,17 @@ def residual_shapes(cfg):
             + _glue(_decoder_cfg(cfg), ("gated_residual",), cfg.Dd, GLUE_BASELINES, "decoder"))
 
 
+def residual_layernorm_shapes(cfg):
+    """residual_ln_modulate_fwd / _bwd: the report's encoder (K tokens) and DiT (L tokens) cases at width D, and
+    the decoder blocks (L tokens, width Dd)."""
+    names = ("residual_layernorm_modulate[encoder]", "residual_layernorm_modulate[dit]")
+    return _glue(cfg, names, cfg.D) + _glue(_decoder_cfg(cfg), names[:1], cfg.Dd, label="decoder")
+
+
 _ATTN = "maskdit_fast.kernels.flash_attn"
 _GS = "maskdit_fast.kernels.gather_scatter"
 _MOD = "maskdit_fast.kernels.modulate"
+_RES = "maskdit_fast.kernels.residual_modulate"
 FAMILIES = (
     Family("attn_fwd", _ATTN, "fwd", attention_shapes),
     Family("attn_bwd", _ATTN, "bwd", attention_shapes),
@@ -182,6 +193,8 @@ FAMILIES = (
     Family("ln_modulate_bwd", _MOD, "bwd", layernorm_shapes),
     Family("gated_residual_fwd", _MOD, "fwd", residual_shapes),
     Family("gated_residual_bwd", _MOD, "bwd", residual_shapes),
+    Family("residual_ln_modulate_fwd", _RES, "fwd", residual_layernorm_shapes),
+    Family("residual_ln_modulate_bwd", _RES, "bwd", residual_layernorm_shapes),
 )
 
 
@@ -289,7 +302,7 @@ def compile_task(family, case_name, config_id, config, settings):
         with _config.override(family.name, config):
             out = fn(*args)
             forward = {id(k) for k in _launched(jit_fns)}
-            grads(out, args, case.grad_argnums, torch.ones_like(out))
+            grads(out, args, case.grad_argnums, map_outputs(torch.ones_like, out))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 - triton's OutOfResources, compile errors: the config is out
@@ -330,7 +343,7 @@ def warm_task(family, case_name, baseline, settings):
         with torch.no_grad():
             fn(*args)
         out = fn(*args)
-        grads(out, args, shape.case.grad_argnums, torch.ones_like(out))
+        grads(out, args, shape.case.grad_argnums, map_outputs(torch.ones_like, out))
     except Exception as err:  # noqa: BLE001 - phase 2 reports the baseline's own error
         return dict(row, status="error", reason=f"{type(err).__name__}: {err}"[:300], s=round(time.time() - t0, 1))
     return dict(row, status="ok", s=round(time.time() - t0, 1))

@@ -13,7 +13,7 @@ from maskdit_fast.backend import triton_interpreted
 from maskdit_fast.bench import backends, cli, op_section
 from maskdit_fast.bench import report as report_module
 from maskdit_fast.bench.costs import (Cost, achieved, attention_cost, gated_residual_cost, gather_tokens_cost,
-                                      layernorm_modulate_cost, scatter_tokens_cost)
+                                      layernorm_modulate_cost, residual_layernorm_modulate_cost, scatter_tokens_cost)
 from maskdit_fast.bench.timing import Rotation, Stats, Timer, rotation_count, time_calls
 
 
@@ -48,6 +48,8 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
     assert {(r["op"], r["backend"], r["pass"]) for r in report["ops"]} == \
         {(c.name, b, p) for c in cases for b in c.backends for p in bench.PASSES}
     assert {"gather_tokens_varlen", "scatter_tokens_varlen"} <= set(names)
+    fused = {"residual_layernorm_modulate[encoder]", "residual_layernorm_modulate[dit]"}
+    assert fused <= set(names)
     assert "varlen_attention[encoder]" in {r["op"] for r in report["attention"]}
     for row in report["ops"] + report["attention"]:
         if row["backend"] == "torch":
@@ -58,6 +60,9 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
     assert all("pct_of_floor" in r for r in report["attention"] if r["status"] == "ok")
     checks = [c for c in report["checks"] if c["source"] == "bench"]
     assert checks and all(c["passed"] for c in checks)
+    # the fused op's torch rows were checked (both outputs, every input grad) before they were timed
+    assert {f"{op}/torch/{p}" for op in fused for p in bench.PASSES} <= {c["name"] for c in checks}
+    assert {r["op"] for r in report["ops"] if r["status"] == "ok"} >= fused
 
     train = {r["variant"]: r for r in report["train_step"]}
     assert train["MaskDiT-S/2 fused"]["status"] == train["MaskDiT-S/2 triton"]["status"] == "skipped"
@@ -153,6 +158,29 @@ def test_every_mode_budget_covers_its_sections():
     assert bench.train_baseline(gpu) == "MaskDiT-XL/2 reference"
 
 
+def test_fused_residual_rows_at_the_xl_shapes():
+    """residual_layernorm_modulate is in the GPU report's op table as the other glue ops are: the encoder's K kept
+    tokens and DiT's L tokens at width D (1152) in bf16, the same back-ends, its own byte floor, the grads of all
+    five inputs; its two shapes count as one op in the back-end table that backend="auto" reads."""
+    from maskdit_fast.backend import backend_table
+    gpu = bench.make_config("gpu", "cpu")
+    assert gpu.dtype == torch.bfloat16 and gpu.D == 1152
+    cases = {c.name: c for c in bench.op_cases(gpu)}
+    rows = []
+    for label, n in (("encoder", gpu.K), ("dit", gpu.L)):
+        case = cases[f"residual_layernorm_modulate[{label}]"]
+        assert case.shape == f"[{gpu.B},{n},{gpu.D}]" and case.bound == "memory"
+        assert case.backends == cases["layernorm_modulate"].backends == cases["gated_residual"].backends
+        assert case.op is ops.residual_layernorm_modulate and case.ref is ops.residual_layernorm_modulate_ref
+        assert case.grad_argnums == (0, 1, 2, 3, 4)
+        assert case.cost == residual_layernorm_modulate_cost(gpu.B, n, gpu.D, 2)
+        rows += [dict(op=case.name, shape=case.shape, backend=b, status="ok", ms=ms, **{"pass": "fwd+bwd"})
+                 for b, ms in (("torch", 1.0), ("cuda", 0.25 * n / gpu.K))]
+    table = backend_table(dict(ops=rows, env=dict(sm="9.0")))
+    assert table["ms"] == {"residual_layernorm_modulate": {"torch": 2.0, "cuda": 0.75}}
+    assert table["backends"] == {"residual_layernorm_modulate": "cuda"}
+
+
 # ------------------------------------------------------------------------------ correctness gate
 
 def _residual_case(op):
@@ -193,6 +221,37 @@ class CountingTimer(Timer):
     def __call__(self, fn, *args, **kwargs):
         CountingTimer.calls += 1
         return super().__call__(fn, *args, **kwargs)
+
+
+def _fused_fake_op(x, y, gate, shift, scale, *, backend):
+    if backend == "torch":
+        return ops.residual_layernorm_modulate(x, y, gate, shift, scale, backend="torch")
+    x_new, h = ops.residual_layernorm_modulate_ref(x, y, gate, shift, scale)
+    if backend == "wrong_h":
+        return x_new, h + 1e-3
+    if backend == "lost_grad":  # drops the gradient flowing into x_new; h's still reaches every input
+        return x_new.detach() + 0 * x_new, h
+    raise NotImplementedError("no kernel yet")
+
+
+def test_two_output_op_is_checked_on_both_outputs_and_their_gradients():
+    """The correctness gate on residual_layernorm_modulate's (x_new, h): a wrong second output fails the forward,
+    a backward that ignores the first output's gradient fails fwd+bwd; neither is timed."""
+    cfg = bench.make_config("cpu-quick", "cpu")
+    case = next(c for c in bench.op_cases(cfg) if c.name == "residual_layernorm_modulate[encoder]")
+    case = dataclasses.replace(case, op=_fused_fake_op, backends=("torch", "wrong_h", "lost_grad"))
+    checks = []
+    CountingTimer.calls = 0
+    rows = bench.run_op_section([case], cfg, bench.Budget(60), None, CountingTimer, checks)
+    status = {(r["backend"], r["pass"]): r["status"] for r in rows}
+    assert status == {("torch", "fwd"): "ok", ("torch", "fwd+bwd"): "ok", ("wrong_h", "fwd"): "failed check",
+                      ("wrong_h", "fwd+bwd"): "failed check", ("lost_grad", "fwd"): "ok",
+                      ("lost_grad", "fwd+bwd"): "failed check"}
+    assert CountingTimer.calls == 3 * cfg.reps  # torch fwd, torch fwd+bwd, lost_grad fwd
+    assert all(r["GBps"] > 0 for r in rows if r["status"] == "ok")
+    name = "residual_layernorm_modulate[encoder]"
+    assert {c["name"] for c in checks if not c["passed"]} == {f"{name}/wrong_h/fwd", f"{name}/wrong_h/fwd+bwd",
+                                                             f"{name}/lost_grad/fwd+bwd"}
 
 
 def test_failing_kernel_is_reported_not_timed():
@@ -349,6 +408,15 @@ def test_glue_op_byte_counts_match_the_tensors_touched():
     fwd, bwd = gated_residual_cost(B, K, D, 4)
     assert fwd.bytes == _nbytes(kept, kept, shift, out_k)
     assert bwd.bytes == _nbytes(out_k, kept, shift, kept, shift)       # grad_out, y, gate -> grad_y, grad_gate
+    x, y, gate, scale = kept, torch.randn(B, K, D), torch.randn(B, D), torch.randn(B, D)
+    x_new, h = ops.residual_layernorm_modulate_ref(x, y, gate, shift, scale)
+    fwd, bwd = residual_layernorm_modulate_cost(B, K, D, 4)
+    assert fwd.bytes == _nbytes(x, y, gate, shift, scale, x_new, h)
+    # grads of x_new and h, with x_new, y, gate and scale -> grads of x, y, gate, shift and scale
+    assert bwd.bytes == _nbytes(x_new, h, x_new, y, gate, scale) + _nbytes(x, y, gate, shift, scale)
+    # the FLOPs of the two ops it fuses
+    assert fwd.flops == layernorm_modulate_cost(B, K, D, 4)[0].flops + gated_residual_cost(B, K, D, 4)[0].flops
+    assert bwd.flops == layernorm_modulate_cost(B, K, D, 4)[1].flops + gated_residual_cost(B, K, D, 4)[1].flops
 
 
 def test_attention_flops_match_torch_flop_counter():

@@ -174,6 +174,26 @@ def test_dry_run_of_the_real_families(tune, tmp_path):
         assert set(best[family.name]) == {r["key"] for r in configs}
     if not swept:
         pytest.skip("no real family swept: " + "; ".join(missing.values()))
+    # residual_layernorm_modulate's kernels: swept at the encoder, DiT and decoder shapes, every config and
+    # baseline checked (both outputs and the five input grads) before its times
+    fused = ("residual_ln_modulate_fwd", "residual_ln_modulate_bwd")
+    assert set(fused) <= swept
+    cases = {"residual_layernorm_modulate[encoder]", "residual_layernorm_modulate[dit]",
+             "residual_layernorm_modulate[decoder]"}
+    for name in fused:
+        configs = [r for r in rows if r["kind"] == "config" and r["family"] == name]
+        assert {(r["config_id"], r["case"]) for r in configs} == {(i, c) for i in (0, 1) for c in cases}
+        assert all(r["check"][p]["passed"] and r["check"][p]["max_err"] <= r["check"][p]["tol"]
+                   for r in configs for p in ("fwd", "fwd+bwd"))
+        assert all(set(r["ms"]) == {name.rsplit("_", 1)[1], "fwd+bwd"} for r in configs)
+        assert f"## {name} (" in text
+    baselines = {(r["case"], r["baseline"]): r for r in rows if r["kind"] == "baseline" and r["case"] in cases}
+    assert set(baselines) == {(c, b) for c in cases for b in tune.GLUE_BASELINES}
+    for case in cases:
+        torch_row = baselines[case, "torch"]
+        assert torch_row["status"] == "ok" and torch_row["check"]["fwd+bwd"]["passed"]
+        assert set(torch_row["ms"]) == {"fwd", "bwd", "fwd+bwd"}
+        assert baselines[case, "cuda"]["status"] == baselines[case, "compile"]["status"] == "unavailable"
 
 
 def test_compile_phase_rejects_what_fails_and_survives_a_dead_worker(tune, fake):
@@ -194,6 +214,22 @@ def test_compile_phase_rejects_what_fails_and_survives_a_dead_worker(tune, fake)
     assert tune.run_compile_phase([(family, "fake_fwd[b]", 2, {"MODE": "crash"})], [], settings, time.time() + 120,
                                   rows.append, lambda _: None) == set()
     assert len(rows) == 1 and rows[0]["status"] == "n/a" and "worker pool" in rows[0]["reason"]
+
+
+def test_compile_and_warm_tasks_take_a_two_output_op(tune):
+    """Phase 1's calls on residual_layernorm_modulate, whose (x_new, h) both get a gradient (the CPU: the Triton
+    kernels interpreted, so no register record)."""
+    settings = tune.Settings(False, "cpu", "cpu-quick")
+    family = next(f for f in tune.FAMILIES if f.name == "residual_ln_modulate_bwd")
+    configs, why = tune.candidates(family)
+    assert why is None and configs
+    shapes = tune._shapes(family, settings)
+    assert {s.key for s in shapes.values()} == {"D=32"}  # cpu-quick: encoder and decoder widths are equal
+    for name in shapes:
+        row = tune.compile_task(family, name, 0, configs[0], settings)
+        assert row["status"] == "ok" and row["kernels"] == [], row
+        warm = tune.warm_task(family, name, "torch", settings)
+        assert warm["status"] == "ok", warm
 
 
 def test_winner_needs_every_shape_of_its_key(tune):

@@ -6,7 +6,7 @@ import torch
 
 from maskdit_fast import ops
 from maskdit_fast.bench.costs import (attention_cost, gated_residual_cost, gather_tokens_cost, layernorm_modulate_cost,
-                                      scatter_tokens_cost, varlen_attention_cost)
+                                      residual_layernorm_modulate_cost, scatter_tokens_cost, varlen_attention_cost)
 from maskdit_fast.indexing import cu_seqlens_from_counts, random_packed_ids
 
 PASSES = ("fwd", "fwd+bwd")
@@ -69,7 +69,8 @@ def _packed_ids(counts, L, device, gen):
 
 def op_cases(cfg):
     """The op benchmark cases at the config's shapes: MaskDiT's glue between the matmuls (encoder
-    width D on K kept tokens, decoder width Dd on all L tokens), dense and varlen (packed) layouts."""
+    width D on K kept tokens, decoder width Dd on all L tokens), dense and varlen (packed) layouts; the
+    fused residual_layernorm_modulate also at width D on all L tokens (DiT's blocks)."""
     B, L, K, D, Dd = cfg.B, cfg.L, cfg.K, cfg.D, cfg.Dd
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     counts = _varlen_layout(B, L, K)
@@ -97,6 +98,18 @@ def op_cases(cfg):
         return (_randn((B, K, D), dev, dt, g, True), _randn((B, K, D), dev, dt, g, True),
                 _randn((B, D), dev, dt, g, True, 0.1))
 
+    def residual_modulate_args(n):
+        def make(dev, dt, g):
+            return (_randn((B, n, D), dev, dt, g, True), _randn((B, n, D), dev, dt, g, True),
+                    *(_randn((B, D), dev, dt, g, True, 0.1) for _ in range(3)))
+        return make
+
+    # the fused op of every DiT block: MaskDiT's encoder on the K kept tokens, DiT (and the unmasked phase) on all L
+    residual_modulate = [
+        OpCase(f"residual_layernorm_modulate[{label}]", f"[{B},{n},{D}]",
+               ops.residual_layernorm_modulate, ops.residual_layernorm_modulate_ref, residual_modulate_args(n),
+               (0, 1, 2, 3, 4), residual_layernorm_modulate_cost(B, n, D, elem), "memory", OP_BACKENDS)
+        for label, n in (("encoder", K), ("dit", L))]
     varlen = f"T={T} ({K}+-{K // 2} per sample)"
     return [
         OpCase("gather_tokens", f"[{B},{L},{D}] -> [{B},{K},{D}] +pos", ops.gather_tokens, ops.gather_tokens_ref,
@@ -114,6 +127,7 @@ def op_cases(cfg):
                modulate_args, (0, 1, 2), layernorm_modulate_cost(B, K, D, elem), "memory", OP_BACKENDS),
         OpCase("gated_residual", f"[{B},{K},{D}]", ops.gated_residual, ops.gated_residual_ref, residual_args,
                (0, 1, 2), gated_residual_cost(B, K, D, elem), "memory", OP_BACKENDS),
+        *residual_modulate,
     ]
 
 

@@ -20,8 +20,25 @@ def check_row(source, name, max_err=None, tol=None, passed=None, status=None, re
     return row
 
 
+def outputs(out):
+    """An op's result as a tuple of tensors: most ops return one tensor, residual_layernorm_modulate returns
+    (x_new, h)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def map_outputs(fn, out):
+    """fn applied to every tensor of an op's result, keeping its structure (one tensor, or a tuple)."""
+    return tuple(fn(t) for t in out) if isinstance(out, (tuple, list)) else fn(out)
+
+
+def random_grad_outputs(out, device, dtype, gen):
+    """A random output gradient in `dtype` for every tensor of the result `out` (drawn in fp32 from gen)."""
+    return map_outputs(lambda t: torch.randn(t.shape, device=device, generator=gen).to(dtype), out)
+
+
 def grads(out, args, argnums, grad_out):
-    """Gradients of `out` for output gradient grad_out, w.r.t. args[i] for i in argnums."""
+    """Gradients of `out` (one tensor or a tuple) for output gradient grad_out (the same structure), w.r.t.
+    args[i] for i in argnums."""
     leaves = [args[i] for i in argnums]
     return torch.autograd.grad(out, leaves, grad_out)
 
@@ -37,28 +54,30 @@ def _ratio(err, tol):
 
 
 def check_case(case, fn, device, dtype, seed=0):
-    """Checks `fn` against case.ref: forward output, then gradients of the grad_argnums args.
+    """Checks `fn` against case.ref: forward output(s), then gradients of the grad_argnums args (with a
+    random gradient flowing into every output).
 
     The exact answer is the reference in fp64; the reference in `dtype` sets the tolerance
-    (see maskdit_fast.accuracy). Returns {"fwd": (max_err, tol, passed), "fwd+bwd": (...)}, "fwd+bwd" covering the
-    output and every gradient (the worst err/tol ratio). Raises Unavailable if fn cannot run here
-    (it raises Unavailable itself, or NotImplementedError: no kernel for this case).
+    (see maskdit_fast.accuracy). Returns {"fwd": (max_err, tol, passed), "fwd+bwd": (...)}, "fwd" covering
+    every output and "fwd+bwd" every output and every gradient (the worst err/tol ratio). Raises Unavailable
+    if fn cannot run here (it raises Unavailable itself, or NotImplementedError: no kernel for this case).
     """
     gen = torch.Generator(device).manual_seed(seed)
     args = case.make_args(device, dtype, gen)
     exact_args = _upcast(args)
     exact = case.ref(*exact_args)
-    grad_out = torch.randn(exact.shape, device=device, generator=gen).to(dtype)
-    exact_grads = grads(exact, exact_args, case.grad_argnums, grad_out.double())
+    grad_out = random_grad_outputs(exact, device, dtype, gen)
+    exact_grads = grads(exact, exact_args, case.grad_argnums, map_outputs(torch.Tensor.double, grad_out))
     ref_out = case.ref(*args)
     ref_grads = grads(ref_out, args, case.grad_argnums, grad_out)
     try:
         out = fn(*args)
     except NotImplementedError as err:
         raise Unavailable(f"not implemented: {err}") from err
-    if out.shape != exact.shape or out.dtype != ref_out.dtype:
+    got, want, low = outputs(out), outputs(exact), outputs(ref_out)
+    if len(got) != len(want) or any(o.shape != e.shape or o.dtype != r.dtype for o, e, r in zip(got, want, low)):
         return {p: (float("inf"), 0.0, False) for p in PASSES}
-    fwd = accuracy.compare(out, exact, ref_out)
+    fwd = max((accuracy.compare(o, e, r) for o, e, r in zip(got, want, low)), key=lambda c: _ratio(*c))
     try:
         got_grads = grads(out, args, case.grad_argnums, grad_out)
     except NotImplementedError:

@@ -73,6 +73,21 @@ def gated_residual_cost(B, N, D, elem):
     return Cost(elem * (3 * n + B * D), 2 * n), Cost(elem * (3 * n + 2 * B * D), 4 * n)
 
 
+def residual_layernorm_modulate_cost(B, N, D, elem):
+    """residual_layernorm_modulate x_new = x + gate * y, h = LayerNorm(x_new) * (1 + scale) + shift;
+    x/y [B, N, D], gate/shift/scale [B, D]; both outputs [B, N, D].
+
+    fwd: reads x, y, gate, shift, scale; writes x_new and h (statistics on chip): 4*B*N*D + 3*B*D.
+    bwd: reads the grads of x_new and h, x_new, y, gate, scale; writes grad_x (the whole grad of x_new:
+         the incoming one plus LayerNorm's, not a pass-through as in gated_residual), grad_y, and the
+         grads of gate, shift and scale: 6*B*N*D + 5*B*D.
+    FLOPs: gated_residual's plus layernorm_modulate's (not the limit; recorded for completeness).
+    Returns (fwd, bwd) Costs.
+    """
+    n = B * N * D
+    return Cost(elem * (4 * n + 3 * B * D), 10 * n), Cost(elem * (6 * n + 5 * B * D), 20 * n)
+
+
 def attention_cost(B, H, Lq, Lk, Dh, elem):
     """Attention q [B, Lq, H, Dh], k/v [B, Lk, H, Dh].
 

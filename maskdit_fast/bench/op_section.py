@@ -4,24 +4,23 @@ import torch
 
 from maskdit_fast.bench.backends import Unavailable, backend_fn
 from maskdit_fast.bench.cases import BASELINE_BACKEND, PASSES
-from maskdit_fast.bench.checks import check_case, check_row, grads
+from maskdit_fast.bench.checks import check_case, check_row, grads, outputs, random_grad_outputs
 from maskdit_fast.bench.costs import achieved
 from maskdit_fast.bench.timing import Rotation, Timer, cache_bytes, rotation_count, time_calls, time_graph_replays
 
 
 def input_sets(case, cfg, seed=1):
-    """Rotating input sets for timing `case`: [(args, grad_out), ...], enough sets that together they
-    exceed twice the device's L2 (one set on CPU)."""
+    """Rotating input sets for timing `case`: [(args, grad_out), ...] (grad_out: one per output of the op),
+    enough sets that together they exceed twice the device's L2 (one set on CPU)."""
     gen = torch.Generator(cfg.device).manual_seed(seed)
     sets, n = [], 1
     while len(sets) < n:
         args = case.make_args(cfg.device, cfg.dtype, gen)
         with torch.no_grad():
-            shape = case.ref(*args).shape
-        grad_out = torch.randn(shape, device=cfg.device, generator=gen).to(cfg.dtype)
+            grad_out = random_grad_outputs(case.ref(*args), cfg.device, cfg.dtype, gen)
         sets.append((args, grad_out))
         if len(sets) == 1:
-            nbytes = sum(t.numel() * t.element_size() for t in (*args, grad_out) if torch.is_tensor(t))
+            nbytes = sum(t.numel() * t.element_size() for t in (*args, *outputs(grad_out)) if torch.is_tensor(t))
             n = rotation_count(nbytes, cache_bytes(cfg.device))
     return sets
 
