@@ -73,10 +73,14 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
     fig = report["cpu_figure"]
     assert fig["speedup"] == pytest.approx(fig["dit_ms"] / fig["maskdit_ms"]) and fig["config"]["threads"] == 1
     assert fig["flops_ratio"] > 1  # the masked encoder does less work
+    host = report["host_time"]  # benchmarks/host_time.py's rows (its own tests check the stubbing)
+    assert host["status"] == "ok" and {r["path"] for r in host["rows"]} == {"torch", "triton", "cuda"}
+    assert {r["op"] for r in host["rows"]} >= {"gather_tokens", "attention", "residual_layernorm_modulate"}
+    assert host["worst"] == max((r for r in host["rows"] if r["path"] != "torch"), key=lambda r: r["vs_torch"])
 
     md = (out / files[1]).read_text()
     for heading in ("# maskdit_fast benchmark", "## Checks", "## Ops", "## Attention", "## Train step",
-                    "## Profile", "## CPU figure", "## Sections"):
+                    "## Profile", "## CPU figure", "## Host time", "## Sections"):
         assert heading in md
     assert f"torch {torch.__version__}" in md
 
@@ -106,7 +110,7 @@ def test_gpu_mode_logic_runs_on_a_cpu_stand_in(tmp_path):
                               common_batch={size: 2}, fixed_batch=tiny.fixed_batch, profile=tiny.profile,
                               cpu_figure=tiny.cpu_figure)
     report = bench.run_report(cfg, log=lambda *a: None)
-    assert report["mode"] == "gpu-quick" and set(report["sections"]) == set(bench.SECTIONS)
+    assert report["mode"] == "gpu-quick" and set(report["sections"]) == set(bench.SECTIONS) - {"host_time"}
     assert {r["backend"] for r in report["ops"] if r["status"] == "skipped"} == {"compile"}  # off in quick mode
     json_path, md_path = bench.write_report(report, tmp_path)
     assert json_path.endswith("-cpu-quick.json") and json.loads(open(json_path).read())["mode"] == "gpu-quick"
@@ -150,7 +154,8 @@ def test_every_mode_budget_covers_its_sections():
         cfg = bench.make_config(mode, "cpu")
         assert set(cfg.sections) <= set(cfg.budgets)
     gpu = bench.make_config("gpu", "cpu")
-    assert sum(gpu.budgets.values()) < 8 * 60  # the GPU report must end within 8 minutes
+    assert "host_time" not in gpu.sections  # a CPU measurement (device work stubbed out)
+    assert sum(gpu.budgets[s] for s in gpu.sections) < 8 * 60  # the GPU report must end within 8 minutes
     assert [v.label for v in bench.train_variants(gpu)] == [
         "MaskDiT-XL/2 fused", "MaskDiT-XL/2 triton", "MaskDiT-XL/2 reference", "DiT-XL/2",
         "MaskDiT-XL/2 reference + compile", "MaskDiT-XL/2 fused + compile", "MaskDiT-XL/2 fused + compile + CUDA graphs",

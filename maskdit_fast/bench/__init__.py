@@ -14,7 +14,8 @@ On a GPU every section has a time budget and reports what it had to skip:
   5. cpu_figure: MaskDiT vs DiT train-step time at mask ratio 0.5 on the CPU (pure PyTorch, small
      config), measured on every run.
 Then writes `<out>/<date>-<card>.json` and `.md`. Without a GPU it runs the CPU subset (torch
-back-ends at small shapes, the CPU figure) and says so; `--cpu-quick` is a seconds-long CPU run
+back-ends at small shapes, the CPU figure, and host_time: each op's host time with the device work
+stubbed out, benchmarks/host_time.py) and says so; `--cpu-quick` is a seconds-long CPU run
 with tiny shapes (the tests use it).
 
 Modules: config (modes, sizes, budgets), cases (op / attention cases, train-step variants), backends

@@ -7,6 +7,8 @@ import os
 import platform
 import re
 import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -63,6 +65,27 @@ def run_peaks(cfg, timer_factory=Timer):
     return {"copy_GBps": copy["GBps"], "matmul_TFLOPs": matmul["TFLOPs"], "copy": copy, "matmul": matmul}
 
 
+HOST_TIME_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks", "host_time.py")
+
+
+def run_host_time(cfg, seconds):
+    """benchmarks/host_time.py (the Python side of each op's forward + backward with the device work stubbed
+    out; a script of the source checkout, run in its own process: it stubs the kernel launches and sets
+    glibc's allocator up at start-up) -> its rows and the worst compiled-path ratio to torch eager."""
+    if not os.path.exists(HOST_TIME_SCRIPT):
+        return dict(status="skipped", reason="benchmarks/host_time.py ships with the source checkout only")
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "host")
+        args = [sys.executable, HOST_TIME_SCRIPT, "--out", prefix] + (["--quick"] if cfg.mode == "cpu-quick" else [])
+        subprocess.run(args, check=True, capture_output=True, text=True, timeout=seconds)
+        with open(prefix + ".json") as f:
+            result = json.load(f)
+    rows = [{k: r[k] for k in ("op", "path", "shape", "us", "vs_torch")} for r in result["ops"]]
+    worst = max((r for r in rows if r["path"] != "torch"), key=lambda r: r["vs_torch"])
+    return dict(status="ok", calls=result["calls"], rows=rows, worst=worst)
+
+
 # ------------------------------------------------------------------------------------ run
 
 def run_report(cfg, sections=None, timer_factory=Timer, log=print, budgets=None):
@@ -82,7 +105,7 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print, budgets=None)
                                                     Hd=cfg.Hd, dtype=str(cfg.dtype), warmup=cfg.warmup,
                                                     reps=cfg.reps, validate=False),
                   peaks=None, checks=[], ops=[], attention=[], train_step=[], profile=None, cpu_figure=None,
-                  sections={})
+                  host_time=None, sections={})
     if device.type != "cuda":
         report["note"] = ("CPU subset: no CUDA device. Torch back-ends at small shapes and the CPU train-step "
                           "figure only; Triton/CUDA/SDPA-kernel rows are skipped (interpreter timings are "
@@ -135,8 +158,16 @@ def run_report(cfg, sections=None, timer_factory=Timer, log=print, budgets=None)
             log(f"[bench] CPU figure: MaskDiT {fig['maskdit_ms']:.1f} ms vs DiT {fig['dit_ms']:.1f} ms per step "
                 f"-> {fig['speedup']:.2f}x")
 
+    def host_time(budget):
+        report["host_time"] = run_host_time(cfg, budget.seconds)
+        if report["host_time"]["status"] == "ok":
+            worst = report["host_time"]["worst"]
+            log(f"[bench] host time: worst compiled path {worst['vs_torch']:.2f}x torch eager ({worst['op']}, "
+                f"{worst['path']})")
+
     for name, fn in (("peaks", peaks), ("ops", op_rows), ("attention", attention_rows),
-                     ("train_step", train), ("profile", profile), ("cpu_figure", cpu_figure)):
+                     ("train_step", train), ("profile", profile), ("cpu_figure", cpu_figure),
+                     ("host_time", host_time)):
         section(name, fn)
     report["total_s"] = round(time.monotonic() - t0, 1)
     return report
@@ -273,6 +304,17 @@ def to_markdown(report):
                    f"(config {json.dumps({k: v for k, v in c.items() if k not in ('threads',)})}).\n")
     elif fig:
         out.append(f"## CPU figure\n{fig.get('status')}: {fig.get('reason')}\n")
+    host = report.get("host_time")
+    if host and host["status"] == "ok":
+        worst = host["worst"]
+        out.append(f"## Host time (benchmarks/host_time.py: the Python side of one forward + backward, device work "
+                   f"stubbed out, XL shapes; torch eager at a compute-free size; median of {host['calls']} calls)\n"
+                   f"Worst compiled path: **{worst['vs_torch']:.2f}x** torch eager ({worst['op']}, "
+                   f"{worst['path']}).\n")
+        out.append(_table([("op", "op"), ("path", "path"), ("shape", "shape"), ("µs per fwd+bwd", "us"),
+                           ("vs torch eager", lambda r: f"{r['vs_torch']:.2f}x")], host["rows"]) + "\n")
+    elif host:
+        out.append(f"## Host time\n{host['status']}: {host.get('reason')}\n")
     sec = [dict(section=k, **v) for k, v in report.get("sections", {}).items()]
     out.append("## Sections\n" + _table([("section", "section"), ("seconds", "seconds"), ("budget s", "budget_s"),
                                          ("error", lambda r: r.get("error", ""))], sec) + "\n")
