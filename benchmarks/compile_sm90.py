@@ -60,7 +60,8 @@ def _glue_calls(family, D):
     if family == "ln_modulate_fwd":
         return [lambda: modulate.layernorm_modulate_fwd(x, cond, cond, 1e-6)]
     if family == "ln_modulate_bwd":
-        return [lambda: modulate.layernorm_modulate_bwd(x, x, cond, cond, 1e-6)]
+        stats = _meta(B, K, dtype=torch.float32)
+        return [lambda: modulate.layernorm_modulate_bwd(x, x, cond, stats, stats)]
     if family == "gated_residual_fwd":
         return [lambda: modulate.gated_residual_fwd(x, x, cond)]
     if family == "gated_residual_bwd":

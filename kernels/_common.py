@@ -151,6 +151,25 @@ def sum_parts(
     return acc
 
 
+@triton.jit
+def normalized_tile(
+    x_ptr,        # flat [rows, D] LayerNorm input
+    mean_ptr,     # [rows] its row means, saved by the forward
+    rstd_ptr,     # [rows] its row 1 / sqrt(var + eps), saved by the forward
+    rows,         # [BLOCK_R] row indices of the tile
+    offs,         # [BLOCK_R, BLOCK_D] element offsets of the tile in x
+    rmask,        # [BLOCK_R] valid rows
+    mask,         # [BLOCK_R, BLOCK_D] valid elements
+    ACC: tl.constexpr,  # arithmetic dtype
+):
+    """(xhat, rstd) of a LayerNorm backward's tile from the forward's statistics: xhat is 0 outside mask and rstd
+    0 on invalid rows, so every term of the backward is 0 there."""
+    mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0), rstd
+
+
 # Compiled kernels by (kernel, device, specialization, options): see `launch`.
 _compiled = {}
 

@@ -126,10 +126,7 @@ def _bwd_kernel(
         mask = rmask[:, None] & cmask[None, :]
         rows = b * L + tokens
         offs = rows[:, None] * D + cols[None, :]
-        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0).to(ACC)
-        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0).to(ACC)
-        xn = tl.load(xn_ptr + offs, mask=mask, other=0.0).to(ACC)
-        xhat = tl.where(mask, (xn - mean[:, None]) * rstd[:, None], 0.0)
+        xhat, rstd = _common.normalized_tile(xn_ptr, mean_ptr, rstd_ptr, rows, offs, rmask, mask, ACC)
         dh = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(ACC)
         if PER_TOKEN:
             gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(ACC)

@@ -45,6 +45,28 @@ def assert_deterministic_backward(op, args, generator):
         assert torch.equal(a, b), f"backward differs between two runs by {(a.double() - b.double()).abs().max()}"
 
 
+def row_statistics_ref(x, eps):
+    """float64 (mean, rstd) over the last dim of x, the statistics a LayerNorm forward saves."""
+    x = x.double()
+    return x.mean(-1), (x.var(-1, unbiased=False) + eps).rsqrt()
+
+
+def layernorm_modulate_backward_ref(dy, x, scale, mean, rstd):
+    """float64 backward of LayerNorm(x) * (1 + scale) + shift computed from the given row statistics (mean, rstd
+    [B, L]), not x's: (dx, dshift, dscale), the conditioning grads shaped like scale ([B, D]: summed over
+    tokens)."""
+    dy, x, scale, mean, rstd = (t.double() for t in (dy, x, scale, mean, rstd))
+    xhat = (x - mean[..., None]) * rstd[..., None]
+    dxhat = dy * (1 + (scale if scale.dim() == 3 else scale[:, None]))
+    dx = (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd[..., None]
+    return dx, reduce_to(dy, scale), reduce_to(dy * xhat, scale)
+
+
+def reduce_to(t, cond):
+    """Grad t [B, L, D] of conditioning broadcast from cond's shape: summed over tokens unless cond is per token."""
+    return t if t.shape == cond.shape else t.sum(1).reshape(cond.shape)
+
+
 def assert_no_host_sync(fn):
     """Runs fn with CUDA sync debugging set to error: nothing in it may wait for the device."""
     previous = torch.cuda.get_sync_debug_mode()

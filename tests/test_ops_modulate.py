@@ -10,10 +10,10 @@ import torch
 
 from maskdit_fast.ops import modulate as md
 from maskdit_fast.accuracy import check_op
-from conftest import assert_checks, grad_generator
+from conftest import assert_checks, grad_generator, layernorm_modulate_backward_ref, row_statistics_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SMALL = [(3, 7, 72), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72)]
+SMALL = [(3, 7, 72), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72), (1, 1, 1000)]
 CASES = ([(shape, dtype) for shape in SMALL for dtype in DTYPES]
          + [((1, 128, 72), torch.float16), ((1, 256, 72), torch.bfloat16), ((3, 256, 72), torch.float32)])
 TRITON = dict(backend="triton")
@@ -39,6 +39,34 @@ def test_match_reference(shape, dtype, per_token, device):
     assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref,
                             (x, randn(*cond), randn(*cond, scale=0.5)), dgen))
     assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, randn(B, L, D), randn(*cond)), dgen))
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("shape", [(3, 7, 1000), (2, 5, 100), (1, 1, 72), (1, 1, 1000)], ids=str)
+def test_backward_reads_the_saved_statistics(shape, per_token, device):
+    """The forward saves x's row statistics (into NaN-poisoned buffers), and the backward computes from the
+    statistics it is given: perturbed ones give the float64 backward of the perturbed ones."""
+    from maskdit_fast.kernels import _common
+    B, L, D = shape
+    gen = torch.Generator().manual_seed(10)
+    randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device, grad=False)
+    cond = (B, L, D) if per_token else (B, D)
+    x, shift, scale, dy = randn(B, L, D, scale=3) + 1, randn(*cond), randn(*cond, scale=0.5), randn(B, L, D)
+    ops = torch.ops.maskdit_fast
+    with _common.poisoned():
+        _, mean, rstd = ops.layernorm_modulate(x, shift, scale, 1e-6)
+    want_mean, want_rstd = row_statistics_ref(x, 1e-6)
+    torch.testing.assert_close(mean, want_mean.float())
+    torch.testing.assert_close(rstd, want_rstd.float())
+    mean, rstd = mean + randn(B, L, scale=0.3), rstd * (torch.rand(B, L, generator=gen).to(device) + 0.5)
+    with _common.poisoned():
+        got = ops.layernorm_modulate_backward(dy, x, scale, mean, rstd)
+    want = layernorm_modulate_backward_ref(dy, x, scale, mean, rstd)
+    unperturbed = layernorm_modulate_backward_ref(dy, x, scale, want_mean, want_rstd)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-4)
+    for i in (0, 2):  # dx and dscale depend on the statistics
+        assert (want[i] - unperturbed[i]).abs().max() > 1e-2
 
 
 def test_cond_with_singleton_token_dim_and_eps(device):
@@ -139,7 +167,8 @@ def _opcheck_samples(device):
     return [
         (ops.layernorm_modulate.default, (r(B, L, D, grad=True), r(B, D, grad=True), r(B, D, grad=True), 1e-6)),
         (ops.layernorm_modulate.default, (r(B, L, D, grad=True), r(B, L, D, grad=True), r(B, L, D, grad=True), 1e-5)),
-        (ops.layernorm_modulate_backward.default, (r(B, L, D), r(B, L, D), r(B, D, dtype=torch.bfloat16), r(B, D), 1e-6)),
+        (ops.layernorm_modulate_backward.default, (r(B, L, D), r(B, L, D), r(B, D, dtype=torch.bfloat16), r(B, L),
+                                                   r(B, L).abs() + 0.5)),
         (ops.gated_residual.default, (r(B, L, D, grad=True), r(B, L, D, grad=True), r(B, D, grad=True))),
         (ops.gated_residual.default, (r(B, L, D, grad=True), r(B, L, D, dtype=torch.bfloat16, grad=True),
                                       r(B, L, D, grad=True))),

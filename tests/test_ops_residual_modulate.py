@@ -12,10 +12,11 @@ from maskdit_fast import ops
 from maskdit_fast.ops import modulate as md
 from maskdit_fast.ops import residual_modulate as rm
 from maskdit_fast.accuracy import check_op
-from conftest import assert_checks, assert_deterministic_backward, assert_no_host_sync, grad_generator
+from conftest import (assert_checks, assert_deterministic_backward, assert_no_host_sync, grad_generator,
+                      layernorm_modulate_backward_ref, reduce_to, row_statistics_ref)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SMALL = [(3, 7, 72), (2, 5, 100), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72)]
+SMALL = [(3, 7, 72), (2, 5, 100), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72), (1, 1, 1000)]
 # long sequences split each sample's tokens over several programs: the in-kernel reduction across them
 LONG = [((1, 128, 72), torch.float16), ((1, 256, 100), torch.bfloat16), ((3, 256, 72), torch.float32)]
 CASES = [(shape, dtype) for shape in SMALL for dtype in DTYPES] + LONG
@@ -73,6 +74,42 @@ def test_match_reference(shape, dtype, per_token, backend, device):
     gen = torch.Generator().manual_seed(hash((shape, per_token)) % 2**31)
     args = _inputs(*shape, dtype, gen, device, per_token)
     assert_checks(_checks("residual_layernorm_modulate", backend, args, grad_generator(gen, device)))
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("shape", [(3, 7, 1000), (2, 5, 100), (1, 1, 72), (1, 1, 1000)], ids=str)
+def test_backward_reads_the_saved_statistics(shape, per_token, device):
+    """The Triton forward saves x_new's row statistics (into NaN-poisoned buffers), and the backward computes
+    from the statistics it is given: perturbed ones give the float64 backward of the perturbed ones."""
+    from maskdit_fast.kernels import _common
+    B, L, D = shape
+    gen = torch.Generator().manual_seed(15)
+    randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device, grad=False)
+    cond = (B, L, D) if per_token else (B, D)
+    x, y, gate, shift, scale = randn(B, L, D, scale=3) + 1, randn(B, L, D), randn(*cond), randn(*cond), randn(*cond)
+    grad_x, grad_h = randn(B, L, D), randn(B, L, D)
+    ops_ = torch.ops.maskdit_fast
+    with _common.poisoned():
+        x_new, _, mean, rstd = ops_.residual_layernorm_modulate(x, y, gate, shift, scale, 1e-6)
+    want_mean, want_rstd = row_statistics_ref(x_new, 1e-6)
+    torch.testing.assert_close(mean, want_mean.float())
+    torch.testing.assert_close(rstd, want_rstd.float())
+    mean, rstd = mean + randn(B, L, scale=0.3), rstd * (torch.rand(B, L, generator=gen).to(device) + 0.5)
+    with _common.poisoned():
+        got = ops_.residual_layernorm_modulate_backward(grad_x, grad_h, x_new, y, gate, scale, mean, rstd)
+
+    def backward_ref(mean, rstd):
+        dx_ln, dshift, dscale = layernorm_modulate_backward_ref(grad_h, x_new, scale, mean, rstd)
+        g = grad_x.double() + dx_ln
+        gate_ = gate.double() if per_token else gate.double()[:, None]
+        return g, gate_ * g, reduce_to(g * y.double(), gate), dshift, dscale
+
+    want = backward_ref(mean, rstd)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-4)
+    unperturbed = backward_ref(want_mean, want_rstd)
+    for i in (0, 4):  # dx and dscale depend on the statistics
+        assert (want[i] - unperturbed[i]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -51,9 +51,10 @@ def scatter_tokens_cost(B, L, K, D, elem, pos_embed=True):
 def layernorm_modulate_cost(B, N, D, elem):
     """layernorm_modulate x [B, N, D], shift/scale [B, D] -> [B, N, D].
 
-    fwd: reads x, shift, scale; writes out (fp32 statistics stay on chip): 2*B*N*D + 2*B*D.
-    bwd: reads x and grad_out, scale; writes grad_x, grad_shift, grad_scale (statistics recomputed):
-         3*B*N*D + 3*B*D.
+    fwd: reads x, shift, scale; writes out: 2*B*N*D + 2*B*D.
+    bwd: reads x and grad_out, scale; writes grad_x, grad_shift, grad_scale: 3*B*N*D + 3*B*D.
+    The fp32 row statistics the compiled back-ends save in the forward and read in the backward (8 bytes a
+    row each way, under 0.2% of the traffic at D = 1152 in bf16) are left out.
     FLOPs ~ 8 per element fwd, 16 bwd (not the limit; recorded for completeness).
     Returns (fwd, bwd) Costs.
     """

@@ -2,8 +2,9 @@
 
 This file holds, top to bottom: the references (the spec), the input checks (run once, by the public ops), the
 Triton op (kernels/modulate.py), the CUDA op (csrc/modulate.cu) and the public ops that dispatch between them
-and the reference. Both compiled back-ends compute in fp32 (fp64 for fp64 inputs on Triton) and round once;
-gradients of per-sample conditioning (shift, scale, gate) are reduced over tokens deterministically.
+and the reference. Both compiled back-ends compute in fp32 (fp64 for fp64 inputs on Triton) and round once; their
+LayerNorm forward saves the row statistics (mean, rstd) that its backward reads; gradients of per-sample
+conditioning (shift, scale, gate) are reduced over tokens deterministically.
 
 Conditioning is per sample ([B, D], or [B, 1, D]) or per token ([B, L, D]). Packed (varlen) token layouts call
 the ops with a batch of one: x [1, T, D] and per-token conditioning [1, T, D], e.g.
@@ -96,9 +97,8 @@ def _ln_fwd(x, shift, scale, eps):
     return _triton().layernorm_modulate_fwd(x.contiguous(), shift.contiguous(), scale.contiguous(), eps)
 
 
-def _ln_bwd(grad, x, shift, scale, eps):
-    return _triton().layernorm_modulate_bwd(grad.contiguous(), x.contiguous(), shift.contiguous(),
-                                            scale.contiguous(), eps)
+def _ln_bwd(grad, x, scale, mean, rstd):
+    return _triton().layernorm_modulate_bwd(grad.contiguous(), x.contiguous(), scale.contiguous(), mean, rstd)
 
 
 def _gate_fwd(x, y, gate):
@@ -109,13 +109,26 @@ def _gate_bwd(grad, y, gate):
     return _triton().gated_residual_bwd(grad.contiguous(), y.contiguous(), gate.contiguous())
 
 
+def stats_fake(x, dtype):
+    """Fake (mean, rstd) [B, L] of x for a Triton forward with outputs of `dtype`: the kernels' arithmetic dtype."""
+    stats = torch.promote_types(dtype, torch.float32)
+    return x.new_empty(x.shape[:2], dtype=stats), x.new_empty(x.shape[:2], dtype=stats)
+
+
+def _ln_fwd_fake(x, shift, scale, eps):
+    dtype = result_dtype(x, shift, scale)
+    return x.new_empty(x.shape, dtype=dtype), *stats_fake(x, dtype)
+
+
+def _ln_bwd_fake(grad, x, scale, mean, rstd):
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
 _lib = torch.library.Library("maskdit_fast", "FRAGMENT")
-_ln_fwd_op = define_op(_lib, "layernorm_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor", _ln_fwd,
-                       lambda x, shift, scale, eps: x.new_empty(x.shape, dtype=result_dtype(x, shift, scale)))
-_ln_bwd_op = define_op(_lib, "layernorm_modulate_backward(Tensor grad, Tensor x, Tensor shift, Tensor scale, "
-                             "float eps) -> (Tensor, Tensor, Tensor)", _ln_bwd,
-                       lambda grad, x, shift, scale, eps: (torch.empty_like(x), torch.empty_like(shift),
-                                                           torch.empty_like(scale)))
+_ln_fwd_op = define_op(_lib, "layernorm_modulate(Tensor x, Tensor shift, Tensor scale, float eps) "
+                             "-> (Tensor, Tensor, Tensor)", _ln_fwd, _ln_fwd_fake)
+_ln_bwd_op = define_op(_lib, "layernorm_modulate_backward(Tensor grad, Tensor x, Tensor scale, Tensor mean, "
+                             "Tensor rstd) -> (Tensor, Tensor, Tensor)", _ln_bwd, _ln_bwd_fake)
 _gate_fwd_op = define_op(_lib, "gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor", _gate_fwd,
                          lambda x, y, gate: x.new_empty(x.shape, dtype=result_dtype(x, y, gate)))
 _gate_bwd_op = define_op(_lib, "gated_residual_backward(Tensor grad, Tensor y, Tensor gate) -> (Tensor, Tensor)",
@@ -125,14 +138,15 @@ _gate_bwd_op = define_op(_lib, "gated_residual_backward(Tensor grad, Tensor y, T
 class _TritonLayerNormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps):
-        ctx.save_for_backward(x, shift, scale)
-        ctx.eps = eps
-        return _ln_fwd_op(x, shift, scale, eps)
+        out, mean, rstd = _ln_fwd_op(x, shift, scale, eps)
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.shift_dtype = shift.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, shift, scale = ctx.saved_tensors
-        return (*_ln_bwd_op(grad, x, shift, scale, ctx.eps), None)
+        dx, dshift, dscale = _ln_bwd_op(grad, *ctx.saved_tensors)
+        return dx, dshift if dshift.dtype == ctx.shift_dtype else dshift.to(ctx.shift_dtype), dscale, None
 
 
 class _TritonGatedResidual(torch.autograd.Function):

@@ -29,7 +29,7 @@ import torch
 
 from maskdit_fast.backend import define_op, on_extension_load, resolve_backend, result_dtype
 from maskdit_fast.ops.modulate import (_check_conditioning, _check_eps, _check_gated_residual, _cuda_inputs,
-                                       gated_residual_ref, layernorm_modulate_ref)
+                                       gated_residual_ref, layernorm_modulate_ref, stats_fake)
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -76,9 +76,8 @@ def _bwd(grad_x, grad_h, x_new, y, gate, scale, mean, rstd):
 
 def _fwd_fake(x, y, gate, shift, scale, eps):
     h_dtype = result_dtype(x, y, gate, shift, scale)
-    stats = torch.promote_types(h_dtype, torch.float32)  # the kernels' arithmetic dtype
     return (x.new_empty(x.shape, dtype=result_dtype(x, y, gate)), x.new_empty(x.shape, dtype=h_dtype),
-            x.new_empty(x.shape[:2], dtype=stats), x.new_empty(x.shape[:2], dtype=stats))
+            *stats_fake(x, h_dtype))
 
 
 def _bwd_fake(grad_x, grad_h, x_new, y, gate, scale, mean, rstd):
