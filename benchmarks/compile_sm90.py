@@ -33,7 +33,7 @@ from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from maskdit_fast.kernels import _common, _config, flash_attn, gather_scatter, modulate  # noqa: E402
+from maskdit_fast.kernels import _common, _config, flash_attn, gather_scatter, modulate, residual_modulate  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 META = torch.device("meta")
@@ -66,6 +66,12 @@ def _glue_calls(family, D):
         return [lambda: modulate.gated_residual_fwd(x, x, cond)]
     if family == "gated_residual_bwd":
         return [lambda: modulate.gated_residual_bwd(x, x, cond)]
+    stats = _meta(B, K, dtype=torch.float32)
+    if family == "residual_ln_modulate_fwd":  # per-sample and per-token conditioning (the PER_TOKEN variants)
+        return [lambda c=c: residual_modulate.residual_layernorm_modulate_fwd(x, x, c, c, c, 1e-6) for c in (cond, x)]
+    if family == "residual_ln_modulate_bwd":
+        return [lambda c=c: residual_modulate.residual_layernorm_modulate_bwd(x, x, x, x, c, c, stats, stats)
+                for c in (cond, x)]
     ids, grid, pos = _ids(B, K), _meta(B, L, D), _meta(L, D)
     packed, cu, rows = _ids(B * K), torch.empty(B + 1, dtype=torch.int32, device=META), _meta(B * K, D)
     if family == "gather":  # dense and packed layouts
@@ -99,7 +105,7 @@ def _attention_calls(family, head_dim, length):
 def cases(families):
     """(family, shape label, config label, config or None for the default, calls)."""
     out = []
-    for module in (modulate, gather_scatter, flash_attn):
+    for module in (modulate, residual_modulate, gather_scatter, flash_attn):
         for family, candidates in module.TUNING.items():
             if families and family not in families:
                 continue

@@ -851,8 +851,8 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     strides = strides8(q, k, v, dout)
     if max_seqlen_k > 0:
         _common.launch(_bwd_dkdv_kernel, (_common.cdiv(max_seqlen_k, cfg["BLOCK_N"]), n_heads, n_batch), q, k, v,
-                       dout, lse, delta, dk, dv, cu_q, cu_k, *strides, *strides8(dk, dv), lse.stride(0), softmax_scale * LOG2E, softmax_scale, max_seqlen_q, max_seqlen_k,
-                       **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **options)
+                       dout, lse, delta, dk, dv, cu_q, cu_k, *strides, *strides8(dk, dv), lse.stride(0),
+                       softmax_scale * LOG2E, softmax_scale, max_seqlen_q, max_seqlen_k, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **options)
     if max_seqlen_q > 0:
         _common.launch(_bwd_dq_kernel, (_common.cdiv(max_seqlen_q, cfg["DQ_BLOCK_M"]), n_heads, n_batch), q, k, v,
                        dout, lse, delta, dq, cu_q, cu_k, *strides, *strides8(dq), lse.stride(0),

@@ -37,7 +37,7 @@ TUNING = {
 
 
 @triton.jit(do_not_specialize=["n_rows", "L"])
-def _fwd_kernel(
+def _residual_ln_modulate_fwd_kernel(
     xn_ptr,       # [B*L, D] x_new output, contiguous, dtype promote(x, y, gate)
     h_ptr,        # [B*L, D] h output, contiguous, dtype promote(x_new, shift, scale)
     mean_ptr,     # [B*L] ACC row means of x_new
@@ -80,7 +80,7 @@ def _fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["L", "ROWS_PER_PROG", "n_chunks"])
-def _bwd_kernel(
+def _residual_ln_modulate_bwd_kernel(
     dx_ptr,       # [B*L, D] grad of x (dtype of x_new), contiguous
     dy_ptr,       # [B*L, D] grad of y, contiguous
     dgate_ptr,    # grad of gate: [B*L, D] (PER_TOKEN) or [B, D]
@@ -206,9 +206,9 @@ def residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps):
     if xn.numel() == 0:  # the statistics are read only by a backward with tokens to differentiate
         return xn, h, mean, rstd
     block_r, block, warps = _config("residual_ln_modulate_fwd", D, B * L, x.device)
-    _common.launch(_fwd_kernel, (_common.cdiv(B * L, block_r),), xn, h, mean, rstd, x, y, gate, shift, scale, B * L, L,
-                   D, eps, PER_TOKEN=is_per_token(gate, x), ACC=_common.acc_dtype(stat_dtype), BLOCK_R=block_r,
-                   BLOCK_D=block, num_warps=warps)
+    _common.launch(_residual_ln_modulate_fwd_kernel, (_common.cdiv(B * L, block_r),), xn, h, mean, rstd, x, y,
+                   gate, shift, scale, B * L, L, D, eps, PER_TOKEN=is_per_token(gate, x),
+                   ACC=_common.acc_dtype(stat_dtype), BLOCK_R=block_r, BLOCK_D=block, num_warps=warps)
     return xn, h, mean, rstd
 
 
@@ -231,7 +231,8 @@ def residual_layernorm_modulate_bwd(grad_xn, grad_h, xn, y, gate, scale, mean, r
     part_dtype = _common.torch_acc_dtype(grad_xn.dtype, grad_h.dtype, xn.dtype, y.dtype, gate.dtype, scale.dtype)
     part = _common.empty((0,) if per_token else (B, chunks, 3, D), part_dtype, xn.device)
     count = _common.counters(0 if per_token else B, xn.device)
-    _common.launch(_bwd_kernel, (B * chunks,), dx, dy, dgate, dshift, dscale, part, count, grad_xn, grad_h, xn, y,
-                   gate, scale, mean, rstd, L, D, tiles_per_prog * block_r, chunks, PER_TOKEN=per_token,
-                   ACC=_common.acc_dtype(part_dtype), BLOCK_R=block_r, BLOCK_D=block, num_warps=warps)
+    _common.launch(_residual_ln_modulate_bwd_kernel, (B * chunks,), dx, dy, dgate, dshift, dscale, part, count,
+                   grad_xn, grad_h, xn, y, gate, scale, mean, rstd, L, D, tiles_per_prog * block_r, chunks,
+                   PER_TOKEN=per_token, ACC=_common.acc_dtype(part_dtype), BLOCK_R=block_r, BLOCK_D=block,
+                   num_warps=warps)
     return dx, dy, dgate, dshift, dscale

@@ -459,9 +459,10 @@ def test_profile_grouping_rule_on_made_up_names():
         "optimizer": ["void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, "
                       "FusedAdamMathFunctor<float, 4>>", "Optimizer.step#AdamW.step", "aten::_foreach_add_"],
         "glue": ["gather_fwd_kernel", "_gather_bwd_kernel", "scatter_fwd_kernel", "ln_mod_bwd_kernel", "gated_fwd_kernel",
-                 "_ln_modulate_fwd_kernel", "void at::native::index_elementwise_kernel<128, 4>", "aten::index"],
+                 "_ln_modulate_fwd_kernel", "_residual_ln_modulate_bwd_kernel",
+                 "void at::native::index_elementwise_kernel<128, 4>", "aten::index"],
         "attention": ["pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 64>>", "_fwd_kernel",
-                      "_bwd_dkdv_kernel", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
+                      "_bwd_dkdv_kernel", "_bwd_fused_kernel", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
                       "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3",
                       "autograd::engine::evaluate_function: ScaledDotProductFlashAttentionForCpuBackward0"],
         "gemm": ["sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "nvjet_tst_192x192_64x4_2x1_v_bz_TNT",

@@ -27,7 +27,7 @@ from maskdit_fast.flops import model_flops
 PROFILE_GROUPS = (
     ("optimizer", r"adam|multi_tensor_apply|_foreach_|optimizer\."),
     ("glue", r"gather|scatter|index|ln_mod|modulate|gated|inverse_ids|column_sum"),
-    ("attention", r"flash|fmha|attention|attn|sdpa|^_(fwd|bwd_dq|bwd_dkdv|bwd_delta)_kernel"),
+    ("attention", r"flash|fmha|attention|attn|sdpa|^_(fwd|bwd_dq|bwd_dkdv|bwd_delta|bwd_fused)_kernel"),
     ("gemm", r"gemm|nvjet|cutlass|cublas|xmma|wgmma|conv|linear|matmul|einsum|addmm|bmm|\bmm\b|mmbackward|_scaled_mm|"
              r"triton_tem_"),
     ("elementwise/norm", r"elementwise|norm|reduce|softmax|gelu|silu|tanh|exp|copy|fill|cat|memcpy|memset|where|"
