@@ -61,7 +61,7 @@ def _glue_calls(family, D):
         return [lambda: modulate.layernorm_modulate_fwd(x, cond, cond, 1e-6)]
     if family == "ln_modulate_bwd":
         stats = _meta(B, K, dtype=torch.float32)
-        return [lambda: modulate.layernorm_modulate_bwd(x, x, cond, stats, stats)]
+        return [lambda: modulate.layernorm_modulate_bwd(x, x, cond, stats, stats, torch.bfloat16)]
     if family == "gated_residual_fwd":
         return [lambda: modulate.gated_residual_fwd(x, x, cond)]
     if family == "gated_residual_bwd":
@@ -70,7 +70,8 @@ def _glue_calls(family, D):
     if family == "residual_ln_modulate_fwd":  # per-sample and per-token conditioning (the PER_TOKEN variants)
         return [lambda c=c: residual_modulate.residual_layernorm_modulate_fwd(x, x, c, c, c, 1e-6) for c in (cond, x)]
     if family == "residual_ln_modulate_bwd":
-        return [lambda c=c: residual_modulate.residual_layernorm_modulate_bwd(x, x, x, x, c, c, stats, stats)
+        return [lambda c=c: residual_modulate.residual_layernorm_modulate_bwd(x, x, x, x, c, c, stats, stats,
+                                                                               torch.bfloat16)
                 for c in (cond, x)]
     ids, grid, pos = _ids(B, K), _meta(B, L, D), _meta(L, D)
     packed, cu, rows = _ids(B * K), torch.empty(B + 1, dtype=torch.int32, device=META), _meta(B * K, D)

@@ -831,6 +831,8 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     dense = cu_seqlens_q is None
     n_batch = _batch(cu_seqlens_q, total_q, max_seqlen_q)
     if n_batch == 0 or (total_q == 0 and k.shape[0] == 0):
+        # no query anywhere (a dense Lq = 0 has no sequence to launch for): keys and values had no effect
+        dq.zero_(), dk.zero_(), dv.zero_()
         return
     cfg = _config("attn_bwd", head_dim, max(max_seqlen_q, max_seqlen_k), q.dtype, q.device)
     meta = _meta(head_dim, q.dtype, bool(causal), dense, INTERPRETED)

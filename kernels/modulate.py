@@ -76,7 +76,7 @@ def _ln_modulate_fwd_kernel(
 @triton.jit(do_not_specialize=["L", "ROWS_PER_PROG", "n_chunks"])
 def _ln_modulate_bwd_kernel(
     dx_ptr,       # [B*L, D] grad of x, contiguous
-    dshift_ptr,   # grad of shift (dtype of scale): [B*L, D] (PER_TOKEN) or [B, D]
+    dshift_ptr,   # grad of shift (in shift's dtype): [B*L, D] (PER_TOKEN) or [B, D]
     dscale_ptr,   # grad of scale, like dshift_ptr
     part_ptr,     # per sample: [B, n_chunks, 2, D] ACC partial sums of (dshift, dscale)
     count_ptr,    # per sample: [B] int32 arrival counters, zeroed
@@ -285,18 +285,19 @@ def layernorm_modulate_fwd(x, shift, scale, eps):
     return out, mean, rstd
 
 
-def layernorm_modulate_bwd(grad, x, scale, mean, rstd):
-    """Backward of layernorm_modulate_fwd from the forward's x, scale and statistics. All inputs contiguous.
-    Returns (dx like x, dshift like scale, dscale like scale)."""
+def layernorm_modulate_bwd(grad, x, scale, mean, rstd, shift_dtype):
+    """Backward of layernorm_modulate_fwd from the forward's x, scale and statistics (shift itself is not needed,
+    its dtype is: its grad is written in it). All inputs contiguous.
+    Returns (dx like x, dshift like scale in shift_dtype, dscale like scale)."""
     _check(grad, x, scale, mean, rstd)
     B, L, D = x.shape
     per_token = is_per_token(scale, x)
-    dx, dshift, dscale = _common.empty_like(x), _common.empty_like(scale), _common.empty_like(scale)
+    dx, dshift, dscale = _common.empty_like(x), _common.empty_like(scale, shift_dtype), _common.empty_like(scale)
     if dx.numel() == 0:  # no tokens: per-sample grads are empty sums
         return dx, dshift.zero_(), dscale.zero_()
     block_r, block, warps = _config("ln_modulate_bwd", D, L, x.device)
     rows_per_prog, chunks = _token_chunks(L, block_r, B)
-    part_dtype = _common.torch_acc_dtype(grad.dtype, x.dtype, scale.dtype, mean.dtype)
+    part_dtype = _common.torch_acc_dtype(grad.dtype, x.dtype, scale.dtype, mean.dtype, shift_dtype)
     part = _common.empty((0,) if per_token else (B, chunks, 2, D), part_dtype, x.device)
     count = _common.counters(0 if per_token else B, x.device)
     _common.launch(_ln_modulate_bwd_kernel, (B * chunks,), dx, dshift, dscale, part, count, grad, x, scale, mean,

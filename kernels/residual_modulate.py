@@ -84,7 +84,7 @@ def _residual_ln_modulate_bwd_kernel(
     dx_ptr,       # [B*L, D] grad of x (dtype of x_new), contiguous
     dy_ptr,       # [B*L, D] grad of y, contiguous
     dgate_ptr,    # grad of gate: [B*L, D] (PER_TOKEN) or [B, D]
-    dshift_ptr,   # grad of shift (dtype of scale), like dgate_ptr
+    dshift_ptr,   # grad of shift (in shift's dtype), like dgate_ptr
     dscale_ptr,   # grad of scale, like dgate_ptr
     part_ptr,     # per sample: [B, n_chunks, 3, D] ACC partial sums of (dgate, dshift, dscale)
     count_ptr,    # per sample: [B] int32 arrival counters, zeroed
@@ -212,23 +212,24 @@ def residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps):
     return xn, h, mean, rstd
 
 
-def residual_layernorm_modulate_bwd(grad_xn, grad_h, xn, y, gate, scale, mean, rstd):
+def residual_layernorm_modulate_bwd(grad_xn, grad_h, xn, y, gate, scale, mean, rstd, shift_dtype):
     """Backward of residual_layernorm_modulate_fwd from the grads of x_new and h, with the forward's x_new, y,
     gate, scale and statistics. All inputs contiguous.
-    Returns (dx like x_new, dy like y, dgate like gate, dshift like scale, dscale like scale)."""
+    Returns (dx like x_new, dy like y, dgate like gate, dshift like scale in shift_dtype, dscale like scale)."""
     _check(grad_xn, grad_h, xn, y, gate, scale, mean, rstd)
     B, L, D = xn.shape
     per_token = is_per_token(gate, xn)
     dx = _common.empty((B, L, D), xn.dtype, xn.device)
     dy = _common.empty((B, L, D), y.dtype, xn.device)
     dgate = _common.empty(gate.shape, gate.dtype, xn.device)
-    dshift = _common.empty(scale.shape, scale.dtype, xn.device)
+    dshift = _common.empty(scale.shape, shift_dtype, xn.device)
     dscale = _common.empty(scale.shape, scale.dtype, xn.device)
     if dx.numel() == 0:  # no tokens: per-sample grads are empty sums
         return dx, dy, dgate.zero_(), dshift.zero_(), dscale.zero_()
     block_r, block, warps = _config("residual_ln_modulate_bwd", D, L, xn.device)
     tiles_per_prog, chunks = _common.split(_common.cdiv(L, block_r), B)
-    part_dtype = _common.torch_acc_dtype(grad_xn.dtype, grad_h.dtype, xn.dtype, y.dtype, gate.dtype, scale.dtype)
+    part_dtype = _common.torch_acc_dtype(grad_xn.dtype, grad_h.dtype, xn.dtype, y.dtype, gate.dtype, scale.dtype,
+                                         shift_dtype)
     part = _common.empty((0,) if per_token else (B, chunks, 3, D), part_dtype, xn.device)
     count = _common.counters(0 if per_token else B, xn.device)
     _common.launch(_residual_ln_modulate_bwd_kernel, (B * chunks,), dx, dy, dgate, dshift, dscale, part, count,

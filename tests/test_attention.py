@@ -197,6 +197,18 @@ def test_dense_attention_from_qkv_views(device):
         assert max_err(got[0], want[0]) <= 1e-5 and max_err(got[1], want[1]) <= 1e-4
 
 
+def test_dense_attention_without_queries_has_zero_key_grads(device):
+    """Lq = 0 with keys present: out is empty and dK, dV are zeros (written, not left as allocated)."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 0, 2, 64, generator=gen).to(device).requires_grad_()
+    k, v = (torch.randn(2, 7, 2, 64, generator=gen).to(device).requires_grad_() for _ in range(2))
+    with poisoned():
+        out = ops.attention(q, k, v, backend="triton")
+        out.sum().backward()
+    assert out.shape == (2, 0, 2, 64) and q.grad.shape == q.shape
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
 def test_dense_cross_attention_and_scale(device):
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(2, 9, 1, 64, generator=gen, dtype=torch.float16).to(device)

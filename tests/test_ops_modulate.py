@@ -60,7 +60,7 @@ def test_backward_reads_the_saved_statistics(shape, per_token, device):
     torch.testing.assert_close(rstd, want_rstd.float())
     mean, rstd = mean + randn(B, L, scale=0.3), rstd * (torch.rand(B, L, generator=gen).to(device) + 0.5)
     with _common.poisoned():
-        got = ops.layernorm_modulate_backward(dy, x, scale, mean, rstd)
+        got = ops.layernorm_modulate_backward(dy, x, scale, mean, rstd, shift.dtype)
     want = layernorm_modulate_backward_ref(dy, x, scale, mean, rstd)
     unperturbed = layernorm_modulate_backward_ref(dy, x, scale, want_mean, want_rstd)
     for g, w in zip(got, want):
@@ -90,6 +90,10 @@ def test_mixed_dtypes_promote_like_reference(device):
     bf = functools.partial(_randn, dtype=torch.bfloat16, gen=gen, device=device)
     assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, (x, bf(B, D), bf(B, D)), dgen))
     assert_checks(check_op("gated_residual", GATE, md.gated_residual_ref, (x, bf(B, L, D), bf(B, D)), dgen))
+    # shift and scale of different dtypes: each grad comes back in (and is computed for) its own dtype
+    f32 = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
+    for shift, scale in ((f32(B, D), bf(B, D)), (bf(B, D), f32(B, D)), (f32(B, L, D), bf(B, L, D))):
+        assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref, (x, shift, scale), dgen))
 
 
 def test_packed_layout_matches_per_sample_conditioning(device):
@@ -168,7 +172,7 @@ def _opcheck_samples(device):
         (ops.layernorm_modulate.default, (r(B, L, D, grad=True), r(B, D, grad=True), r(B, D, grad=True), 1e-6)),
         (ops.layernorm_modulate.default, (r(B, L, D, grad=True), r(B, L, D, grad=True), r(B, L, D, grad=True), 1e-5)),
         (ops.layernorm_modulate_backward.default, (r(B, L, D), r(B, L, D), r(B, D, dtype=torch.bfloat16), r(B, L),
-                                                   r(B, L).abs() + 0.5)),
+                                                   r(B, L).abs() + 0.5, torch.float32)),
         (ops.gated_residual.default, (r(B, L, D, grad=True), r(B, L, D, grad=True), r(B, D, grad=True))),
         (ops.gated_residual.default, (r(B, L, D, grad=True), r(B, L, D, dtype=torch.bfloat16, grad=True),
                                       r(B, L, D, grad=True))),

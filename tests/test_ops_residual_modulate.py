@@ -96,7 +96,8 @@ def test_backward_reads_the_saved_statistics(shape, per_token, device):
     torch.testing.assert_close(rstd, want_rstd.float())
     mean, rstd = mean + randn(B, L, scale=0.3), rstd * (torch.rand(B, L, generator=gen).to(device) + 0.5)
     with _common.poisoned():
-        got = ops_.residual_layernorm_modulate_backward(grad_x, grad_h, x_new, y, gate, scale, mean, rstd)
+        got = ops_.residual_layernorm_modulate_backward(grad_x, grad_h, x_new, y, gate, scale, mean, rstd,
+                                                        shift.dtype)
 
     def backward_ref(mean, rstd):
         dx_ln, dshift, dscale = layernorm_modulate_backward_ref(grad_h, x_new, scale, mean, rstd)
@@ -132,6 +133,12 @@ def test_mixed_dtypes_promote_like_reference(backend, device):
     assert_checks(_checks("residual_layernorm_modulate mixed", backend, args, grad_generator(gen, device)))
     x_new, h = rm.residual_layernorm_modulate(*args, backend=backend)
     assert (x_new.dtype, h.dtype) == (torch.float32, torch.float32)
+    # shift and scale of different dtypes: each grad comes back in (and is computed for) its own dtype
+    f32 = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
+    for shift, scale in ((f32(B, D), bf(B, D)), (bf(B, D), f32(B, D)), (f32(B, L, D), bf(B, L, D))):
+        gate = bf(*shift.shape)
+        args = (f32(B, L, D), bf(B, L, D), gate, shift, scale)
+        assert_checks(_checks("residual_layernorm_modulate shift/scale", backend, args, grad_generator(gen, device)))
 
 
 def test_output_dtypes_follow_the_reference(device):
@@ -247,9 +254,11 @@ def _opcheck_samples(device):
          (r(B, L, D, grad=True), r(B, L, D, dtype=torch.bfloat16, grad=True), r(B, L, D, grad=True),
           r(B, L, D, grad=True), r(B, L, D, grad=True), 1e-5)),
         (ops_.residual_layernorm_modulate_backward.default,
-         (r(B, L, D), r(B, L, D), r(B, L, D), r(B, L, D, dtype=torch.bfloat16), r(B, D), r(B, D), *stats())),
+         (r(B, L, D), r(B, L, D), r(B, L, D), r(B, L, D, dtype=torch.bfloat16), r(B, D), r(B, D), *stats(),
+          torch.float32)),
         (ops_.residual_layernorm_modulate_backward.default,
-         (r(B, L, D), r(B, L, D), r(B, L, D), r(B, L, D), r(B, L, D), r(B, L, D), *stats())),
+         (r(B, L, D), r(B, L, D), r(B, L, D), r(B, L, D), r(B, L, D), r(B, L, D, dtype=torch.bfloat16), *stats(),
+          torch.float32)),
     ]
 
 

@@ -97,8 +97,9 @@ def _ln_fwd(x, shift, scale, eps):
     return _triton().layernorm_modulate_fwd(x.contiguous(), shift.contiguous(), scale.contiguous(), eps)
 
 
-def _ln_bwd(grad, x, scale, mean, rstd):
-    return _triton().layernorm_modulate_bwd(grad.contiguous(), x.contiguous(), scale.contiguous(), mean, rstd)
+def _ln_bwd(grad, x, scale, mean, rstd, shift_dtype):
+    return _triton().layernorm_modulate_bwd(grad.contiguous(), x.contiguous(), scale.contiguous(), mean, rstd,
+                                            shift_dtype)
 
 
 def _gate_fwd(x, y, gate):
@@ -120,15 +121,15 @@ def _ln_fwd_fake(x, shift, scale, eps):
     return x.new_empty(x.shape, dtype=dtype), *stats_fake(x, dtype)
 
 
-def _ln_bwd_fake(grad, x, scale, mean, rstd):
-    return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+def _ln_bwd_fake(grad, x, scale, mean, rstd, shift_dtype):
+    return x.new_empty(x.shape), scale.new_empty(scale.shape, dtype=shift_dtype), scale.new_empty(scale.shape)
 
 
 _lib = torch.library.Library("maskdit_fast", "FRAGMENT")
 _ln_fwd_op = define_op(_lib, "layernorm_modulate(Tensor x, Tensor shift, Tensor scale, float eps) "
                              "-> (Tensor, Tensor, Tensor)", _ln_fwd, _ln_fwd_fake)
 _ln_bwd_op = define_op(_lib, "layernorm_modulate_backward(Tensor grad, Tensor x, Tensor scale, Tensor mean, "
-                             "Tensor rstd) -> (Tensor, Tensor, Tensor)", _ln_bwd, _ln_bwd_fake)
+                             "Tensor rstd, ScalarType shift_dtype) -> (Tensor, Tensor, Tensor)", _ln_bwd, _ln_bwd_fake)
 _gate_fwd_op = define_op(_lib, "gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor", _gate_fwd,
                          lambda x, y, gate: x.new_empty(x.shape, dtype=result_dtype(x, y, gate)))
 _gate_bwd_op = define_op(_lib, "gated_residual_backward(Tensor grad, Tensor y, Tensor gate) -> (Tensor, Tensor)",
@@ -145,8 +146,8 @@ class _TritonLayerNormModulate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        dx, dshift, dscale = _ln_bwd_op(grad, *ctx.saved_tensors)
-        return dx, dshift if dshift.dtype == ctx.shift_dtype else dshift.to(ctx.shift_dtype), dscale, None
+        dx, dshift, dscale = _ln_bwd_op(grad, *ctx.saved_tensors, ctx.shift_dtype)
+        return dx, dshift, dscale, None
 
 
 class _TritonGatedResidual(torch.autograd.Function):

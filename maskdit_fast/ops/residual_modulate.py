@@ -69,9 +69,9 @@ def _fwd(x, y, gate, shift, scale, eps):
                                                      shift.contiguous(), scale.contiguous(), eps)
 
 
-def _bwd(grad_x, grad_h, x_new, y, gate, scale, mean, rstd):
+def _bwd(grad_x, grad_h, x_new, y, gate, scale, mean, rstd, shift_dtype):
     return _triton().residual_layernorm_modulate_bwd(grad_x.contiguous(), grad_h.contiguous(), x_new, y, gate, scale,
-                                                     mean, rstd)
+                                                     mean, rstd, shift_dtype)
 
 
 def _fwd_fake(x, y, gate, shift, scale, eps):
@@ -80,16 +80,16 @@ def _fwd_fake(x, y, gate, shift, scale, eps):
             *stats_fake(x, h_dtype))
 
 
-def _bwd_fake(grad_x, grad_h, x_new, y, gate, scale, mean, rstd):
-    return (torch.empty_like(x_new), torch.empty_like(y), torch.empty_like(gate), torch.empty_like(scale),
-            torch.empty_like(scale))
+def _bwd_fake(grad_x, grad_h, x_new, y, gate, scale, mean, rstd, shift_dtype):
+    return (torch.empty_like(x_new), torch.empty_like(y), torch.empty_like(gate),
+            torch.empty_like(scale, dtype=shift_dtype), torch.empty_like(scale))
 
 
 _lib = torch.library.Library("maskdit_fast", "FRAGMENT")
 _fwd_op = define_op(_lib, "residual_layernorm_modulate(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale, "
                           "float eps) -> (Tensor, Tensor, Tensor, Tensor)", _fwd, _fwd_fake)
 _bwd_op = define_op(_lib, "residual_layernorm_modulate_backward(Tensor grad_x, Tensor grad_h, Tensor x_new, "
-                          "Tensor y, Tensor gate, Tensor scale, Tensor mean, Tensor rstd) "
+                          "Tensor y, Tensor gate, Tensor scale, Tensor mean, Tensor rstd, ScalarType shift_dtype) "
                           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _bwd, _bwd_fake)
 
 
@@ -105,9 +105,8 @@ class _TritonResidualLayerNormModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x, grad_h):
         x_dtype, shift_dtype = ctx.dtypes
-        dx, dy, dgate, dshift, dscale = _bwd_op(grad_x, grad_h, *ctx.saved_tensors)
-        return (dx if dx.dtype == x_dtype else dx.to(x_dtype), dy, dgate,
-                dshift if dshift.dtype == shift_dtype else dshift.to(shift_dtype), dscale, None)
+        dx, dy, dgate, dshift, dscale = _bwd_op(grad_x, grad_h, *ctx.saved_tensors, shift_dtype)
+        return dx if dx.dtype == x_dtype else dx.to(x_dtype), dy, dgate, dshift, dscale, None
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA op
