@@ -113,10 +113,12 @@ def cases(families):
             shapes = ([(f"Dh={d},L={n}", lambda f=family, d=d, n=n: _attention_calls(f, d, n)) for d, n in ATTENTION]
                       if family.startswith("attn") else
                       [(f"D={w}", lambda f=family, w=w: _glue_calls(f, w)) for w in WIDTHS])
+            applies = getattr(module, "config_applies", lambda *_: True)
             for shape, calls in shapes:
                 out.append((family, shape, "default", None, calls))
                 for i, cfg in enumerate(candidates):
-                    out.append((family, shape, f"candidate {i}", cfg, calls))
+                    if applies(family, cfg, shape):
+                        out.append((family, shape, f"candidate {i}", cfg, calls))
     return out
 
 

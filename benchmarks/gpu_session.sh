@@ -35,7 +35,7 @@ start=$(date +%s)
 log="$OUT/session.log"
 stamp() { echo "[gpu_session] $1 at +$(( $(date +%s) - start ))s" | tee -a "$log"; }
 left() { echo $(( SESSION_S - ($(date +%s) - start) )); }
-cap() { local l; l=$(left); echo $(( $1 < l ? $1 : (l > 1 ? l : 1) )); }  # min(phase cap, time left)
+cap() { local l m; l=$(left); m=$(( $1 < l ? $1 : l )); echo $(( m > 1 ? m : 1 )); }  # min(cap, time left), >= 1 s
 # Tests of the kernels and of the code that reaches them: on a GPU machine they run on the GPU.
 KERNEL_TESTS="tests/test_ops_gather_scatter.py tests/test_ops_modulate.py tests/test_attention.py
   tests/test_ops_gpu.py tests/test_attention_gpu.py tests/test_kernel_tuning.py
@@ -64,7 +64,7 @@ for name in ('torchao', 'liger-kernel'):
 } 2>&1 | tee -a "$log"
 
 build_log=/tmp/gpu_session_build.log
-( TIMEFORMAT="build wall %Rs"; time $py -m pip install --no-deps --no-build-isolation --no-input -e . ) \
+( TIMEFORMAT="build wall %Rs"; time timeout 300 $py -m pip install --no-deps --no-build-isolation --no-input -e . ) \
   > "$build_log" 2>&1 &
 build_pid=$!
 
@@ -89,7 +89,8 @@ fi
 
 stamp "GPU report"
 sweep_reserve=$([ "${SWEEP:-1}" = 0 ] && echo 0 || echo 90)  # the sweep's minimum share of the call
-timeout "$(cap $(( $(left) - sweep_reserve )))" $py -m maskdit_fast.bench \
+report_s=$(( $(left) - sweep_reserve )); [ "$report_s" -lt 60 ] && report_s=60  # the report before the sweep
+timeout "$(cap "$report_s")" $py -m maskdit_fast.bench \
   --sections peaks,ops,attention,train_step,profile --out "$OUT" "$@" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 grep -E "FAILED|failed check|rror" "$OUT/bench.log" | head -n 20
@@ -97,9 +98,10 @@ grep -E "^\| (MaskDiT|DiT)|^- [0-9]+ px|^\| (gemm|attention|glue|optimizer|idle|
   "$OUT/bench.log"
 
 sweep_rc=skipped
-if [ "${SWEEP:-1}" != 0 ] && [ "$(left)" -gt 60 ]; then
-  stamp "tuning sweep ($(( $(left) - 20 )) s)"
-  timeout "$(cap $(( $(left) - 10 )))" $py benchmarks/tune_gpu.py --out "$OUT/sweep" --deadline-s $(( $(left) - 20 )) \
+if [ "${SWEEP:-1}" != 0 ] && [ "$(left)" -gt 90 ]; then
+  # its deadline leaves room for a busy child's 30 s grace (tune_gpu.CHILD_GRACE_S) and the summary it writes
+  stamp "tuning sweep ($(( $(left) - 45 )) s)"
+  timeout "$(cap $(( $(left) - 5 )))" $py benchmarks/tune_gpu.py --out "$OUT/sweep" --deadline-s $(( $(left) - 45 )) \
     >> "$log" 2>&1
   sweep_rc=$?
 fi
@@ -110,4 +112,4 @@ echo "== summary: build rc=$build_rc  kernel tests rc=$kernels_rc  cuda tests rc
 grep -shE "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30
 grep -shE "passed|failed" "$OUT/tests.log" | tail -n 2
 grep -h "build wall" "$build_log"
-[ -f "$OUT/sweep/sweep.md" ] && head -n 40 "$OUT/sweep/sweep.md"
+if [ -f "$OUT/sweep/sweep.md" ]; then head -n 40 "$OUT/sweep/sweep.md"; fi

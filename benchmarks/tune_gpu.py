@@ -198,6 +198,13 @@ FAMILIES = (
 )
 
 
+def applies(family, config, key):
+    """Whether `config` runs as given at shape `key` (the kernel module's `config_applies`, where it has one: the
+    attention launcher replaces a fused-backward candidate by its split default past 128 tokens)."""
+    rule = getattr(importlib.import_module(family.module), "config_applies", None)
+    return rule is None or rule(family.name, config, key)
+
+
 def candidates(family):
     """(configs, None) from the family's kernel module TUNING, or (None, why there are none)."""
     try:
@@ -853,6 +860,8 @@ def run_sweep(out_dir, deadline_s=420.0, family_names=None, max_configs=None, dr
         shapes = list(_shapes(fam, settings).values())
         for cid, config in enumerate(configs):  # config-major: a cut family still has whole configs
             for s in shapes:
+                if not applies(fam, config, s.key):
+                    continue
                 tasks.append((fam, s.case.name, cid, config))
                 items.append(dict(kind="config", family=fam, case=s.case.name, key=s.key, config_id=cid,
                                   config=config, id=next_id))

@@ -752,6 +752,18 @@ def _default(family, head_dim, max_len, interpreted):
     return {**dkdv, "DQ_BLOCK_M": 64 if wide or not long else 128, "DQ_BLOCK_N": 32}
 
 
+def _fused_fits(config, length):
+    """A fused-backward configuration runs only up to FUSED_MAX_LEN tokens (its program holds every key)."""
+    return not config.get("FUSED") or length <= FUSED_MAX_LEN
+
+
+def config_applies(family, config, key):
+    """Whether `config` of `family` runs as given at shape `key` ("Dh=<d>,L=<n>"): past FUSED_MAX_LEN tokens the
+    launcher replaces a fused-backward configuration by its split default, so a sweep or compile table would
+    record the default under the candidate's name there."""
+    return _fused_fits(config, int(dict(kv.split("=") for kv in key.split(","))["L"]))
+
+
 @functools.lru_cache(maxsize=None)
 def _shape_key(head_dim, length):
     return shape_key(Dh=head_dim, L=length)
@@ -764,7 +776,7 @@ def _config(family, head_dim, max_len, dtype, device):
     length = _common.next_power_of_2(max(max_len, 1))
     default = _default(family, head_dim, length, INTERPRETED)
     config = tuned(family, _shape_key(head_dim, length), default, device)
-    if config.get("FUSED") and length > FUSED_MAX_LEN:  # a fused candidate timed at a longer shape: split runs
+    if not _fused_fits(config, length):
         config = default
     if dtype == torch.float32 and sum(split_head_dim(head_dim)) > 96 and config["num_stages"] > 2:
         config = {**config, "num_stages": 2}

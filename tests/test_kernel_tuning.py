@@ -122,3 +122,14 @@ def test_defaults_compile_for_sm90_without_spills():
     rows = [r for r in _compile_table() if r["config"] == "default"]
     assert {r["family"] for r in rows} == set(FAMILIES) | set(residual_modulate.TUNING)
     assert all(r["spill_stores"] == 0 for r in rows), [r for r in rows if r["spill_stores"]]
+
+
+def test_fused_attention_candidates_are_not_recorded_where_the_split_default_runs():
+    """Past 128 tokens the launcher runs its split default instead of a fused-backward candidate: the compile
+    table (and the sweep, through the same rule) has no rows of fused candidates there."""
+    fused = next(c for c in flash_attn.TUNING["attn_bwd"] if c.get("FUSED"))
+    assert flash_attn.config_applies("attn_bwd", fused, "Dh=72,L=128")
+    assert not flash_attn.config_applies("attn_bwd", fused, "Dh=32,L=256")
+    assert flash_attn.config_applies("attn_bwd", flash_attn.TUNING["attn_bwd"][0], "Dh=32,L=256")
+    rows = [r for r in _compile_table() if r["family"] == "attn_bwd" and r["config"] != "default"]
+    assert rows and all(flash_attn.config_applies("attn_bwd", r["candidate"], r["shape"]) for r in rows)
