@@ -183,6 +183,9 @@ def backend_table(report, source=None, note=None):
     ms = {op: {b: round(t, 4) for b, (t, seen) in sorted(per.items()) if seen == shapes[op]}
           for op, per in sorted(totals.items())}
     env = report.get("env", {})
+    if "sm" not in env:
+        raise ValueError(f"the report's device is {env.get('card', 'unknown')!r}: a back-end table needs a report "
+                         "measured on a CUDA GPU (its env names the architecture, \"sm\")")
     return dict(arch="sm_" + env["sm"].replace(".", ""), card=env.get("card"), date=report.get("date"),
                 source=source, note=note, ms=ms, backends={op: min(per, key=per.get) for op, per in ms.items() if per})
 

@@ -113,6 +113,8 @@ def test_backend_table_picks_the_least_total_measured_time():
                                  "varlen_attention": "torch"}
     assert table["ms"]["attention"] == {"torch": 2.0, "triton": 2.1}
     assert table["ms"]["gather_tokens"] == {"torch": 0.3}
+    with pytest.raises(ValueError, match="measured on a CUDA GPU"):
+        backend.backend_table({**report, "env": {"card": "cpu (x86_64)"}})
 
 
 @pytest.fixture
@@ -131,13 +133,16 @@ def stand_in_table(tmp_path, monkeypatch):
 @pytest.mark.parametrize("built", [True, False])
 def test_auto_picks_the_measured_winner_else_the_fallback(stand_in_table, built, monkeypatch):
     winners = {"gated_residual": "triton", "layernorm_modulate": "torch", "gather_tokens": "cuda",
-               "gather_tokens_varlen": "cuda"}
+               "gather_tokens_varlen": "cuda", "attention": "triton"}
     (stand_in_table / "sm_90-backends.json").write_text(json.dumps({"backends": winners}))
     monkeypatch.setattr(backend, "load_extension", lambda warn=True: object() if built else None)
     gpu = torch.device("cuda", 0)
     fallback = "cuda" if built else "torch"
     assert resolve_backend("auto", gpu, op="gated_residual") == "triton"
     assert resolve_backend(None, gpu, op="layernorm_modulate") == "torch"  # measured torch beats a built extension
+    from maskdit_fast.ops.attention import resolve_attention_backend
+    assert resolve_attention_backend("auto", gpu, "attention") == "triton"  # the attention ops read it too
+    assert resolve_attention_backend("auto", gpu, "varlen_attention") == "torch"  # unlisted: no extension kernel
     assert resolve_backend("auto", gpu, op="gather_tokens") == fallback  # the winner, or torch without a build
     assert resolve_backend("auto", gpu, cuda_impl=False, op="gather_tokens_varlen") == "torch"  # no csrc/ kernel
     assert resolve_backend("auto", gpu, op="scatter_tokens") == fallback  # unlisted op

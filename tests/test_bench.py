@@ -453,6 +453,18 @@ def test_achieved_figures():
 
 # ------------------------------------------------------------------------------ profile
 
+def test_host_time_failure_is_the_sections_own(monkeypatch, tmp_path):
+    """A failing host_time.py gives the section an error with its stderr; the report is not marked aborted."""
+    from maskdit_fast.bench import report as rep
+    script = tmp_path / "host_time.py"
+    script.write_text("import sys\nsys.exit('stubbed failure')\n")
+    monkeypatch.setattr(rep, "HOST_TIME_SCRIPT", str(script))
+    report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks", "host_time"], log=lambda *a: None)
+    assert report["host_time"]["status"] == "error" and "stubbed failure" in report["host_time"]["reason"]
+    assert "aborted" not in report and "error" not in report["sections"]["host_time"]
+    assert "## Host time\nerror: host_time.py exited with 1" in bench.to_markdown(report)
+
+
 def test_profile_grouping_rule_on_made_up_names():
     from maskdit_fast.bench.step_profile import group_of
     expected = {

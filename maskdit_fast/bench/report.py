@@ -78,7 +78,12 @@ def run_host_time(cfg, seconds):
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "host")
         args = [sys.executable, HOST_TIME_SCRIPT, "--out", prefix] + (["--quick"] if cfg.mode == "cpu-quick" else [])
-        subprocess.run(args, check=True, capture_output=True, text=True, timeout=seconds)
+        try:  # its failure is this section's, not the device's: reported without stopping the report
+            subprocess.run(args, check=True, capture_output=True, text=True, timeout=seconds)
+        except subprocess.CalledProcessError as err:
+            return dict(status="error", reason=f"host_time.py exited with {err.returncode}: {err.stderr[-500:]}")
+        except subprocess.TimeoutExpired:
+            return dict(status="skipped", reason=f"host_time.py ran past the section's {seconds} s budget")
         with open(prefix + ".json") as f:
             result = json.load(f)
     rows = [{k: r[k] for k in ("op", "path", "shape", "us", "vs_torch")} for r in result["ops"]]

@@ -387,8 +387,9 @@ def _varlen_xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal):
 
 
 # --------------------------------------------------------------------------------------------------- dispatch
-def resolve_attention_backend(backend, device):
-    """Concrete attention back-end ("torch", "triton", "flash_attn" or "xformers") for `device`.
+def resolve_attention_backend(backend, device, op=None):
+    """Concrete attention back-end ("torch", "triton", "flash_attn" or "xformers") for `device`; `op`
+    ("attention" or "varlen_attention") names the row of the measured table that "auto" reads.
 
     Extends maskdit_fast.backend.resolve_backend with the optional libraries; raises RuntimeError when
     the requested one is not installed or cannot run on `device`.
@@ -402,7 +403,7 @@ def resolve_attention_backend(backend, device):
         return name
     if name not in ("auto",) + ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto',) + ATTENTION_BACKENDS}")
-    return resolve_backend(name, device, cuda_impl=False)  # no CUDA-extension attention: "cuda" runs torch
+    return resolve_backend(name, device, cuda_impl=False, op=op)  # no CUDA-extension attention: "cuda" runs torch
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
@@ -434,7 +435,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k hold different batch sizes "
                          f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})")
     scale = _softmax_scale(softmax_scale, q.shape[-1])
-    name = resolve_attention_backend(backend, q.device)
+    name = resolve_attention_backend(backend, q.device, "varlen_attention")
     if name == "triton":
         _check_triton_head_dim(q.shape[-1])
         return _TritonVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
@@ -466,7 +467,7 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, 
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be [total, 3, heads, head_dim], got "
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
-    name = resolve_attention_backend(backend, qkv.device)
+    name = resolve_attention_backend(backend, qkv.device, "varlen_attention")
     if name != "triton":
         return varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                 softmax_scale, causal, return_lse=return_lse, backend=name, validate=validate)
@@ -489,7 +490,7 @@ def attention(q, k, v, softmax_scale=None, *, backend=None):
     Returns:
         [B, L, H, D].
     """
-    name = resolve_attention_backend(backend, q.device)
+    name = resolve_attention_backend(backend, q.device, "attention")
     if name == "torch":
         return attention_ref(q, k, v, softmax_scale)
     if name == "flash_attn":
@@ -514,7 +515,7 @@ def attention_qkvpacked(qkv, softmax_scale=None, *, backend=None):
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, L, 3, heads, head_dim], got "
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
-    name = resolve_attention_backend(backend, qkv.device)
+    name = resolve_attention_backend(backend, qkv.device, "attention")
     if name != "triton":
         q, k, v = qkv.unbind(2)
         return attention(q, k, v, softmax_scale, backend=name)
