@@ -104,8 +104,8 @@ class _Stubs:
 
     @staticmethod
     def _resolve(real):
-        def resolve(backend, device, cuda_impl=True, op=None):
-            return "cuda" if backend == "cuda" and cuda_impl else real(backend, device, cuda_impl, op)
+        def resolve(backend, device, cuda_impl=True, op=None, dtype=None):
+            return "cuda" if backend == "cuda" and cuda_impl else real(backend, device, cuda_impl, op, dtype)
         return resolve
 
     @staticmethod

@@ -23,6 +23,7 @@ import warnings
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the csrc/ kernels take
 ENV_VAR = "MASKDIT_FAST_BACKEND"
 EXTENSION_ENV_VAR = "MASKDIT_FAST_EXTENSION"
 _BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` on a machine with a CUDA build of torch and "
@@ -231,19 +232,20 @@ def _auto(op, device, cuda_impl):
 
 
 # ------------------------------------------------------------------------------------------- resolution
-def resolve_backend(backend, device, cuda_impl=True, op=None):
+def resolve_backend(backend, device, cuda_impl=True, op=None, dtype=None):
     """Returns the concrete back-end ("torch", "triton" or "cuda") for a call of `op` (its public name, the key
     of the measured table that "auto" reads) on `device`.
 
     cuda_impl: whether the op has a "cuda" (csrc/) implementation; ops without one run "torch" for "auto" and
-    "cuda" alike (the extension holds the dense glue ops only). Raises a clear error when the requested back-end
+    "cuda" alike (the extension holds the dense glue ops only). dtype: the call's data dtype; "auto" leaves
+    the extension out for dtypes its kernels do not take (float64), where "cuda" asked by name raises. Raises a clear error when the requested back-end
     cannot run there. Meta tensors run the compiled back-ends' fake implementations (shapes and dtypes only).
     """
     name = backend or get_backend()
     if not isinstance(device, torch.device):
         device = torch.device(device)
     if name == "auto":
-        return _auto(op, device, cuda_impl)
+        return _auto(op, device, cuda_impl and (dtype is None or dtype in CUDA_DTYPES))
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {('auto',) + BACKENDS}")
     if name == "cuda" and not cuda_impl:

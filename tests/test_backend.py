@@ -144,6 +144,8 @@ def test_auto_picks_the_measured_winner_else_the_fallback(stand_in_table, built,
     assert resolve_attention_backend("auto", gpu, "attention") == "triton"  # the attention ops read it too
     assert resolve_attention_backend("auto", gpu, "varlen_attention") == "torch"  # unlisted: no extension kernel
     assert resolve_backend("auto", gpu, op="gather_tokens") == fallback  # the winner, or torch without a build
+    assert resolve_backend("auto", gpu, op="gather_tokens", dtype=torch.float64) == "torch"  # no fp64 csrc/ kernel
+    assert resolve_backend("auto", gpu, op="scatter_tokens", dtype=torch.bfloat16) == fallback
     assert resolve_backend("auto", gpu, cuda_impl=False, op="gather_tokens_varlen") == "torch"  # no csrc/ kernel
     assert resolve_backend("auto", gpu, op="scatter_tokens") == fallback  # unlisted op
     assert resolve_backend("auto", gpu) == fallback  # no op name

@@ -20,7 +20,7 @@ import os
 import torch
 from torch import Tensor
 
-from maskdit_fast.backend import define_op, on_extension_load, resolve_backend, result_dtype
+from maskdit_fast.backend import CUDA_DTYPES, define_op, on_extension_load, resolve_backend, result_dtype
 from maskdit_fast.indexing import batch_size, sample_index
 
 VALIDATE_ENV_VAR = "MASKDIT_FAST_VALIDATE"
@@ -292,7 +292,6 @@ class _TritonScatter(torch.autograd.Function):
 # one dtype (float32, float16 or bfloat16), contiguous tensors, pos_embed [L, D] and mask_token [D]; index errors
 # stop the kernel with a device-side assert. Backward ops return an empty [0] tensor for a gradient that was not
 # asked for.
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _cuda_gather_fake(x, ids_keep, pos_embed):
@@ -351,7 +350,7 @@ class _CudaScatter(torch.autograd.Function):
 
 def _cuda_cast(t, dtype):
     """A differentiable cast + contiguous copy only when needed (autograd routes the grads back)."""
-    if dtype not in _CUDA_DTYPES:
+    if dtype not in CUDA_DTYPES:
         raise TypeError(f"backend 'cuda' supports float32, float16 and bfloat16 tensors, got {dtype}")
     return None if t is None else t.to(dtype).contiguous()
 
@@ -387,7 +386,7 @@ def gather_tokens(x, ids_keep, pos_embed=None, *, backend=None, validate=None):
         [B, K, D], dtype of x promoted with pos_embed's (as `x + pos_embed` would be).
     """
     _check_gather(x, ids_keep, None, pos_embed, validate)
-    name = resolve_backend(backend, x.device, op="gather_tokens")
+    name = resolve_backend(backend, x.device, op="gather_tokens", dtype=x.dtype)
     if name == "torch":
         return gather_tokens_ref(x, ids_keep, pos_embed)
     if name == "cuda":
@@ -415,7 +414,7 @@ def scatter_tokens(x_kept, ids_keep, mask_token, length, pos_embed=None, *, back
         [B, L, D], dtype of x_kept promoted with pos_embed's.
     """
     _check_scatter(x_kept, ids_keep, None, mask_token, length, pos_embed, validate)
-    name = resolve_backend(backend, x_kept.device, op="scatter_tokens")
+    name = resolve_backend(backend, x_kept.device, op="scatter_tokens", dtype=x_kept.dtype)
     if name == "torch":
         return scatter_tokens_ref(x_kept, ids_keep, mask_token, length, pos_embed)
     if name == "cuda":

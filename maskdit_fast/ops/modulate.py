@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maskdit_fast.backend import define_op, on_extension_load, resolve_backend, result_dtype
+from maskdit_fast.backend import CUDA_DTYPES, define_op, on_extension_load, resolve_backend, result_dtype
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -173,7 +173,6 @@ class _TritonGatedResidual(torch.autograd.Function):
 # (float32, float16 or bfloat16), contiguous tensors and [B, D] or [B, L, D] conditioning; the LayerNorm forward
 # also returns the fp32 row statistics its backward reads. Backward ops return an empty [0] tensor for a
 # gradient that was not asked for.
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _cuda_ln_fake(x, shift, scale, eps):
@@ -234,7 +233,7 @@ class _CudaGatedResidual(torch.autograd.Function):
 def _cuda_inputs(x, *conds, dtype):
     """x and the conditioning tensors in the kernels' form: one dtype, contiguous (a differentiable cast or copy,
     only when needed), [B, 1, D] read as [B, D] (per sample) unless L = 1."""
-    if dtype not in _CUDA_DTYPES:
+    if dtype not in CUDA_DTYPES:
         raise TypeError(f"backend 'cuda' supports float32, float16 and bfloat16 tensors, got {dtype}")
     B, L, D = x.shape
     return [x.to(dtype).contiguous()] + [
@@ -269,7 +268,7 @@ def layernorm_modulate(x, shift, scale, eps=1e-6, *, backend=None):
         [B, L, D], dtype of x promoted with shift's and scale's (as the reference expression).
     """
     _check_layernorm_modulate(x, shift, scale, eps)
-    name = resolve_backend(backend, x.device, op="layernorm_modulate")
+    name = resolve_backend(backend, x.device, op="layernorm_modulate", dtype=x.dtype)
     if name == "torch":
         return layernorm_modulate_ref(x, shift, scale, eps)
     if name == "cuda":
@@ -292,7 +291,7 @@ def gated_residual(x, y, gate, *, backend=None):
         [B, L, D], dtype promote(x, y, gate).
     """
     _check_gated_residual(x, y, gate)
-    name = resolve_backend(backend, x.device, op="gated_residual")
+    name = resolve_backend(backend, x.device, op="gated_residual", dtype=x.dtype)
     if name == "torch":
         return gated_residual_ref(x, y, gate)
     if name == "cuda":

@@ -174,7 +174,7 @@ def residual_layernorm_modulate(x, y, gate, shift, scale, eps=1e-6, *, backend=N
         (as the reference expressions).
     """
     _check(x, y, gate, shift, scale, eps)
-    name = resolve_backend(backend, x.device, op="residual_layernorm_modulate")
+    name = resolve_backend(backend, x.device, op="residual_layernorm_modulate", dtype=x.dtype)
     if name == "torch":
         return residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps)
     if name == "cuda":
