@@ -127,11 +127,13 @@ def plan(arm, s, flops):
     if arm_mask_ratio(arm, s) == 0:
         total = int(budget // flops["main"])
         return [(f, max(1, round(f * total)), 0) for f in s["fractions"]]
-    per_step = flops["main"] + s["fork_fraction"] * flops["fork"]
+    fork = lambda m: max(1, round(s["fork_fraction"] * m))  # noqa: E731
     points = []
     for f in s["fractions"]:
-        m = max(1, int(f * budget // per_step))
-        points.append((f, m, max(1, round(s["fork_fraction"] * m))))
+        m = max(1, int(f * budget // (flops["main"] + s["fork_fraction"] * flops["fork"])))
+        while m > 1 and m * flops["main"] + fork(m) * flops["fork"] > f * budget:  # the one-step fork floor
+            m -= 1
+        points.append((f, m, fork(m)))
     return points
 
 
