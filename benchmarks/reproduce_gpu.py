@@ -336,7 +336,8 @@ def run_arm(arm, s, device, seed, out, log=print):
             main.optimizer.load_state_dict(saved[1])
         result["points"].append(dict(
             fraction=fraction, main_steps=m, fork_steps=k, images=(m + k) * s["batch_size"],
-            train_flops=float(m * flops["main"] + k * flops["fork"]), train_seconds=round(main_seconds + fork_seconds, 3),
+            train_flops=float(m * flops["main"] + k * flops["fork"]),
+            train_seconds=round(main_seconds + fork_seconds, 3),
             main_seconds=round(main_seconds, 3), fork_seconds=round(fork_seconds, 3), loss=loss,
             eval_seconds=round(eval_seconds, 1), **metrics))
         p = result["points"][-1]
@@ -432,14 +433,28 @@ def verdict_lines(v, curves, results):
                      f"{dit['device'].get('card')}).")
         at = v["arms"][arm]["dit_fid_at_final_flops"]
         if at is not None:
-            lines.append(f"  At its final FLOPs DiT's FD (interpolated) is {at:.2f} vs its {pts[-1]['fid_classifier']:.2f}.")
+            lines.append(f"  At its final FLOPs DiT's FD (interpolated) is {at:.2f} vs its "
+                         f"{pts[-1]['fid_classifier']:.2f}.")
     if "maskdit_mae" in v["arms"] and "maskdit_nomae" in v["arms"]:
         lines.append(f"- MAE term: final FD {v['arms']['maskdit_mae']['final_fid']:.2f} with it, "
                      f"{v['arms']['maskdit_nomae']['final_fid']:.2f} without.")
     if "maskdit_unmasked" in v["arms"]:
-        lines.append(f"- Without masking the MaskDiT network ends at FD {v['arms']['maskdit_unmasked']['final_fid']:.2f}"
-                     f" vs DiT's {v['dit_final_fid']:.2f} at the same FLOPs (the decoder's cost and capacity alone).")
+        lines.append(f"- Without masking the MaskDiT network ends at FD "
+                     f"{v['arms']['maskdit_unmasked']['final_fid']:.2f} vs DiT's {v['dit_final_fid']:.2f} at the same FLOPs (the decoder's cost and capacity alone).")
     return lines
+
+
+def mismatch_lines(results):
+    """A warning naming the arm runs whose setting differs from the first's (e.g. another --dit-steps):
+    their curves are not comparable."""
+    runs = [r for rs in results.values() for r in rs]
+    first = runs[0]["setting"]
+    differ = [f"{r['arm']} seed {r['seed']} ({', '.join(k for k in r['setting'] if r['setting'][k] != first.get(k))})"
+              for r in runs[1:] if r["setting"] != first]
+    if not differ:
+        return []
+    return [f"**Warning**: these runs differ in setting from {runs[0]['arm']} seed {runs[0]['seed']}, so the "
+            f"comparison is not like for like: {'; '.join(differ)}.", ""]
 
 
 def plot(curves, path, floor=None):
@@ -483,17 +498,20 @@ def report(out, command="python benchmarks/reproduce_gpu.py"):
         any_run = next(iter(results.values()))[0]
         s = any_run["setting"]
         lines += [f"Setting: {s['image_size']}x{s['image_size']} augmented MNIST-5k, patch {s['patch_size']}, encoder "
-                  f"{s['depth']} x {s['hidden_size']}, decoder {s['decoder_depth']} x {s['decoder_hidden_size']}, batch "
+                  f"{s['depth']} x {s['hidden_size']}, decoder {s['decoder_depth']} x {s['decoder_hidden_size']}, "
+                  f"batch "
                   f"{s['batch_size']}, lr {s['lr']}, EMA {s['ema_decay']}, budget {s['dit_steps']} DiT steps, forks "
                   f"{s['fork_fraction']} of the masked steps, {s['num_samples']} samples, {s['sample_solver']} "
                   f"{s['sample_steps']} steps, CFG {s['sample_cfg']}, {s['precision']}"
                   + (", compiled" if s["compile"] else "") + ".", "",
-                  "| arm | seeds | device | fraction | steps (masked + fork) | wall s | PFLOP | images | FD | accuracy |",
+                  "| arm | seeds | device | fraction | steps (masked + fork) | wall s | PFLOP | images | FD "
+                  "| accuracy |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for arm, pts in curves.items():
             runs = results[arm]
             card = runs[0]["device"].get("card")
-            seeds = ",".join(str(r["seed"]) for r in runs) + ("" if all(r["complete"] for r in runs) else " (incomplete)")
+            seeds = ",".join(str(r["seed"]) for r in runs)
+            seeds += "" if all(r["complete"] for r in runs) else " (incomplete)"
             for p in pts:
                 lines.append(f"| {LABELS[arm]} | {seeds} | {card} | {p['fraction']:.2f} | {p['main_steps']:.0f} + "
                              f"{p['fork_steps']:.0f} | {p['train_seconds']:.1f} | {p['train_flops'] / 1e15:.2f} | "
@@ -504,7 +522,7 @@ def report(out, command="python benchmarks/reproduce_gpu.py"):
                           f"{floor['fid_classifier']:.2f}, accuracy {floor['class_accuracy']:.1%}."]
         plot(curves, os.path.join(out, "quality_vs_compute.png"), floor and floor["fid_classifier"])
         lines += ["", "![quality vs compute](quality_vs_compute.png)"]
-    lines += ["", "## Verdict", ""] + verdict_lines(v, curves, results)
+    lines += ["", "## Verdict", ""] + mismatch_lines(results) + verdict_lines(v, curves, results)
     if v["missing"]:
         lines += ["", "## Pending arms", "", "One GPU call each (<= 5 min on an H100 / H200), then `--report`:", ""]
         lines += [f"- {LABELS[arm]}: `{command} --arm {arm}`" for arm in v["missing"]]

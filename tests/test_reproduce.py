@@ -263,3 +263,10 @@ def test_reproduce_small_bad_arguments(rs, tmp_path):
         rs.main(["--out", str(tmp_path), "--quick", "--num-samples", "1"])
     with pytest.raises(SystemExit):
         rs.main(["--out", str(tmp_path), "--quick", "--eval-steps", "2,x"])
+
+
+def test_report_warns_of_mixed_settings(rg, tmp_path):
+    _arm_file(tmp_path, "dit", [(100.0, 1e15, 1e5, 8.0, 0.8)], rg.SETTING)
+    _arm_file(tmp_path, "maskdit_mae", [(50.0, 1e15, 1e5, 6.0, 0.85)], dict(rg.SETTING, dit_steps=10))
+    rg.report(str(tmp_path))
+    assert "maskdit_mae seed 0 (dit_steps)" in (tmp_path / "results.md").read_text()
