@@ -440,7 +440,8 @@ def verdict_lines(v, curves, results):
                      f"{v['arms']['maskdit_nomae']['final_fid']:.2f} without.")
     if "maskdit_unmasked" in v["arms"]:
         lines.append(f"- Without masking the MaskDiT network ends at FD "
-                     f"{v['arms']['maskdit_unmasked']['final_fid']:.2f} vs DiT's {v['dit_final_fid']:.2f} at the same FLOPs (the decoder's cost and capacity alone).")
+                     f"{v['arms']['maskdit_unmasked']['final_fid']:.2f} vs DiT's {v['dit_final_fid']:.2f} at the same "
+                     f"FLOPs (the decoder's cost and capacity alone).")
     return lines
 
 
