@@ -41,4 +41,6 @@ def cuda_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+# The measured tables the kernels and "auto" read (kernels/tuned/*.json) ship with the package.
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data={"maskdit_fast.kernels": ["tuned/*.json"]},
+      ext_modules=ext_modules, cmdclass=cmdclass)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from maskdit_fast import bench
-from maskdit_fast.bench_utils import Stats, Timer, achieved
+from maskdit_fast.bench.costs import achieved
+from maskdit_fast.bench.timing import Stats, Timer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu":

@@ -38,7 +38,7 @@ import textwrap
 import numpy as np
 import torch
 
-from maskdit_fast.bench_utils import env_info
+from maskdit_fast.bench import env_info
 from maskdit_fast.config import config_from_dict
 from maskdit_fast.fp8 import check_fp8_device
 from maskdit_fast.train import train

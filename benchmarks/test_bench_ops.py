@@ -1,7 +1,7 @@
 """Fused glue ops (gather/scatter of kept tokens, LayerNorm + adaLN modulation, gated residual):
 every op x back-end (torch eager, torch.compile'd reference, triton, cuda) x pass (fwd, fwd+bwd).
 extra_info: achieved GB/s and % of the copy-bandwidth floor (bytes counted in
-maskdit_fast.bench_utils)."""
+maskdit_fast.bench.costs)."""
 import pytest
 
 from maskdit_fast import bench

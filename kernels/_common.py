@@ -1,27 +1,33 @@
-"""Launcher helpers shared by the Triton op families (gather/scatter, modulate).
+"""Launch helpers shared by the Triton kernel families: the kernel launch itself, buffer allocation, block
+sizes, and the in-kernel reduction of partial sums.
 
-Every buffer a launcher hands back (outputs, gradients, partial-sum buffers) comes from `empty()`,
-so tests can poison them with NaN (`poisoned()`) and prove that the kernels write every element.
+Every buffer a launcher hands back (outputs, gradients, partial-sum buffers) comes from `empty()`, so tests can
+poison them with NaN (`poisoned()`) and prove that the kernels write every element.
 """
 import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime.interpreter import InterpretedFunction
+
+from maskdit_fast.kernels._config import shape_key
 
 _poison = False
 
-# Reductions are split into chunks, each summed by one program into a row of an fp32 partial-sum
-# buffer that torch then sums: aim for TARGET_PROGRAMS programs in all, with at most MAX_CHUNKS
-# chunks so the buffers stay small next to the reduced tensor. Constants (not the SM count), so the
-# split, and hence the rounding of the deterministic reductions, depends on the shapes only.
+# Reductions are split into chunks, each summed by one program into a partial sum that the last program of the
+# reduction adds up in chunk order (`last_to_arrive`, `sum_parts`): aim for TARGET_PROGRAMS programs in all, with
+# at most MAX_CHUNKS chunks per reduction. Constants (not the SM count), so the split, and hence the rounding of
+# the deterministic reductions, depends on the shapes only.
 TARGET_PROGRAMS = 2048
 MAX_CHUNKS = 32
 
 
 @contextlib.contextmanager
 def poisoned():
-    """Test hook: launchers fill every buffer they allocate with NaN instead of leaving it empty."""
+    """Test hook: launchers fill every buffer they allocate with garbage instead of leaving it empty."""
     global _poison
     previous, _poison = _poison, True
     try:
@@ -31,10 +37,35 @@ def poisoned():
 
 
 def empty(shape, dtype, device):
-    """torch.empty, or NaN-filled inside `poisoned()`."""
+    """torch.empty, or filled inside `poisoned()`: NaN (floats), the most negative value (integers)."""
     if _poison:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def empty_like(t, dtype=None):
+    """An uninitialised tensor of t's shape (and layout: contiguous for a contiguous t), of `dtype` or t's; filled
+    as `empty` fills inside `poisoned()`. torch.empty_like skips the shape and device parsing of torch.empty:
+    about a third of its host time."""
+    if _poison:
+        return empty(t.shape, dtype or t.dtype, t.device)
+    return torch.empty_like(t, dtype=dtype)
+
+
+def counters(n, device):
+    """n zeroed int32 arrival counters of `last_to_arrive` (one per reduced output tile)."""
+    return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
+
+
+def cdiv(a, b):
+    """ceil(a / b) of Python ints (triton.cdiv and next_power_of_2 cost microseconds per call on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def acc_dtype(*dtypes):
@@ -49,33 +80,110 @@ def torch_acc_dtype(*dtypes):
 
 def block_d(d, cap):
     """Columns per program: D rounded up to a power of two, at most `cap` (>= 16 for tl.arange)."""
-    return max(16, min(triton.next_power_of_2(max(d, 1)), cap))
+    return max(16, min(next_power_of_2(max(d, 1)), cap))
 
 
-# Elements per program tile: a [rows, BLOCK_D] tile holds about this many (rows = TILE // BLOCK_D), so
-# narrow rows are batched and wide rows (D = 1152 -> 2048 columns) take 2 rows per program.
+# Elements per program tile of the default configurations: a [rows, BLOCK_D] tile holds about this many (rows =
+# TILE // BLOCK_D), so narrow rows are batched and wide rows (D = 1152 -> 2048 columns) take 2 rows per program.
 TILE = 4096
 
 
 def rows_per_tile(block):
-    """Rows of a [rows, block] tile (a power of two since block is)."""
+    """Rows of a default [rows, block] tile (a power of two since block is)."""
     return max(1, TILE // block)
 
 
 def num_warps(elements):
-    """4 warps up to 2048 tile elements, 8 above (<= 16 values per thread per operand at TILE)."""
+    """Default warps of a tile: 4 up to 2048 elements, 8 above (<= 16 values per thread per operand at TILE)."""
     return 4 if elements <= 2048 else 8
+
+
+def rows(block_rows, n):
+    """A configuration's rows per tile, no more than the n rows there are (rounded up to a power of two)."""
+    return min(block_rows, next_power_of_2(max(n, 1)))
 
 
 def split(total, other_programs):
     """Splits a reduction over `total` items into chunks: returns (items_per_chunk, n_chunks) with
-    other_programs * n_chunks about TARGET_PROGRAMS and n_chunks <= MAX_CHUNKS."""
-    want = max(1, min(total, MAX_CHUNKS, triton.cdiv(TARGET_PROGRAMS, max(other_programs, 1))))
-    per = max(1, triton.cdiv(total, want))
-    return per, triton.cdiv(total, per)
+    other_programs * n_chunks about TARGET_PROGRAMS and n_chunks <= MAX_CHUNKS (at least one chunk)."""
+    want = max(1, min(total, MAX_CHUNKS, cdiv(TARGET_PROGRAMS, max(other_programs, 1))))
+    per = max(1, cdiv(total, want))
+    return per, max(1, cdiv(total, per))
+
+
+@functools.lru_cache(maxsize=None)
+def width_key(D):
+    """_config.shape_key(D=D), built once per width: the tuned-configuration key of the glue kernels."""
+    return shape_key(D=D)
 
 
 def require_contiguous(t, name):
     """Low-level launchers index with packed row-major offsets."""
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (got shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+@triton.jit
+def last_to_arrive(
+    counter,   # pointer to this reduction's int32 arrival counter (zeroed before the launch)
+    n_parts,   # programs contributing a partial sum to it
+):
+    """After a program has stored its partial sum: True in the program that arrives last at the counter.
+
+    The barrier orders every thread's partial-sum stores before the (scalar, single-thread) acq_rel atomic,
+    which releases them to the last program; its acquire makes all of them visible there."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 1, sem="acq_rel") == n_parts - 1
+
+
+@triton.jit
+def sum_parts(
+    parts,        # pointer to partial sum 0 of this output tile
+    part_stride,  # elements between consecutive partial sums
+    n_parts,      # partial sums to add
+    offs,         # offsets of the tile within one partial sum
+    mask,         # valid elements of the tile
+):
+    """Sum of the n_parts partial tiles in index order (deterministic, whatever order the programs ran in);
+    read past L1, which may hold no line written by another program."""
+    acc = tl.load(parts + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for i in range(1, n_parts):
+        acc += tl.load(parts + i * part_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+# Compiled kernels by (kernel, device, specialization, options): see `launch`.
+_compiled = {}
+
+
+def launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), with the constexprs and launch options (num_warps, num_stages) in meta.
+
+    triton's JITFunction.run binds, specializes and hashes the arguments, reads its settings and checks the
+    kernel's globals on every call. Here triton's own binder still decides the specialization (argument dtypes,
+    pointer alignment, integer properties, constexprs, options: whatever the installed triton keys its cache on),
+    JITFunction.run compiles each new one once (warmup, no launch), and every launch, the first included, calls
+    the compiled kernel's launcher the way JITFunction.run does. That tail is the part that differs between
+    triton versions, so it lives here only (triton 3.6-3.9: every bound argument, constexprs included, goes to
+    the launcher; a compile may come back as a future in asynchronous-compile mode). Under the interpreter the
+    kernel runs through triton as usual.
+    """
+    if isinstance(kernel, InterpretedFunction):
+        kernel[grid](*args, **meta)
+        return
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
+    bound, specialization, options = kernel.device_caches[device][-1](*args, **meta)  # the binder, last entry
+    key = (kernel, device, tuple(specialization), tuple(options.items()))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = kernel.run(*args, grid=grid, warmup=True, **meta)
+        if hasattr(compiled, "result"):
+            compiled = compiled.result()
+        _compiled[key] = compiled
+    stream = driver.get_current_stream(device)
+    values = bound.values()
+    runner = compiled.run  # loads the module on first use, which sets compiled.function
+    runner(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, compiled.function,
+           compiled.packed_metadata, compiled.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
+           knobs.runtime.launch_exit_hook, *values)

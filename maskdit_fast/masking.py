@@ -17,7 +17,8 @@ from typing import NamedTuple, Tuple
 
 import torch
 
-from maskdit_fast.ops.gather_scatter import sample_index
+# cu_seqlens_from_counts and random_packed_ids are part of this module's API (the packed layout).
+from maskdit_fast.indexing import cu_seqlens_from_counts, random_order, random_packed_ids, sample_index  # noqa: F401
 
 
 def num_kept(length, mask_ratio):
@@ -48,10 +49,7 @@ def random_masking_ids(batch, length, mask_ratio, generator=None, device=None):
         mask: [B, L] float32, 1 = masked, 0 = kept.
     """
     len_keep = num_kept(length, mask_ratio)
-    if device is None and generator is not None:
-        device = generator.device
-    noise = torch.rand(batch, length, generator=generator, device=device)
-    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_shuffle = random_order(batch, length, generator, device)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     mask = mask_from_ids_keep(ids_keep, length)
@@ -195,20 +193,6 @@ def sample_mask_ratios(batch, low, high, generator=None):
     return low + (high - low) * u
 
 
-def cu_seqlens_from_counts(counts, device=None):
-    """int32 [B+1] offsets 0, c0, c0 + c1, ... of per-sample token counts (a list, or a tensor kept on its
-    device unless `device` is given): the cu_seqlens of the varlen ops."""
-    counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-
-
-def random_packed_ids(counts, length, generator=None):
-    """Packed positions [T] int64: the first counts[b] of a random permutation of sample b's `length`
-    positions, sample after sample (counts: int64 tensor [B] on the generator's device; 0 allowed)."""
-    order = torch.rand(counts.numel(), length, device=counts.device, generator=generator).argsort(dim=1)
-    return order[torch.arange(length, device=counts.device)[None] < counts[:, None]]
-
-
 def _packed(ids, counts):
     """PackedMask from packed positions and host keep counts (cu_seqlens built on the host)."""
     return PackedMask(ids, cu_seqlens_from_counts(counts).to(ids.device), tuple(counts))
@@ -232,10 +216,7 @@ def random_masking_packed(mask_ratio, length, generator=None, device=None):
     if not is_per_sample(mask_ratio):
         raise TypeError("random_masking_packed takes per-sample ratios; use random_masking_ids for one ratio")
     counts = keep_counts(length, mask_ratio)
-    if device is None and generator is not None:
-        device = generator.device
-    noise = torch.rand(len(counts), length, generator=generator, device=device)
-    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_shuffle = random_order(len(counts), length, generator, device)
     packed = _packed(ids_shuffle.new_empty(0), counts)
     # Packed row t is entry t - cu[b] of its sample b's shuffle (indices only: no host sync).
     rows = torch.arange(sum(counts), device=ids_shuffle.device)

@@ -312,9 +312,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(
             self.adaLN_modulation, c, 6, varlen)                                  # 6 x [B, D] (ragged: [1, T, D])
         h = ops.layernorm_modulate(x, shift_msa, scale_msa, backend=backend)     # [B, L, D]
-        x = ops.gated_residual(x, self.attn(h, backend=backend, varlen=varlen), gate_msa,
-                               backend=backend)                                  # [B, L, D]
-        h = ops.layernorm_modulate(x, shift_mlp, scale_mlp, backend=backend)     # [B, L, D]
+        x, h = ops.residual_layernorm_modulate(x, self.attn(h, backend=backend, varlen=varlen), gate_msa,
+                                               shift_mlp, scale_mlp, backend=backend)  # 2 x [B, L, D]
         return ops.gated_residual(x, self.mlp(h), gate_mlp, backend=backend)     # [B, L, D]
 
 

@@ -30,9 +30,29 @@ def grad_generator(gen, device):
 
 
 def assert_checks(checks):
-    """Fails with every failed maskdit_fast.ops.gpu_checks.Check listed; an empty list fails too."""
+    """Fails with every failed maskdit_fast.accuracy.Check listed; an empty list fails too."""
     failed = [c for c in checks if not c.passed]
     assert checks and not failed, "\n".join(map(str, failed))
+
+
+def assert_deterministic_backward(op, args, generator):
+    """The same backward twice gives the same bits (reductions without float atomics)."""
+    wrt = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+    out = op(*args)
+    dy = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator)
+    first, second = [torch.autograd.grad(op(*args), wrt, dy) for _ in range(2)]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b), f"backward differs between two runs by {(a.double() - b.double()).abs().max()}"
+
+
+def assert_no_host_sync(fn):
+    """Runs fn with CUDA sync debugging set to error: nothing in it may wait for the device."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _fix_old_interpreter_scalars():

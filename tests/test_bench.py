@@ -4,17 +4,17 @@ reported, never timed), byte counts against the tensors actually touched, rotati
 and the check-module plumbing that the GPU run uses."""
 import dataclasses
 import json
-import sys
-import types
 
 import pytest
 import torch
 
 from maskdit_fast import bench, ops
 from maskdit_fast.backend import triton_interpreted
-from maskdit_fast.bench_utils import (Cost, Rotation, Stats, Timer, achieved, attention_cost, gated_residual_cost,
-                                      gather_tokens_cost, layernorm_modulate_cost, rotation_count,
-                                      scatter_tokens_cost, time_calls)
+from maskdit_fast.bench import backends, cli, op_section
+from maskdit_fast.bench import report as report_module
+from maskdit_fast.bench.costs import (Cost, achieved, attention_cost, gated_residual_cost, gather_tokens_cost,
+                                      layernorm_modulate_cost, scatter_tokens_cost)
+from maskdit_fast.bench.timing import Rotation, Stats, Timer, rotation_count, time_calls
 
 
 def _nbytes(*tensors):
@@ -58,7 +58,6 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
     assert all("pct_of_floor" in r for r in report["attention"] if r["status"] == "ok")
     checks = [c for c in report["checks"] if c["source"] == "bench"]
     assert checks and all(c["passed"] for c in checks)
-    assert {c["source"] for c in report["checks"]} >= {f"{m}.{e}" for m, e in bench.EXTERNAL_CHECKS}
 
     train = {r["variant"]: r for r in report["train_step"]}
     assert train["MaskDiT-S/2 fused"]["status"] == train["MaskDiT-S/2 triton"]["status"] == "skipped"
@@ -72,7 +71,7 @@ def test_cpu_quick_writes_json_and_markdown(quick_report):
 
     md = (out / files[1]).read_text()
     for heading in ("# maskdit_fast benchmark", "## Checks", "## Ops", "## Attention", "## Train step",
-                    "## CPU figure", "## Sections"):
+                    "## Profile", "## CPU figure", "## Sections"):
         assert heading in md
     assert f"torch {torch.__version__}" in md
 
@@ -84,21 +83,61 @@ def test_config_and_section_errors():
         bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks", "nope"])
     with pytest.raises(SystemExit):
         bench.main(["--cpu-quick", "--device", "cuda"])
+    for bad in ("nope=3", "train_step", "train_step=soon"):
+        with pytest.raises(SystemExit):
+            bench.main(["--cpu-quick", "--budget", bad])
+    report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks"], log=lambda *a: None,
+                              budgets={"peaks": 7.0})
+    assert report["sections"]["peaks"]["budget_s"] == 7.0
 
 
 def test_gpu_mode_logic_runs_on_a_cpu_stand_in(tmp_path):
     """The GPU mode's configuration and report path, at tiny sizes on the CPU."""
     tiny = bench.make_config("cpu-quick", "cpu")
+    size = tiny.train_input_sizes[0]
     cfg = dataclasses.replace(bench.make_config("gpu-quick", "cpu"), **bench.CPU_TINY, dtype=torch.float32,
                               copy_bytes=tiny.copy_bytes, matmul_n=tiny.matmul_n, train_size=tiny.train_size,
-                              train_overrides=tiny.train_overrides, fixed_batch=tiny.fixed_batch,
-                              cpu_figure=tiny.cpu_figure, external_timings=True)
+                              train_overrides=tiny.train_overrides, train_input_sizes=(size,),
+                              common_batch={size: 2}, fixed_batch=tiny.fixed_batch, profile=tiny.profile,
+                              cpu_figure=tiny.cpu_figure)
     report = bench.run_report(cfg, log=lambda *a: None)
     assert report["mode"] == "gpu-quick" and set(report["sections"]) == set(bench.SECTIONS)
-    assert [r["status"] for r in report["external_timings"]] == ["skipped"]
     assert {r["backend"] for r in report["ops"] if r["status"] == "skipped"} == {"compile"}  # off in quick mode
     json_path, md_path = bench.write_report(report, tmp_path)
     assert json_path.endswith("-cpu-quick.json") and json.loads(open(json_path).read())["mode"] == "gpu-quick"
+
+
+def test_train_rows_at_tiny_sizes_compute_the_reference_loss():
+    """The train-step section at two tiny sizes (64 and 256 tokens: 256 and 512 px scaled down) with
+    its compile rows (aot_eager: the same dynamo / AOTAutograd graphs, no C++ compiler), then the
+    fused variants that the section keeps for a GPU, built directly (on the CPU "auto" runs the torch
+    ops). Same seed, so the same weights, data, masks and noise: every MaskDiT row's first loss is the
+    reference's, DiT + compile's is DiT's; CUDA-graph, fp8 and Triton rows say they need a GPU."""
+    from maskdit_fast.bench.train_step import build_train_step
+    cfg = dataclasses.replace(bench.make_config("cpu-quick", "cpu"), compile=True, train_input_sizes=(16, 32),
+                              train_reps=1)
+    rows = bench.run_train_section(cfg, bench.Budget(600), None)
+    assert [(r["variant"], r["input_size"]) for r in rows] == [(row.variant.label, row.input_size)
+                                                             for row in bench.train_rows(cfg)]
+    ok = {(r["variant"], r["input_size"]): r for r in rows if r["status"] == "ok"}
+    assert set(ok) == {(f"{m}-S/2{s}", size) for m, s in (("MaskDiT", " reference"), ("MaskDiT", " reference + compile"),
+                                                         ("DiT", ""), ("DiT", " + compile")) for size in (16, 32)}
+    for size in (16, 32):
+        ref, dit = ok["MaskDiT-S/2 reference", size], ok["DiT-S/2", size]
+        assert ref["px"] == 8 * size and ref["batch"] == cfg.fixed_batch and ref["vs_baseline"] == pytest.approx(1.0)
+        assert dit["vs_baseline"] == pytest.approx(dit["images_per_s"] / ref["images_per_s"])
+        for twin, compiled in ((ref, ok["MaskDiT-S/2 reference + compile", size]), (dit, ok["DiT-S/2 + compile", size])):
+            assert compiled["loss"] == pytest.approx(twin["loss"], rel=1e-5) and compiled["compile_s"] >= 0
+            assert compiled["compile"] == "model" and "compile_s" not in twin
+        assert ref["loss"] != pytest.approx(dit["loss"], rel=1e-3)  # a different model: the check can fail
+    reasons = {r["variant"]: r["reason"] for r in rows if r["status"] != "ok"}
+    assert "needs a CUDA GPU" in reasons["MaskDiT-S/2 fused + compile + CUDA graphs"]
+    assert "needs a CUDA GPU" in reasons["MaskDiT-S/2 triton"]
+    for variant in bench.train_variants(cfg):
+        if variant.backend != "auto" or variant.cuda_graphs or variant.fp8:
+            continue
+        step, _, _ = build_train_step(variant, cfg.fixed_batch, 16, "cpu", torch.float32, cfg.compile_backend)
+        assert float(step()) == pytest.approx(ok["MaskDiT-S/2 reference", 16]["loss"], rel=1e-5), variant.label
 
 
 def test_every_mode_budget_covers_its_sections():
@@ -107,8 +146,10 @@ def test_every_mode_budget_covers_its_sections():
         assert set(cfg.sections) <= set(cfg.budgets)
     gpu = bench.make_config("gpu", "cpu")
     assert sum(gpu.budgets.values()) < 8 * 60  # the GPU report must end within 8 minutes
-    assert [v[0] for v in bench.train_variants(gpu)] == ["MaskDiT-XL/2 fused", "MaskDiT-XL/2 triton",
-                                                        "MaskDiT-XL/2 reference", "DiT-XL/2"]
+    assert [v.label for v in bench.train_variants(gpu)] == [
+        "MaskDiT-XL/2 fused", "MaskDiT-XL/2 triton", "MaskDiT-XL/2 reference", "DiT-XL/2",
+        "MaskDiT-XL/2 reference + compile", "MaskDiT-XL/2 fused + compile", "MaskDiT-XL/2 fused + compile + CUDA graphs",
+        "DiT-XL/2 + compile", "MaskDiT-XL/2 fused + compile (blocks)", "MaskDiT-XL/2 fused + compile + fp8"]
     assert bench.train_baseline(gpu) == "MaskDiT-XL/2 reference"
 
 
@@ -179,7 +220,7 @@ def test_failing_kernel_is_reported_not_timed():
 def test_triton_backends_pass_the_report_checks_under_the_interpreter(monkeypatch):
     """The report's cases and argument layouts drive the Triton kernels correctly (the GPU path, run
     by the interpreter at tiny sizes; the report itself never times the interpreter)."""
-    monkeypatch.setattr(bench, "GPU_ONLY_BACKENDS", tuple(b for b in bench.GPU_ONLY_BACKENDS if b != "triton"))
+    monkeypatch.setattr(backends, "GPU_ONLY_BACKENDS", tuple(b for b in backends.GPU_ONLY_BACKENDS if b != "triton"))
     cfg = bench.make_config("cpu-quick", "cpu")
     for case in bench.op_cases(cfg) + bench.attention_cases(cfg):
         verdict = bench.check_case(case, bench.backend_fn(case, "triton", "cpu"), "cpu", cfg.dtype)
@@ -191,14 +232,14 @@ def test_a_section_that_raises_keeps_the_report_and_stops_the_rest(tmp_path, mon
     sections are marked not run, the report is still written and main() exits 1."""
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
-    monkeypatch.setattr(bench, "run_op_section", crash)
+    monkeypatch.setattr(report_module, "run_op_section", crash)
     report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks", "ops", "attention"],
                               log=lambda *a: None)
     assert report["peaks"]["copy_GBps"] > 0 and "error" not in report["sections"]["peaks"]
     assert "illegal memory access" in report["sections"]["ops"]["error"]
     assert report["sections"]["attention"]["error"] == "not run: ops raised RuntimeError"
     assert "illegal memory access" in bench.to_markdown(report)
-    monkeypatch.setattr(bench, "run_report", lambda cfg, sections=None: report)
+    monkeypatch.setattr(cli, "run_report", lambda cfg, sections=None, budgets=None: report)
     assert bench.main(["--cpu-quick", "--out", str(tmp_path)]) == 1
     assert len(list(tmp_path.glob("*.json"))) == 1
 
@@ -206,11 +247,11 @@ def test_a_section_that_raises_keeps_the_report_and_stops_the_rest(tmp_path, mon
 def test_graph_timing_needs_cuda_and_reports_why_not():
     """CUDA-graph replay timing (the device-only figure beside the eager one) is CUDA-only; a failure
     becomes a reason on the row, never an exception."""
-    from maskdit_fast.bench_utils import time_graph_replays
+    from maskdit_fast.bench.timing import time_graph_replays
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         time_graph_replays(lambda: None, 2, "cpu")
     cfg = bench.make_config("cpu-quick", "cpu")
-    extra = bench._graph_timing(lambda *a: None, [((), None)], cfg, Timer)
+    extra = op_section._graph_timing(lambda *a: None, [((), None)], cfg, Timer)
     assert set(extra) == {"graph_reason"} and "needs a CUDA device" in extra["graph_reason"]
 
 
@@ -225,42 +266,11 @@ def test_markdown_lists_failed_checks_and_main_exit_code(tmp_path, monkeypatch):
     report = bench.run_report(bench.make_config("cpu-quick", "cpu"), ["peaks"], log=lambda *a: None)
     report["checks"].append(dict(source="bench", name="op/triton/fwd", max_err=1.0, tol=0.1, passed=False,
                                  status="FAILED"))
-    report["external_timings"] = [dict(source="m.benchmark", status="info", name="sdpa flash", shape="B=2",
-                                       ms=0.5, tflops=123.0, **{"pass": "fwd"})]
     md = bench.to_markdown(report)
     assert "0 passed, 1 failed" in md and "op/triton/fwd" in md
-    assert "## Check modules' own timings" in md and "| m.benchmark | sdpa flash | fwd | B=2 | 0.5 | 123 |" in md
-    monkeypatch.setattr(bench, "run_report", lambda cfg, sections=None: report)
+    monkeypatch.setattr(cli, "run_report", lambda cfg, sections=None, budgets=None: report)
     assert bench.main(["--cpu-quick", "--out", str(tmp_path)]) == 1
     assert len(list(tmp_path.glob("*.json"))) == 1
-
-
-# ------------------------------------------------------------------------------ check modules
-
-def test_external_check_rows_are_normalised(monkeypatch):
-    good = types.ModuleType("fake_checks_good")
-    good.run_checks = lambda device: [("gather fwd", 0.0, 1e-3, True), ("scatter bwd", 0.5, 1e-3, False),
-                                      {"name": "attention timing", "ms": 1.0},
-                                      {"name": "varlen D=72", "max_err": 2e-3, "tolerance": 1e-3, "ok": False}]
-    broken = types.ModuleType("fake_checks_broken")
-
-    def crash(device):
-        raise RuntimeError("kernel launch failed")
-    broken.run_checks = crash
-    no_entry = types.ModuleType("fake_checks_no_entry")
-    for module in (good, broken, no_entry):
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-    names = ("fake_checks_good", "fake_checks_broken", "fake_checks_no_entry", "fake_checks_missing")
-    rows = [r for name in names for r in bench.module_check_rows(name, "cpu")]
-    by_name = {r["name"]: r for r in rows}
-    assert by_name["gather fwd"]["status"] == "ok" and by_name["scatter bwd"]["status"] == "FAILED"
-    assert by_name["attention timing"]["status"] == "info" and by_name["attention timing"]["ms"] == 1.0
-    assert by_name["varlen D=72"]["status"] == "FAILED" and by_name["varlen D=72"]["tol"] == 1e-3
-    assert by_name["fake_checks_broken"]["status"] == "error"
-    assert "kernel launch failed" in by_name["fake_checks_broken"]["reason"]
-    assert by_name["fake_checks_no_entry"]["status"] == "not available"
-    assert by_name["fake_checks_missing"]["status"] == "not available"
-    assert all(r["status"] == "skipped" for r in bench.external_checks("cpu"))
 
 
 # ------------------------------------------------------------------------------ timing helpers
@@ -301,7 +311,7 @@ def test_rotation_sets_exceed_twice_the_cache(monkeypatch):
     cfg = bench.make_config("cpu-quick", "cpu")
     case = next(c for c in bench.op_cases(cfg) if c.name == "layernorm_modulate")
     set_bytes = _nbytes(*case.make_args("cpu", cfg.dtype, torch.Generator().manual_seed(0)))
-    monkeypatch.setattr(bench, "cache_bytes", lambda device: 3 * set_bytes)
+    monkeypatch.setattr(op_section, "cache_bytes", lambda device: 3 * set_bytes)
     sets = bench.input_sets(case, cfg)
     assert len(sets) == rotation_count(set_bytes + _nbytes(sets[0][1]), 3 * set_bytes) > 1
     assert not torch.equal(sets[0][0][0], sets[1][0][0])  # distinct inputs, not copies
@@ -366,3 +376,73 @@ def test_achieved_figures():
     assert "pct_of_floor" not in achieved(cost, 1.0, None, "memory")
     with pytest.raises(ValueError):
         achieved(cost, 1.0, None, "latency")
+
+
+# ------------------------------------------------------------------------------ profile
+
+def test_profile_grouping_rule_on_made_up_names():
+    from maskdit_fast.bench.step_profile import group_of
+    expected = {
+        "optimizer": ["void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, "
+                      "FusedAdamMathFunctor<float, 4>>", "Optimizer.step#AdamW.step", "aten::_foreach_add_"],
+        "glue": ["gather_fwd_kernel", "_gather_bwd_kernel", "scatter_fwd_kernel", "ln_mod_bwd_kernel", "gated_fwd_kernel",
+                 "_ln_modulate_fwd_kernel", "void at::native::index_elementwise_kernel<128, 4>", "aten::index"],
+        "attention": ["pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 64>>", "_fwd_kernel",
+                      "_bwd_dkdv_kernel", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
+                      "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3",
+                      "autograd::engine::evaluate_function: ScaledDotProductFlashAttentionForCpuBackward0"],
+        "gemm": ["sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "nvjet_tst_192x192_64x4_2x1_v_bz_TNT",
+                 "cutlass3x_sm90_tensorop_gemm_bf16", "triton_tem_fused_mm_0", "aten::mm", "aten::linear",
+                 "autograd::engine::evaluate_function: AddmmBackward0", "autograd::engine::evaluate_function: MmBackward0"],
+        "elementwise/norm": ["void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>",
+                             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>",
+                             "triton_poi_fused_add_mul_0", "triton_red_fused_native_layer_norm_1",
+                             "Memcpy DtoD (Device -> Device)", "aten::layer_norm"],
+        "other": ["some_kernel_nobody_named"],
+    }
+    for group, names in expected.items():
+        for name in names:
+            assert group_of(name) == group, name
+
+
+def test_profile_breakdown_counts_overlaps_and_idle_gaps():
+    from maskdit_fast.bench.step_profile import GROUPS, breakdown, union_us
+    assert union_us([(0, 30), (20, 40), (50, 60), (55, 58)]) == 50
+    events = [("aten::mm", 0, 30), ("sm90_xmma_gemm", 20, 40), ("flash_fwd_kernel", 50, 60),
+              ("mystery", 90, 120), ("aten::mm", 200, 300)]
+    out = breakdown(events, (0, 100))
+    assert set(out) == set(GROUPS)
+    assert out["gemm"] == 50 and out["attention"] == 10 and out["other"] == 10  # "mystery" clipped to the window
+    assert out["idle"] == 100 - 60 and out["optimizer"] == out["glue"] == 0
+
+
+def test_gemm_flops_of_a_train_step_match_torch_flop_counter():
+    """gemm_train_flops (flops.py's convention) against the matmul / convolution FLOPs torch counts
+    in one tiny train step: within 1 %, the formula above (it also counts the input gradients of the
+    patch embedding and time MLP, which autograd skips)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maskdit_fast.bench.step_profile import gemm_train_flops
+    from maskdit_fast.bench.train_step import build_train_step
+    cfg = bench.make_config("cpu-quick", "cpu")
+    for variant in bench.train_variants(cfg)[2:4]:  # MaskDiT reference, DiT
+        step, model, _ = build_train_step(variant, 4, 16, "cpu", torch.float32)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        counted = sum(v for op, v in counter.get_flop_counts()["Global"].items()
+                      if str(op).split(".")[-1] in ("mm", "addmm", "bmm", "convolution", "convolution_backward"))
+        expected = gemm_train_flops(model, 4, variant.mask_ratio)
+        assert 0.99 * expected <= counted <= expected, (variant.label, counted, expected)
+
+
+def test_profile_section_on_the_cpu():
+    cfg = bench.make_config("cpu-quick", "cpu")
+    prof = bench.run_profile(cfg, {"matmul_TFLOPs": 1.0})
+    assert prof["variant"] == "MaskDiT-S/2 reference" and prof["events"] == "outermost CPU ops"  # no fused ops here
+    shares = {g["group"]: g["share"] for g in prof["groups"]}
+    assert set(shares) == {"optimizer", "glue", "attention", "gemm", "elementwise/norm", "other", "idle"}
+    for group in ("gemm", "attention", "optimizer", "elementwise/norm", "glue"):
+        assert shares[group] > 0, group
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)  # one thread: the groups and gaps tile the step
+    assert prof["step_ms"] > 0 and prof["gemm_TFLOPs"] > 0 and prof["gemm_pct_of_peak"] > 0
+    assert [r["group"] for r in prof["rule"]] == ["optimizer", "glue", "attention", "gemm", "elementwise/norm"]

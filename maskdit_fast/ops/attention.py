@@ -16,21 +16,22 @@ Back-ends (the `backend=` keyword; the global default of maskdit_fast.backend ap
   "cuda"       the package's CUDA extension has no attention kernel: runs "torch".
   "auto"       "torch" (SDPA picks flash / cuDNN on CUDA).
 
-The Triton path is registered with torch.library (maskdit_fast::varlen_attn_fwd/_bwd and the
-qkv-packed pair), with fake kernels (torch.compile) and FLOP formulas for FlopCounterMode:
-4 * sum_b(Lq_b * Lk_b) * H * D forward and 2.5x that backward (causal masks are not discounted, as in
-torch's own attention formulas).
+This file holds, top to bottom: the references (the spec), the input checks (run once, by the public ops), the
+Triton op, the other back-ends, and the public ops that dispatch between them. The Triton op is registered with
+torch.library (maskdit_fast::varlen_attn_fwd/_bwd and the qkv-packed pair; cu_seqlens None for the dense layout)
+and called from autograd.Functions, with fake kernels (torch.compile) and FLOP formulas for FlopCounterMode:
+4 * sum_b(Lq_b * Lk_b) * H * D forward and 2.5x that backward (causal masks are not discounted, as in torch's
+own attention formulas).
 """
 import functools
 import importlib.util
 import inspect
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from maskdit_fast.backend import get_backend, resolve_backend
+from maskdit_fast.backend import define_op, get_backend, resolve_backend
 from maskdit_fast.ops.gather_scatter import validation_enabled
 
 ATTENTION_BACKENDS = ("torch", "triton", "flash_attn", "xformers", "cuda")
@@ -38,169 +39,48 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OPTIONAL = {"flash_attn": "flash-attn (pip install flash-attn)", "xformers": "xformers (pip install xformers)"}
 
 
-def resolve_attention_backend(backend, device):
-    """Concrete attention back-end ("torch", "triton", "flash_attn" or "xformers") for `device`.
-
-    Extends maskdit_fast.backend.resolve_backend with the optional libraries; raises RuntimeError when
-    the requested one is not installed or cannot run on `device`.
-    """
-    name = backend or get_backend()
-    if name in _OPTIONAL:
-        if importlib.util.find_spec(name) is None:
-            raise RuntimeError(f"attention backend {name!r} requested but {_OPTIONAL[name]} is not installed")
-        if torch.device(device).type != "cuda":
-            raise RuntimeError(f"attention backend {name!r} needs CUDA tensors (got {device})")
-        return name
-    if name not in ("auto",) + ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto',) + ATTENTION_BACKENDS}")
-    return resolve_backend(name, device, cuda_impl=False)  # no CUDA-extension attention: "cuda" runs torch
-
-
+# -------------------------------------------------------------------------------------------------- reference
 def _softmax_scale(softmax_scale, head_dim):
     return float(head_dim ** -0.5 if softmax_scale is None else softmax_scale)
 
 
-def _unit_last(x):
-    """The kernels index the head dim with unit stride; anything else is copied."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                         compute_dtype=torch.float64):
+    """Reference (the spec): softmax(q k^T * scale) v per sequence, computed in `compute_dtype`.
+
+    Shapes and semantics as varlen_attention (bottom-right causal; rows that see no key give 0 and
+    lse +inf). float64 is the accuracy reference; the inputs' own low-precision dtype gives PyTorch's
+    plain math in that dtype (what SDPA's math back-end does on a GPU), the baseline for the
+    low-precision error of the kernels. Differentiable. Returns (out [total_q, H, D] in compute_dtype,
+    lse [H, total_q] in compute_dtype).
+    """
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    outs, lses = [], []
+    for qs, qe, ks, ke in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
+                              cu_seqlens_k[1:].tolist()):
+        s = torch.einsum("ihd,jhd->hij", q[qs:qe], k[ks:ke]) * scale
+        if causal:
+            i = torch.arange(qe - qs, device=q.device)[:, None]
+            j = torch.arange(ke - ks, device=q.device)[None, :]
+            s = s.masked_fill(j > i + (ke - ks) - (qe - qs), float("-inf"))
+        lse = torch.logsumexp(s, -1) if ke > ks else s.new_full(s.shape[:2], float("-inf"))
+        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: exp(-inf - -inf) -> 0
+        outs.append(torch.einsum("hij,jhd->ihd", p, v[ks:ke]))
+        lses.append(torch.where(lse == float("-inf"), float("inf"), lse))
+    if not outs:
+        return q.new_zeros(q.shape), q.new_zeros((q.shape[1], q.shape[0]))
+    return torch.cat(outs), torch.cat(lses, 1)
 
 
-# --------------------------------------------------------------------------------------- torch.library
-def _kernels():
-    from maskdit_fast.kernels import flash_attn  # imports triton: only when the Triton path runs
-    return flash_attn
+def attention_ref(q, k, v, softmax_scale=None):
+    """Reference: softmax(q k^T * scale) v through torch SDPA. q, k, v [B, L, H, D] -> [B, L, H, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         scale=softmax_scale)
+    return out.transpose(1, 2)
 
 
-@torch.library.custom_op("maskdit_fast::varlen_attn_fwd", mutates_args=())
-def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().varlen_fwd(_unit_last(q), _unit_last(k), _unit_last(v), cu_seqlens_q, cu_seqlens_k,
-                                 max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-
-
-@_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("maskdit_fast::varlen_attn_bwd", mutates_args=())
-def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                   max_seqlen_k: int, softmax_scale: float,
-                   causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from maskdit_fast.kernels._common import empty
-    dq, dk, dv = (empty(x.shape, x.dtype, x.device) for x in (q, k, v))
-    _kernels().varlen_bwd(_unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), out, lse, cu_seqlens_q,
-                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dq, dk, dv)
-    return dq, dk, dv
-
-
-@_varlen_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-
-
-def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-                                ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
-
-
-@torch.library.custom_op("maskdit_fast::varlen_attn_qkvpacked_fwd", mutates_args=())
-def _packed_fwd_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
-                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    qkv = _unit_last(qkv)
-    return _kernels().varlen_fwd(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                 softmax_scale, causal)
-
-
-@_packed_fwd_op.register_fake
-def _(qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
-    total, _, n_heads, head_dim = qkv.shape
-    return qkv.new_empty((total, n_heads, head_dim)), qkv.new_empty((n_heads, total), dtype=torch.float32)
-
-
-@torch.library.custom_op("maskdit_fast::varlen_attn_qkvpacked_bwd", mutates_args=())
-def _packed_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                   cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float, causal: bool) -> torch.Tensor:
-    qkv = _unit_last(qkv)
-    from maskdit_fast.kernels._common import empty
-    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)  # the kernels write dq, dk, dv straight into its three slices
-    _kernels().varlen_bwd(_unit_last(dout), qkv[:, 0], qkv[:, 1], qkv[:, 2], out, lse, cu_seqlens, cu_seqlens,
-                          max_seqlen, max_seqlen, softmax_scale, causal, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
-    return dqkv
-
-
-@_packed_bwd_op.register_fake
-def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal):
-    return qkv.new_empty(qkv.shape)
-
-
-def _packed_setup(ctx, inputs, output):
-    qkv, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
-
-
-def _packed_backward(ctx, dout, _dlse):
-    qkv, out, lse, cu_seqlens = ctx.saved_tensors
-    dqkv = _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, ctx.causal)
-    return dqkv, None, None, None, None
-
-
-_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup)
-
-
-# ------------------------------------------------------------------------------------------ FLOP count
-def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    """sum_b Lq_b * Lk_b; without real values (fake/meta tensors) the bound B * max_q * max_k."""
-    from torch._subclasses.fake_tensor import is_fake
-    if cu_seqlens_q.is_meta or is_fake(cu_seqlens_q) or cu_seqlens_k.is_meta or is_fake(cu_seqlens_k):
-        return (cu_seqlens_q.numel() - 1) * max_seqlen_q * max_seqlen_k
-    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    return int((lq * lk).sum())
-
-
-@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_fwd, get_raw=True)
-def _varlen_fwd_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args, out_val=None,
-                      **kwargs):
-    return 4 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) * q.shape[1] * q.shape[2]
-
-
-@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_bwd, get_raw=True)
-def _varlen_bwd_flops(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args,
-                      out_val=None, **kwargs):
-    return 10 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) * q.shape[1] * q.shape[2]
-
-
-@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_qkvpacked_fwd, get_raw=True)
-def _packed_fwd_flops(qkv, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs):
-    return 4 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen) * qkv.shape[2] * qkv.shape[3]
-
-
-@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_qkvpacked_bwd, get_raw=True)
-def _packed_bwd_flops(dout, qkv, out, lse, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs):
-    return 10 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen) * qkv.shape[2] * qkv.shape[3]
-
-
-# ---------------------------------------------------------------------------------------- validation
-_checked_cu = {}  # id -> (weakref, _version, total, max_seqlen): one device sync per cu_seqlens tensor
-
-
+# ----------------------------------------------------------------------------------------------------- checks
 def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
         got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
@@ -209,11 +89,14 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be >= 0, got {max_seqlen}")
-    if torch.compiler.is_compiling() or not validation_enabled(validate):  # the value checks wait for the device
-        return
-    entry = _checked_cu.get(id(cu))
-    if entry is not None and entry[0]() is cu and entry[1:] == (cu._version, total, max_seqlen):
-        return
+    if not torch.compiler.is_compiling() and validation_enabled(validate):
+        _check_cu_seqlens_values(cu, name, total, max_seqlen)
+
+
+def _check_cu_seqlens_values(cu, name, total, max_seqlen):
+    """The value checks: one device sync, on every call. No verdict is cached: a tensor's contents can change
+    without a version bump (writes through .data or a numpy view), so a cached verdict could be stale. Callers
+    that built cu_seqlens themselves from checked counts (the models) pass validate=False instead."""
     lengths = cu[1:] - cu[:-1]
     first, last = cu[0], cu[-1]
     shortest, longest = (lengths.min(), lengths.max()) if cu.numel() > 1 else (first * 0, first * 0)
@@ -226,9 +109,6 @@ def _check_cu_seqlens(cu, name, total, max_seqlen, device, validate):
         raise ValueError(f"{name} must be non-decreasing (a sequence has length {shortest})")
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen {max_seqlen} for {name} is below the longest sequence ({longest})")
-    if len(_checked_cu) > 16:
-        _checked_cu.clear()
-    _checked_cu[id(cu)] = (weakref.ref(cu), cu._version, total, max_seqlen)
 
 
 def _check_qkv(q, k, v):
@@ -242,17 +122,170 @@ def _check_qkv(q, k, v):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if q.shape[1:] != k.shape[1:] or k.shape != v.shape:
+    (_, heads, dim), (n_k, heads_k, dim_k) = q.shape, k.shape  # ints: torch.Size comparisons cost microseconds
+    if heads != heads_k or dim != dim_k or (n_k, heads_k, dim_k) != tuple(v.shape):
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (need "
                          "equal heads and head_dim, and k, v of the same length)")
 
 
 def _check_triton_head_dim(head_dim):
-    if not _kernels().head_dim_supported(head_dim):
+    if not _triton().head_dim_supported(head_dim):
         raise ValueError(f"triton attention supports head_dim % 8 == 0 in [16, 128], got {head_dim}")
 
 
-# ---------------------------------------------------------------------------------- other back-ends
+# -------------------------------------------------------------------------------------------------- Triton op
+def _unit_last(x):
+    """The kernels index the head dim with unit stride and take token and head strides that are multiples of 8
+    (contiguous tensors and slices of a packed qkv are, D being a multiple of 8); anything else is copied."""
+    strides = x.stride()  # 3-D [T, H, D] or 4-D [T, 3, H, D]: the outer strides are 0, 1 and -2
+    return x if strides[-1] == 1 and not (strides[0] | strides[1] | strides[-2]) & 7 else x.contiguous()
+
+
+_kernels = _empty = None
+
+
+def _triton():
+    """kernels/flash_attn.py, imported on first use: importing triton is slow and must follow TRITON_INTERPRET."""
+    global _kernels, _empty
+    if _kernels is None:
+        from maskdit_fast.kernels import flash_attn
+        from maskdit_fast.kernels._common import empty
+        _kernels, _empty = flash_attn, empty
+    return _kernels
+
+
+def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return _triton().varlen_fwd(_unit_last(q), _unit_last(k), _unit_last(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                max_seqlen_k, softmax_scale, causal)
+
+
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                causal):
+    kernels = _triton()
+    dq, dk, dv = (_empty(x.shape, x.dtype, x.device) for x in (q, k, v))
+    kernels.varlen_bwd(_unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), out, lse, cu_seqlens_q,
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _packed_fwd(qkv, cu_seqlens, max_seqlen, softmax_scale, causal):
+    qkv = _unit_last(qkv)
+    return _triton().varlen_fwd(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                softmax_scale, causal)
+
+
+def _packed_bwd(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal):
+    qkv = _unit_last(qkv)
+    kernels = _triton()
+    dqkv = _empty(qkv.shape, qkv.dtype, qkv.device)  # dq, dk, dv written into its three slices
+    kernels.varlen_bwd(_unit_last(dout), qkv[:, 0], qkv[:, 1], qkv[:, 2], out, lse, cu_seqlens, cu_seqlens,
+                         max_seqlen, max_seqlen, softmax_scale, causal, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
+    return dqkv
+
+
+_lib = torch.library.Library("maskdit_fast", "FRAGMENT")
+# cu_seqlens None: the dense layout, B = total / max_seqlen sequences of max_seqlen tokens.
+_varlen_fwd_op = define_op(
+    _lib, "varlen_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+          "SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)", _varlen_fwd,
+    lambda q, *_: (q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)))
+_varlen_bwd_op = define_op(
+    _lib, "varlen_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
+          "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) "
+          "-> (Tensor, Tensor, Tensor)", _varlen_bwd,
+    lambda dout, q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)))
+_packed_fwd_op = define_op(
+    _lib, "varlen_attn_qkvpacked_fwd(Tensor qkv, Tensor? cu_seqlens, SymInt max_seqlen, float softmax_scale, "
+          "bool causal) -> (Tensor, Tensor)", _packed_fwd,
+    lambda qkv, *_: (qkv.new_empty((qkv.shape[0], *qkv.shape[2:])),
+                     qkv.new_empty((qkv.shape[2], qkv.shape[0]), dtype=torch.float32)))
+_packed_bwd_op = define_op(
+    _lib, "varlen_attn_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? cu_seqlens, "
+          "SymInt max_seqlen, float softmax_scale, bool causal) -> Tensor", _packed_bwd,
+    lambda dout, qkv, *_: qkv.new_empty(qkv.shape))
+
+
+def _outputs(ctx, out, lse, return_lse):
+    """The Functions' outputs: out, or (out, lse) with lse not differentiable. Without lse the call skips marking
+    it (host time of the dense ops, which never return it)."""
+    if not return_lse:
+        return out
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled grad for lse
+    return out, lse
+
+
+class _TritonVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                return_lse):
+        out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                  causal)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+        return _outputs(ctx, out, lse, return_lse)
+
+    @staticmethod
+    def backward(ctx, dout, *_dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+class _TritonPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cu_seqlens, max_seqlen, softmax_scale, causal, return_lse):
+        out, lse = _packed_fwd_op(qkv, cu_seqlens, max_seqlen, softmax_scale, causal)
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, softmax_scale, causal)
+        return _outputs(ctx, out, lse, return_lse)
+
+    @staticmethod
+    def backward(ctx, dout, *_dlse):
+        qkv, out, lse, cu_seqlens = ctx.saved_tensors
+        return _packed_bwd_op(dout, qkv, out, lse, cu_seqlens, *ctx.args), None, None, None, None, None
+
+
+def _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q):
+    """sum_b Lq_b * Lk_b; the dense layout (no cu_seqlens) has total_q / max_q sequences of max_q x max_k pairs;
+    without real values (fake/meta tensors) the bound B * max_q * max_k."""
+    from torch._subclasses.fake_tensor import is_fake
+    if cu_seqlens_q is None:
+        return total_q // max(max_seqlen_q, 1) * max_seqlen_q * max_seqlen_k
+    if cu_seqlens_q.is_meta or is_fake(cu_seqlens_q) or cu_seqlens_k.is_meta or is_fake(cu_seqlens_k):
+        return (cu_seqlens_q.numel() - 1) * max_seqlen_q * max_seqlen_k
+    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    return int((lq * lk).sum())
+
+
+@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_fwd, get_raw=True)
+def _varlen_fwd_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args, out_val=None,
+                      **kwargs):
+    return 4 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0]) * q.shape[1] * q.shape[2]
+
+
+@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_bwd, get_raw=True)
+def _varlen_bwd_flops(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args,
+                      out_val=None, **kwargs):
+    return 10 * _attention_pairs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0]) * q.shape[1] * q.shape[2]
+
+
+@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_qkvpacked_fwd, get_raw=True)
+def _packed_fwd_flops(qkv, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs):
+    return 4 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv.shape[0]) * qkv.shape[2] * qkv.shape[3]
+
+
+@register_flop_formula(torch.ops.maskdit_fast.varlen_attn_qkvpacked_bwd, get_raw=True)
+def _packed_bwd_flops(dout, qkv, out, lse, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs):
+    return 10 * _attention_pairs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, qkv.shape[0]) * qkv.shape[2] * qkv.shape[3]
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA op
+# The CUDA extension (csrc/) has no attention kernel: backend "cuda" runs "torch".
+
+
+# -------------------------------------------------------------------------------------------- other back-ends
 @functools.lru_cache(maxsize=None)
 def _torch_varlen_attn():
     """torch.nn.attention.varlen.varlen_attn (torch >= 2.10) and whether it takes scale/window_size."""
@@ -328,7 +361,25 @@ def _varlen_xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal):
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)[0]
 
 
-# ----------------------------------------------------------------------------------------- public API
+# --------------------------------------------------------------------------------------------------- dispatch
+def resolve_attention_backend(backend, device):
+    """Concrete attention back-end ("torch", "triton", "flash_attn" or "xformers") for `device`.
+
+    Extends maskdit_fast.backend.resolve_backend with the optional libraries; raises RuntimeError when
+    the requested one is not installed or cannot run on `device`.
+    """
+    name = backend or get_backend()
+    if name in _OPTIONAL:
+        if importlib.util.find_spec(name) is None:
+            raise RuntimeError(f"attention backend {name!r} requested but {_OPTIONAL[name]} is not installed")
+        if torch.device(device).type != "cuda":
+            raise RuntimeError(f"attention backend {name!r} needs CUDA tensors (got {device})")
+        return name
+    if name not in ("auto",) + ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto',) + ATTENTION_BACKENDS}")
+    return resolve_backend(name, device, cuda_impl=False)  # no CUDA-extension attention: "cuda" runs torch
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                      causal=False, *, return_lse=False, backend=None, validate=None):
     """Attention over packed variable-length sequences (drop-in for flash-attn's flash_attn_varlen_func).
@@ -361,9 +412,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     name = resolve_attention_backend(backend, q.device)
     if name == "triton":
         _check_triton_head_dim(q.shape[-1])
-        out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                  scale, bool(causal))
-        return (out, lse) if return_lse else out
+        return _TritonVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
+                                   bool(causal), bool(return_lse))
     if name == "flash_attn":
         return _varlen_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                                   return_lse)
@@ -398,49 +448,8 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale=None, 
     _check_qkv(qkv[:, 0], qkv[:, 1], qkv[:, 2])
     _check_cu_seqlens(cu_seqlens, "cu_seqlens", qkv.shape[0], max_seqlen, qkv.device, validate)
     _check_triton_head_dim(qkv.shape[-1])
-    out, lse = _packed_fwd_op(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
-                              bool(causal))
-    return (out, lse) if return_lse else out
-
-
-def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
-                         compute_dtype=torch.float64):
-    """Reference (the spec): softmax(q k^T * scale) v per sequence, computed in `compute_dtype`.
-
-    Shapes and semantics as varlen_attention (bottom-right causal; rows that see no key give 0 and
-    lse +inf). float64 is the accuracy reference; the inputs' own low-precision dtype gives PyTorch's
-    plain math in that dtype (what SDPA's math back-end does on a GPU), the baseline for the
-    low-precision error of the kernels. Differentiable. Returns (out [total_q, H, D] in compute_dtype,
-    lse [H, total_q] in compute_dtype).
-    """
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
-    q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
-    outs, lses = [], []
-    for qs, qe, ks, ke in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
-                              cu_seqlens_k[1:].tolist()):
-        s = torch.einsum("ihd,jhd->hij", q[qs:qe], k[ks:ke]) * scale
-        if causal:
-            i = torch.arange(qe - qs, device=q.device)[:, None]
-            j = torch.arange(ke - ks, device=q.device)[None, :]
-            s = s.masked_fill(j > i + (ke - ks) - (qe - qs), float("-inf"))
-        lse = torch.logsumexp(s, -1) if ke > ks else s.new_full(s.shape[:2], float("-inf"))
-        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: exp(-inf - -inf) -> 0
-        outs.append(torch.einsum("hij,jhd->ihd", p, v[ks:ke]))
-        lses.append(torch.where(lse == float("-inf"), float("inf"), lse))
-    if not outs:
-        return q.new_zeros(q.shape), q.new_zeros((q.shape[1], q.shape[0]))
-    return torch.cat(outs), torch.cat(lses, 1)
-
-
-def attention_ref(q, k, v, softmax_scale=None):
-    """Reference: softmax(q k^T * scale) v through torch SDPA. q, k, v [B, L, H, D] -> [B, L, H, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         scale=softmax_scale)
-    return out.transpose(1, 2)
-
-
-def _dense_cu_seqlens(batch, length, device):
-    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+    return _TritonPacked.apply(qkv, cu_seqlens, int(max_seqlen), _softmax_scale(softmax_scale, qkv.shape[-1]),
+                               bool(causal), bool(return_lse))
 
 
 def attention(q, k, v, softmax_scale=None, *, backend=None):
@@ -471,9 +480,8 @@ def attention(q, k, v, softmax_scale=None, *, backend=None):
     qf, kf, vf = q.reshape(batch * length, n_heads, head_dim), k.flatten(0, 1), v.flatten(0, 1)
     _check_qkv(qf, kf, vf)
     _check_triton_head_dim(head_dim)
-    out, _ = _varlen_fwd_op(qf, kf, vf, _dense_cu_seqlens(batch, length, q.device),
-                            _dense_cu_seqlens(batch, length_k, q.device), length, length_k,
-                            _softmax_scale(softmax_scale, head_dim), False)
+    out = _TritonVarlen.apply(qf, kf, vf, None, None, length, length_k, _softmax_scale(softmax_scale, head_dim), False,
+                              False)
     return out.view(batch, length, n_heads, head_dim)
 
 
@@ -494,6 +502,5 @@ def attention_qkvpacked(qkv, softmax_scale=None, *, backend=None):
     flat = qkv.reshape(batch * length, 3, n_heads, head_dim)
     _check_qkv(flat[:, 0], flat[:, 1], flat[:, 2])
     _check_triton_head_dim(head_dim)
-    out, _ = _packed_fwd_op(flat, _dense_cu_seqlens(batch, length, qkv.device), length,
-                            _softmax_scale(softmax_scale, head_dim), False)
+    out = _TritonPacked.apply(flat, None, length, _softmax_scale(softmax_scale, head_dim), False, False)
     return out.view(batch, length, n_heads, head_dim)

@@ -1,0 +1,5 @@
+import sys
+
+from maskdit_fast.bench.cli import main
+
+sys.exit(main())
