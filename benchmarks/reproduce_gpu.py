@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from maskdit_fast import fid
-from maskdit_fast.bench_utils import env_info
+from maskdit_fast.bench import env_info
 from maskdit_fast.classifier import load_classifier
 from maskdit_fast.config import PRESETS
 from maskdit_fast.data import load_mnist5k, mnist_to_tensor
@@ -449,6 +449,8 @@ def mismatch_lines(results):
     """A warning naming the arm runs whose setting differs from the first's (e.g. another --dit-steps):
     their curves are not comparable."""
     runs = [r for rs in results.values() for r in rs]
+    if not runs:
+        return []
     first = runs[0]["setting"]
     differ = [f"{r['arm']} seed {r['seed']} ({', '.join(k for k in r['setting'] if r['setting'][k] != first.get(k))})"
               for r in runs[1:] if r["setting"] != first]

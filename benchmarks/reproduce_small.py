@@ -191,14 +191,15 @@ def first_reach(xs, fds, target):
 
 
 def compare(points):
-    """When MaskDiT reaches DiT's final FD, on the time and FLOPs axes, and the speed-up factors
-    (DiT's total / MaskDiT's crossing point; None where it never does); and DiT's FD interpolated at
-    MaskDiT's final budget on each axis (None beyond DiT's last point)."""
+    """When MaskDiT reaches DiT's final FD, on the time, FLOPs and step (images seen: both use the
+    preset's batch) axes, and the speed-up factors (DiT's total / MaskDiT's crossing point; None where
+    it never does); and DiT's FD interpolated at MaskDiT's final budget on each axis (None beyond
+    DiT's last point)."""
     dit, mask = points["dit"], points["maskdit"]
     target = dit[-1]["fid_classifier"]
     out = {"dit_final_fid": target, "maskdit_final_fid": mask[-1]["fid_classifier"],
            "dit_final_accuracy": dit[-1]["class_accuracy"], "maskdit_final_accuracy": mask[-1]["class_accuracy"]}
-    for axis in ("train_seconds", "train_flops"):
+    for axis in ("train_seconds", "train_flops", "step"):
         reach = first_reach([0.0] + [p[axis] for p in mask], [float("inf")] + [p["fid_classifier"] for p in mask],
                             target)
         out[f"maskdit_reaches_at_{axis}"] = reach
@@ -292,7 +293,8 @@ def markdown(results):
                      "speed-up factor can be claimed from this run.")
     else:
         lines += ["", "| axis | MaskDiT reaches it at | DiT's total | factor |", "|---|---|---|---|"]
-        for axis, fmt in (("train_seconds", "{:.0f} s"), ("train_flops", "{:.3f} PFLOP")):
+        for axis, fmt in (("train_seconds", "{:.0f} s"), ("train_flops", "{:.3f} PFLOP"),
+                          ("step", "step {:.0f}")):
             scale = 1e-15 if axis == "train_flops" else 1.0
             lines.append(f"| {axis} | {fmt.format(c[f'maskdit_reaches_at_{axis}'] * scale)} | "
                          f"{fmt.format(c[f'dit_final_{axis}'] * scale)} | {c[f'factor_{axis}']:.2f}x |")

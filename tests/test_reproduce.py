@@ -171,12 +171,13 @@ def test_reproduce_small_first_reach_and_compare(rs):
     points = {"dit": [pt(10, 100.0, 1e12, 9.0), pt(20, 200.0, 2e12, 5.0)],
               "maskdit": [pt(10, 50.0, 6e11, 7.0), pt(20, 100.0, 1.2e12, 3.0)]}
     c = rs.compare(points)
-    # MaskDiT's FD crosses 5.0 halfway between its two points: 75 s, 9e11 FLOPs.
+    # MaskDiT's FD crosses 5.0 halfway between its two points: 75 s, 9e11 FLOPs, step 15.
     assert c["maskdit_reaches_at_train_seconds"] == pytest.approx(75.0)
     assert c["factor_train_seconds"] == pytest.approx(200 / 75)
     assert c["factor_train_flops"] == pytest.approx(2e12 / 9e11)
-    # DiT at MaskDiT's final budget: 100 s is a DiT point; 1.2e12 FLOPs is 1/5 of the way.
-    assert c["dit_fid_at_maskdit_final_train_seconds"] == 9.0
+    assert c["factor_step"] == pytest.approx(20 / 15)
+    # DiT at MaskDiT's final budget: 100 s and step 20 are DiT points; 1.2e12 FLOPs is 1/5 of the way.
+    assert c["dit_fid_at_maskdit_final_train_seconds"] == 9.0 and c["dit_fid_at_maskdit_final_step"] == 5.0
     assert c["dit_fid_at_maskdit_final_train_flops"] == pytest.approx(9.0 - 0.2 * 4.0)
     points["maskdit"][-1]["fid_classifier"] = 6.0
     assert rs.compare(points)["factor_train_seconds"] is None
