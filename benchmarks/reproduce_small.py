@@ -54,8 +54,9 @@ VARIANTS = {
 # one thread, checkpoints only where the script stops.
 COMMON = dict(sample_per_class=0, eval_per_class=0, threads=1)
 # MaskDiT's evaluation points (optimizer steps; the last is the end of training; DiT's are the steps
-# of equal FLOPs). The first doubles as the "early-training samples" of the metric sanity check.
-DEFAULT_EVAL_STEPS = (100, 400, 800, 1200)
+# of equal FLOPs), at fixed fractions of the preset's run. The first doubles as the "early-training
+# samples" of the metric sanity check.
+DEFAULT_EVAL_STEPS = tuple(round(f * PRESETS["mnist"]["steps"]) for f in (1 / 12, 1 / 3, 2 / 3, 1))
 DEFAULT_SAMPLES, DEFAULT_SAMPLE_STEPS = 200, PRESETS["mnist"]["sample_steps"]
 # --quick: a tiny model, 4 steps, to exercise the whole pipeline.
 QUICK = dict(steps=4, batch_size=16, log_every=2, ckpt_every=4, unmasked_steps=1, lr_warmup_steps=0,
