@@ -1,20 +1,23 @@
 """Small-scale reproduction of the MaskDiT claim on MNIST-5k: quality vs training wall-clock and FLOPs.
 
-Trains MaskDiT (the "mnist" preset: MaskDiT-S/4 at width 128, depth 4, 50% masking + MAE term, the
-last `unmasked_steps` unmasked) and the DiT baseline of the same encoder (same width/depth/patch,
-no decoder, no masking, learn_sigma False) with the same batch, lr schedule and number of optimizer
-steps, one torch thread each. Training runs in chunks (`train(cfg, stop_at=step)`, then resume);
-only the chunks are timed. After each chunk the EMA weights of the checkpoint are scored by
-`maskdit_fast.evaluate --metric classifier` (Fréchet distance in the MNIST-5k digit classifier's
-features against the 5,000 real digits, lower is better, and the fraction of samples classified as
-their intended class), with a small sample count and few sampler steps so evaluation stays cheap.
+Trains MaskDiT (the "mnist" preset, the default run's recipe) and the DiT baseline of the same
+encoder (same width/depth/patch, no decoder, no masking, learn_sigma False) for the same training
+FLOPs: DiT gets as many steps as MaskDiT's masked and unmasked steps cost (`flops.train_step_flops`),
+with the preset's batch, lr, warm-up and EMA, and its lr decay over the same fraction of its run;
+one torch thread each. Both are evaluated at equal FLOPs: DiT at the steps whose cumulative FLOPs
+are nearest to MaskDiT's evaluation points. Training runs in chunks (`train(cfg, stop_at=step)`,
+then resume); only the chunks are timed. After each chunk the EMA weights of the checkpoint are
+scored by `maskdit_fast.evaluate --metric classifier` (Fréchet distance in the MNIST-5k digit
+classifier's features against the 5,000 real digits, lower is better, and the fraction of samples
+classified as their intended class) with the preset's sampler steps and guidance.
 
 Outputs in --out: quality_vs_compute.png (FD and class accuracy vs training seconds and vs training
 FLOPs), results.json, results.md. The .md says whether MaskDiT reaches DiT's final FD sooner and by
-what factor (first crossing of the linearly interpolated MaskDiT curve), and the metric sanity check:
-FD of held-out real digits vs FD of the earliest (step 50) samples, at the same sample count.
+what factor on the FLOPs and wall-time axes (first crossing of the linearly interpolated MaskDiT
+curve), DiT's FD at MaskDiT's final budgets, and the metric sanity check: FD of held-out real digits
+vs FD of the earliest samples, at the same sample count.
 
-    python benchmarks/reproduce_small.py                      # default: ~22 min on 2 shared CPU cores
+    python benchmarks/reproduce_small.py                      # default: ~15 min on 2 CPU cores
     python benchmarks/reproduce_small.py --quick --out /tmp/rs   # pipeline smoke test (< 1 min)
     python benchmarks/reproduce_small.py --replot                # redo PNG / .md from results.json
 
@@ -50,10 +53,11 @@ VARIANTS = {
 # Both variants: no end-of-training sampling inside the timed part (the script evaluates instead),
 # one thread, checkpoints only where the script stops.
 COMMON = dict(sample_per_class=0, eval_per_class=0, threads=1)
-# Evaluation points (optimizer steps; the last is the end of training). Step 50 doubles as the
-# "early-training samples" of the metric sanity check; step 1000 is MaskDiT's last masked step.
-DEFAULT_EVAL_STEPS = (50, 200, 400, 700, 1000, 1200)
-DEFAULT_SAMPLES, DEFAULT_SAMPLE_STEPS = 200, 8
+# MaskDiT's evaluation points (optimizer steps; the last is the end of training; DiT's are the steps
+# of equal FLOPs), at fixed fractions of the preset's run. The first doubles as the "early-training
+# samples" of the metric sanity check.
+DEFAULT_EVAL_STEPS = tuple(round(f * PRESETS["mnist"]["steps"]) for f in (1 / 12, 1 / 3, 2 / 3, 1))
+DEFAULT_SAMPLES, DEFAULT_SAMPLE_STEPS = 200, PRESETS["mnist"]["sample_steps"]
 # --quick: a tiny model, 4 steps, to exercise the whole pipeline.
 QUICK = dict(steps=4, batch_size=16, log_every=2, ckpt_every=4, unmasked_steps=1, lr_warmup_steps=0,
              lr_decay_steps=2)
@@ -62,18 +66,35 @@ QUICK_DECODER = dict(decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=
 QUICK_EVAL_STEPS, QUICK_SAMPLES, QUICK_SAMPLE_STEPS = (2, 4), 20, 2
 
 
-def variant_config(name, runs, quick=False):
-    """Validated TrainConfig of variant `name` (see VARIANTS) with run dir <runs>/<name>."""
-    values = dict(PRESETS["mnist"], **COMMON, name=name, run_dir=os.path.join(runs, name))
-    if quick:
-        values.update(QUICK)
-    values.update(VARIANTS[name])  # replaces model_kwargs whole: DiT takes no decoder_* arguments
-    if quick:
-        kwargs = dict(values["model_kwargs"], **QUICK_WIDTH)
-        if values["model"].startswith("MaskDiT"):
-            kwargs.update(QUICK_DECODER)
-        values["model_kwargs"] = kwargs
-    return config_from_dict(values, source=f"variant {name}").validate()
+def variant_configs(runs, quick=False):
+    """{name: validated TrainConfig} of the VARIANTS with run dirs <runs>/<name>: MaskDiT as the
+    preset, DiT for the same training FLOPs (see the module docstring)."""
+    cfgs = {}
+    for name in VARIANTS:
+        values = dict(PRESETS["mnist"], **COMMON, name=name, run_dir=os.path.join(runs, name))
+        if quick:
+            values.update(QUICK)
+        values.update(VARIANTS[name])  # replaces model_kwargs whole: DiT takes no decoder_* arguments
+        if quick:
+            kwargs = dict(values["model_kwargs"], **QUICK_WIDTH)
+            if values["model"].startswith("MaskDiT"):
+                kwargs.update(QUICK_DECODER)
+            values["model_kwargs"] = kwargs
+        if name == "dit":
+            mask = cfgs["maskdit"]
+            dit_step = cumulative_train_flops(config_from_dict(dict(values, steps=1, lr_decay_steps=0)))[1]
+            values["steps"] = max(1, round(cumulative_train_flops(mask)[-1] / dit_step))
+            values["lr_decay_steps"] = round(mask.lr_decay_steps * values["steps"] / mask.steps)
+        cfgs[name] = config_from_dict(values, source=f"variant {name}").validate()
+    return cfgs
+
+
+def equal_flops_steps(flops, target_flops):
+    """For each of `target_flops` (cumulative FLOPs, ascending), the step >= 1 whose cumulative
+    training FLOPs (`flops`, from cumulative_train_flops) are nearest to it; the last target maps to
+    the run's last step. Returns a sorted list of distinct steps."""
+    steps = [max(1, int(np.argmin(np.abs(flops - f)))) for f in target_flops[:-1]] + [len(flops) - 1]
+    return sorted(set(steps))
 
 
 def cumulative_train_flops(cfg):
@@ -171,9 +192,10 @@ def first_reach(xs, fds, target):
 
 
 def compare(points):
-    """When MaskDiT reaches DiT's final FD, on the time, FLOPs and step axes, and the speed-up factors
-    (DiT's total / MaskDiT's crossing point; None where it never does); and DiT's FD interpolated at
-    MaskDiT's final budget on each axis (None beyond DiT's last point)."""
+    """When MaskDiT reaches DiT's final FD, on the time, FLOPs and step (images seen: both use the
+    preset's batch) axes, and the speed-up factors (DiT's total / MaskDiT's crossing point; None where
+    it never does); and DiT's FD interpolated at MaskDiT's final budget on each axis (None beyond
+    DiT's last point)."""
     dit, mask = points["dit"], points["maskdit"]
     target = dit[-1]["fid_classifier"]
     out = {"dit_final_fid": target, "maskdit_final_fid": mask[-1]["fid_classifier"],
@@ -263,17 +285,17 @@ def markdown(results):
               + (f"{c[f'dit_fid_at_maskdit_final_{axis}']:.2f}" if c[f"dit_fid_at_maskdit_final_{axis}"] is not None
                  else "not measured")
               for name, axis, scale, fmt, unit in (("time", "train_seconds", 1.0, ".0f", " s"),
-                                                   ("FLOPs", "train_flops", 1e-15, ".3f", " PFLOP"),
-                                                   ("steps", "step", 1.0, ".0f", ""))]
+                                                   ("FLOPs", "train_flops", 1e-15, ".3f", " PFLOP"))]
     lines += ["", f"At MaskDiT's final budget (FD {c['maskdit_final_fid']:.2f}), DiT interpolated between its "
                  f"evaluation points: " + "; ".join(budget) + "."]
     if c["maskdit_reaches_at_train_seconds"] is None:
         lines.append("")
-        lines.append("**MaskDiT does not reach DiT's final FD within its run** (same number of steps), so no "
+        lines.append("**MaskDiT does not reach DiT's final FD within its run** (same training FLOPs), so no "
                      "speed-up factor can be claimed from this run.")
     else:
         lines += ["", "| axis | MaskDiT reaches it at | DiT's total | factor |", "|---|---|---|---|"]
-        for axis, fmt in (("train_seconds", "{:.0f} s"), ("train_flops", "{:.3f} PFLOP"), ("step", "step {:.0f}")):
+        for axis, fmt in (("train_seconds", "{:.0f} s"), ("train_flops", "{:.3f} PFLOP"),
+                          ("step", "step {:.0f}")):
             scale = 1e-15 if axis == "train_flops" else 1.0
             lines.append(f"| {axis} | {fmt.format(c[f'maskdit_reaches_at_{axis}'] * scale)} | "
                          f"{fmt.format(c[f'dit_final_{axis}'] * scale)} | {c[f'factor_{axis}']:.2f}x |")
@@ -282,8 +304,8 @@ def markdown(results):
                   "treat the factors as rough."]
     lines += ["", "## Metric sanity check", "",
               f"At the same sample count ({s['num_samples']}), FD of held-out real digits: "
-              f"{s['real_fid']:.2f} (their class accuracy {s['real_accuracy']:.1%}); FD of samples after "
-              f"{s['early_step']} training steps: " + ", ".join(f"{k} {v:.2f}" for k, v in s["early_fid"].items())
+              f"{s['real_fid']:.2f} (their class accuracy {s['real_accuracy']:.1%}); FD of the earliest samples: "
+              + ", ".join(f"{k} {v:.2f} (step {s['early_step'][k]})" for k, v in s["early_fid"].items())
               + f". Separation (smallest early FD / real FD): {s['separation']:.1f}x.", "",
               "![quality vs compute](quality_vs_compute.png)", ""]
     if results.get("notes"):  # free-text additions to results.json (checks run by hand), kept by --replot
@@ -300,32 +322,41 @@ def run(out, runs, quick=False, num_samples=None, sample_steps=None, eval_steps=
         os.makedirs(out, exist_ok=True)
         num_samples = num_samples or (QUICK_SAMPLES if quick else DEFAULT_SAMPLES)
         sample_steps = sample_steps or (QUICK_SAMPLE_STEPS if quick else DEFAULT_SAMPLE_STEPS)
-        cfgs = {name: variant_config(name, runs, quick) for name in VARIANTS}
+        cfgs = variant_configs(runs, quick)
         steps = cfgs["maskdit"].steps
         eval_steps = sorted(set(eval_steps or (QUICK_EVAL_STEPS if quick else DEFAULT_EVAL_STEPS)))
         if eval_steps[-1] != steps or eval_steps[0] < 1:
             raise ValueError(f"eval steps {eval_steps} must be >= 1 and end at the run's {steps} steps")
+        mask_flops = cumulative_train_flops(cfgs["maskdit"])
+        eval_at = {"maskdit": eval_steps,
+                   "dit": equal_flops_steps(cumulative_train_flops(cfgs["dit"]), mask_flops[eval_steps])}
         results = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "load_start": os.getloadavg(),
                    "machine": machine_info(), "quick": quick}
         t_start = time.perf_counter()
         cfg = cfgs["maskdit"]
+        dit = cfgs["dit"]
         results["setting"] = (
-            f"both variants {steps} optimizer steps (equal steps, not equal time) of batch {cfg.batch_size}, "
-            f"lr {cfg.lr} (warm-up {cfg.lr_warmup_steps}, linear decay over the last {cfg.lr_decay_steps}), "
-            f"EMA {cfg.ema_decay}, EDM P_mean {cfg.P_mean} / P_std {cfg.P_std}; MaskDiT mask ratio "
-            f"{cfg.mask_ratio} + MAE {cfg.mae_coef}, unmasked for the last {cfg.unmasked_steps} steps; DiT "
-            f"the same encoder unmasked. Evaluation: EMA weights, {num_samples} samples (balanced classes), "
-            f"{cfg.sample_solver} {sample_steps} steps, CFG {cfg.sample_cfg}, at steps {eval_steps}. Training "
-            f"seconds exclude evaluation (they include the chunks' checkpoint save/resume, ~1 s each).")
+            f"equal training FLOPs (not equal steps): MaskDiT {steps} steps (the mnist preset: decoder "
+            f"{cfg.model_kwargs['decoder_depth']} x {cfg.model_kwargs['decoder_hidden_size']}, mask ratio "
+            f"{cfg.mask_ratio} + MAE {cfg.mae_coef}, unmasked for the last {cfg.unmasked_steps} steps"
+            + (", EMA restarted there" if cfg.ema_restart else "") + f"), DiT (the same encoder, unmasked) "
+            f"{dit.steps} steps; batch {cfg.batch_size}, lr {cfg.lr} (warm-up {cfg.lr_warmup_steps}, linear "
+            f"decay over the last {cfg.lr_decay_steps} / {dit.lr_decay_steps} steps), EMA {cfg.ema_decay}, EDM "
+            f"P_mean {cfg.P_mean} / P_std {cfg.P_std}. Evaluation at equal FLOPs: EMA weights, {num_samples} "
+            f"samples (balanced classes), {cfg.sample_solver} {sample_steps} steps, CFG {cfg.sample_cfg}, at "
+            f"MaskDiT steps {eval_at['maskdit']} and DiT steps {eval_at['dit']}. Training seconds exclude "
+            f"evaluation (they include the chunks' checkpoint save/resume, ~1 s each).")
         results["config"] = {name: c.to_dict() for name, c in cfgs.items()}
         points, ref_stats = {}, None
         for name, c in cfgs.items():
-            points[name], ref_stats = train_and_evaluate(name, c, eval_steps, num_samples, sample_steps, ref_stats, log)
+            points[name], ref_stats = train_and_evaluate(name, c, eval_at[name], num_samples, sample_steps, ref_stats,
+                                                         log)
         results["points"] = points
         real_fd, real_acc = real_digit_fd(ref_stats, num_samples)
         early = {name: pts[0]["fid_classifier"] for name, pts in points.items()}
         results["sanity_check"] = {"num_samples": num_samples, "real_fid": real_fd, "real_accuracy": real_acc,
-                                   "early_step": eval_steps[0], "early_fid": early,
+                                   "early_step": {name: pts[0]["step"] for name, pts in points.items()},
+                                   "early_fid": early,
                                    "separation": min(early.values()) / real_fd}
         results["load_end"] = os.getloadavg()
         results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")

@@ -1,11 +1,13 @@
-"""Options the small-scale recipe (the `mnist` preset) relies on: the EMA restart at the unmasked
-phase (`ema_restart`) and MaskDiT's decoder input init (`zero_init_decoder_input`)."""
+"""The small-scale recipe (the `mnist` preset) and the options it relies on: the EMA restart at the
+unmasked phase (`ema_restart`) and MaskDiT's decoder input init (`zero_init_decoder_input`)."""
 import pytest
 import torch
 
 from maskdit_fast import train as T
 from maskdit_fast.checkpoint import list_checkpoints, load_checkpoint
+from maskdit_fast.config import PRESETS, config_from_dict
 from maskdit_fast.ema import ema_decay
+from maskdit_fast.flops import model_flops
 from maskdit_fast.models import MaskDiT
 from maskdit_fast.sample import build_from_metadata, model_metadata
 from test_train import tiny
@@ -60,3 +62,14 @@ def test_decoder_input_init():
     rebuilt = build_from_metadata(model_metadata(light, 0.5, {}), light.state_dict())
     assert rebuilt.config == light.config and not rebuilt.zero_init_decoder_input
     assert MaskDiT(**official.config).zero_init_decoder_input
+
+
+def test_mnist_preset_recipe():
+    """The default run stays a MaskDiT with a light decoder (<= 10% of a masked step's FLOPs, the
+    figure its comment states), masked pre-training then an unmasked phase with the EMA restarted."""
+    cfg = config_from_dict(PRESETS["mnist"]).validate()
+    net = T.build_model(cfg, (1, 32, 32))
+    assert isinstance(net, MaskDiT) and cfg.mask_ratio > 0 and cfg.mae_coef >= 0
+    masked = model_flops(net, mask_ratio=cfg.mask_ratio)
+    assert masked["decoder"] / masked["total"] <= 0.10
+    assert 0 < cfg.unmasked_steps < cfg.steps and cfg.ema_restart and cfg.threads == 1
