@@ -61,7 +61,7 @@ from maskdit_fast.parallel import apply_compile
 from maskdit_fast.sample import generate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling script, for first_reach
-from reproduce_small import first_reach  # noqa: E402
+from reproduce_small import first_reach, plot  # noqa: E402
 
 _PRESET = PRESETS["mnist"]
 SETTING = dict(
@@ -460,34 +460,6 @@ def mismatch_lines(results):
             f"comparison is not like for like: {'; '.join(differ)}.", ""]
 
 
-def plot(curves, path, floor=None):
-    """2x3 PNG: FD and class accuracy vs wall time, FLOPs and images."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for col, (axis, label, scale) in enumerate(AXES):
-        for row, (key, ylabel) in enumerate((("fid_classifier", "classifier FD (lower is better)"),
-                                             ("class_accuracy", "sample class accuracy"))):
-            ax = axes[row, col]
-            for arm, pts in curves.items():
-                ax.plot([p[axis] * scale for p in pts], [p[key] for p in pts], "o-", label=LABELS[arm])
-            if key == "fid_classifier":
-                if "dit" in curves:
-                    ax.axhline(curves["dit"][-1][key], color="gray", ls="--", lw=0.8, label="DiT final FD")
-                if floor is not None:
-                    ax.axhline(floor, color="green", ls=":", lw=1, label="augmented real digits")
-                ax.set_yscale("log")
-            ax.set_xlabel(label)
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle("MaskDiT vs DiT, 256 tokens (MNIST-5k at 64x64, patch 4): quality vs training compute")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def report(out, command="python benchmarks/reproduce_gpu.py"):
     """(Re)writes <out>/results.md and quality_vs_compute.png from the arm files there; returns the
     verdict dict."""
@@ -523,7 +495,9 @@ def report(out, command="python benchmarks/reproduce_gpu.py"):
         if floor:
             lines += ["", f"Metric floor: {s['num_samples']} other augmented real digits score FD "
                           f"{floor['fid_classifier']:.2f}, accuracy {floor['class_accuracy']:.1%}."]
-        plot(curves, os.path.join(out, "quality_vs_compute.png"), floor and floor["fid_classifier"])
+        plot(curves, os.path.join(out, "quality_vs_compute.png"), AXES,
+             "MaskDiT vs DiT, 256 tokens (MNIST-5k at 64x64, patch 4): quality vs training compute",
+             floor=floor and floor["fid_classifier"], floor_label="augmented real digits", labels=LABELS)
         lines += ["", "![quality vs compute](quality_vs_compute.png)"]
     lines += ["", "## Verdict", ""] + mismatch_lines(results) + verdict_lines(v, curves, results)
     if v["missing"]:

@@ -19,12 +19,17 @@ from maskdit_fast.models import create_model
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
-@pytest.fixture(scope="module")
-def rg():
-    spec = importlib.util.spec_from_file_location("reproduce_gpu", os.path.join(BENCH, "reproduce_gpu.py"))
+def _script(name):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def rg():
+    return _script("reproduce_gpu")
 
 
 @pytest.fixture
@@ -157,10 +162,7 @@ def test_cli_refusals(rg, tmp_path):
 # ----------------------------------------------------------------------- benchmarks/reproduce_small.py
 @pytest.fixture(scope="module")
 def rs():
-    spec = importlib.util.spec_from_file_location("reproduce_small", os.path.join(BENCH, "reproduce_small.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("reproduce_small")
 
 
 def test_reproduce_small_first_reach_and_compare(rs):
