@@ -92,6 +92,8 @@ class TrainConfig:
     # sampling (grids and the final evaluation)
     sample_steps: int = 18              # sampler steps (grids, final evaluation)
     sample_cfg: float = 1.5             # classifier-free guidance scale when sampling
+    # guide only the evaluations at LO < sigma <= HI (edm_sampler's cfg_interval); [] = every noise level
+    sample_cfg_interval: List[float] = field(default_factory=list)
     sample_solver: str = "heun"         # heun | euler
     sample_per_class: int = 10          # grid rows per class at the end; also the eval sample count
     eval_per_class: int = 50            # samples per class scored by the digit classifier (mnist5k)
@@ -114,6 +116,9 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.sample_solver in ("heun", "euler"), "sample_solver must be heun or euler"),
+            (not self.sample_cfg_interval or (len(self.sample_cfg_interval) == 2
+                                              and 0 <= self.sample_cfg_interval[0] < self.sample_cfg_interval[1]),
+             f"sample_cfg_interval must be [] or [lo, hi] with 0 <= lo < hi, got {self.sample_cfg_interval!r}"),
             (self.mask_schedule in ("constant", "linear", "cosine"),
              f"mask_schedule must be constant, linear or cosine, got {self.mask_schedule!r}"),
             (self.keep_last >= 1 and self.ckpt_every >= 1 and self.log_every >= 1,
@@ -331,7 +336,7 @@ def _field_help():
     return helps
 
 
-_NARGS = {"mask_ratio_range": 2}  # list flags with a fixed count (others take one or more values)
+_NARGS = {"mask_ratio_range": 2, "sample_cfg_interval": 2}  # list flags with a fixed count (others take one or more values)
 
 
 def build_parser():

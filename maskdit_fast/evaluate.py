@@ -205,7 +205,7 @@ def evaluate(args):
         idx = indices[start:start + args.batch_size]
         x = generate(precond, labels[start:start + len(idx)], [args.seed + i for i in idx],
                      batch_size=args.batch_size, num_steps=args.steps, cfg_scale=args.cfg_scale,
-                     solver=args.solver)
+                     cfg_interval=args.cfg_interval, solver=args.solver)
         if vae is not None:
             x = decode_latents(x, vae, meta["data"]["scale_factor"])
         # Samples are [-1, 1] images; an early checkpoint's can overshoot far (fid rejects |x| > 2 as a
@@ -231,8 +231,9 @@ def evaluate(args):
         if args.pr:
             metrics["precision"], metrics["recall"] = fid.precision_recall(ref.features, feats, device=device)
         metrics.update(num_samples=args.num_samples, ckpt=args.ckpt, ref_stats=args.ref_stats,
-                       cfg_scale=args.cfg_scale, steps=args.steps, solver=args.solver, seed=args.seed,
-                       world_size=world_size, seconds=round(time.time() - t0, 1))
+                       cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, steps=args.steps,
+                       solver=args.solver, seed=args.seed, world_size=world_size,
+                       seconds=round(time.time() - t0, 1))
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         print(json.dumps(metrics, indent=2), flush=True)
@@ -247,6 +248,8 @@ def build_parser():
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=64, help="samples per sampler call (per rank)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at LO < sigma <= HI (default: every noise level)")
     p.add_argument("--steps", type=int, default=40, help="EDM noise levels (Heun: 2 * steps - 1 evaluations)")
     p.add_argument("--solver", default="heun", choices=["heun", "euler"])
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")

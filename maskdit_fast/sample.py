@@ -140,6 +140,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m maskdit_fast.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="trainer checkpoint (.pt or sharded folder) or ema.safetensors")
     p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at LO < sigma <= HI (default: every noise level)")
     p.add_argument("--steps", type=int, default=40, help="EDM noise levels (Heun: 2 * steps - 1 evaluations)")
     p.add_argument("--solver", default="heun", choices=["heun", "euler"])
     p.add_argument("--classes", default="all", help="'all', '0,3,7' or '0-4'")
@@ -159,7 +161,7 @@ def main(argv=None):
     labels = torch.tensor(classes, dtype=torch.int64).repeat_interleave(args.per_class)
     seeds = [args.seed + i for i in range(len(labels))]
     x = generate(precond, labels, seeds, args.batch_size, num_steps=args.steps, cfg_scale=args.cfg_scale,
-                 solver=args.solver)
+                 cfg_interval=args.cfg_interval, solver=args.solver)
     if args.npz:
         os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
         np.savez(args.npz, samples=x.numpy(), labels=labels.numpy(), seeds=np.array(seeds))

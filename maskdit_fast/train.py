@@ -598,7 +598,8 @@ def sample_images(cfg, net, labels, device):
     [N, C, H, W] float32 CPU."""
     seeds = [GRID_SEED + i for i in range(labels.shape[0])]
     return generate(EDMPrecond(net, cfg.sigma_data).eval(), labels, seeds, batch_size=250,
-                    num_steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, solver=cfg.sample_solver)
+                    num_steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg,
+                    cfg_interval=cfg.sample_cfg_interval or None, solver=cfg.sample_solver)
 
 
 def write_grid(run_dir, step, x, per_class, latent):

@@ -358,6 +358,29 @@ def test_cfg_guidance_combines_batched_cond_and_uncond():
     assert not torch.allclose(out, edm_sampler(pre, latents, y, num_steps=1, cfg_scale=1.0))
 
 
+def test_cfg_interval_guides_only_inside_it():
+    pre = _precond()
+    torch.manual_seed(9)
+    latents, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 2])
+    sigmas = edm_sigma_steps(6).tolist()
+    everywhere = edm_sampler(pre, latents, y, num_steps=6, cfg_scale=3.0)
+    assert torch.equal(edm_sampler(pre, latents, y, num_steps=6, cfg_scale=3.0, cfg_interval=(0.0, 100.0)),
+                       everywhere)
+    nowhere = edm_sampler(pre, latents, y, num_steps=6, cfg_scale=3.0, cfg_interval=(90.0, 100.0))
+    assert torch.equal(nowhere, edm_sampler(pre, latents, y, num_steps=6, cfg_scale=1.0))
+    pre.net.calls.clear()
+    lo, hi = sigmas[3], sigmas[1]  # guided: the evaluations at sigmas[1] and sigmas[2] (lo itself is not)
+    partly = edm_sampler(pre, latents, y, num_steps=6, cfg_scale=3.0, cfg_interval=(lo, hi))
+    batch_sizes = [c[0].shape[0] for c in pre.net.calls]
+    # Heun evaluates sigma_0, then (sigma_i at the corrector, sigma_i at the next step's predictor) pairs.
+    evaluated = [sigmas[0]] + [s for s in sigmas[1:6] for _ in range(2)]
+    assert batch_sizes == [4 if lo < s <= hi else 2 for s in evaluated] and 4 in batch_sizes and 2 in batch_sizes
+    assert not torch.allclose(partly, everywhere) and not torch.allclose(partly, nowhere)
+    for bad in ((1.0, 1.0), (-1.0, 2.0), (2.0,), "ab", 3.0):
+        with pytest.raises(ValueError, match="cfg_interval"):
+            edm_sampler(pre, latents, y, num_steps=2, cfg_scale=3.0, cfg_interval=bad)
+
+
 def test_heun_vs_euler_and_single_step():
     pre = _precond()
     torch.manual_seed(7)

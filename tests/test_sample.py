@@ -39,6 +39,20 @@ def test_cli_writes_grid_and_npz(run_dir, tmp_path):
     torch.testing.assert_close(again, torch.from_numpy(data["samples"]), atol=1e-5, rtol=1e-5)
 
 
+def test_cli_cfg_interval(run_dir, tmp_path):
+    """--cfg-interval LO HI reaches the sampler: the samples are those of generate(cfg_interval=...), and
+    differ from guidance at every noise level."""
+    npz = str(tmp_path / "s.npz")
+    main(["--ckpt", str(run_dir / "ema.safetensors"), "--classes", "1", "--per-class", "2", "--steps", "4",
+          "--cfg-scale", "3", "--cfg-interval", "0.5", "10", "--npz", npz])
+    precond, _ = load_for_sampling(str(run_dir / "ema.safetensors"))
+    labels, seeds = torch.tensor([1, 1]), [0, 1]
+    want = generate(precond, labels, seeds, num_steps=4, cfg_scale=3.0, cfg_interval=(0.5, 10.0))
+    got = torch.from_numpy(np.load(npz)["samples"])
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, generate(precond, labels, seeds, num_steps=4, cfg_scale=3.0))
+
+
 def test_sharded_checkpoint_folder(run_dir, tmp_path):
     """A DCP folder (as distributed runs write) samples like the .pt holding the same EMA."""
     ckpt = load_checkpoint(str(run_dir / "checkpoints" / "step_00000004.pt"))

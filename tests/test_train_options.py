@@ -53,6 +53,8 @@ def losses(run_dir):
     (dict(compile=True, cuda_graphs=True, mixed_resolutions=[32, 16]), "static shapes"),
     (dict(compile=True, compile_scope="model", parallel="fsdp"), "compile per block"),
     (dict(compile=True, cuda_graphs=True, parallel="ddp"), "needs parallel none"),
+    (dict(sample_cfg_interval=[2.0, 1.0]), "sample_cfg_interval"),
+    (dict(sample_cfg_interval=[-1.0, 1.0]), "sample_cfg_interval"),
 ])
 def test_config_refuses_unsupported_combinations(overrides, message):
     with pytest.raises(ValueError, match=message):
