@@ -82,6 +82,14 @@ def block_d(d, cap):
     return max(16, min(next_power_of_2(max(d, 1)), cap))
 
 
+def least_waste_block(d, cap):
+    """Column block of a kernel that tiles the row with several blocks: the power of two in [16, cap] that leaves
+    the fewest masked lanes in the last block (cdiv(d, b) * b - d), the widest of those on ties (fewer programs);
+    D = 1152 -> 128 (9 full blocks), 1024 -> 1024, 72 -> 16 (5 blocks, 8 idle lanes)."""
+    widths = [1 << k for k in range(4, max(cap, 16).bit_length())]
+    return min(reversed(widths), key=lambda b: cdiv(max(d, 1), b) * b - max(d, 1))
+
+
 # Elements per program tile of the default configurations: a [rows, BLOCK_D] tile holds about this many (rows =
 # TILE // BLOCK_D), so narrow rows are batched and wide rows (D = 1152 -> 2048 columns) take 2 rows per program.
 TILE = 4096
@@ -168,6 +176,119 @@ def normalized_tile(
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0), rstd
+
+
+@triton.jit
+def merge_moments(
+    mean,     # [BLOCK_R] row means of the first `seen` columns
+    m2,       # [BLOCK_R] their sums of squared deviations from the mean
+    v,        # [BLOCK_R, BLOCK_D] the next columns of the rows, ACC
+    mask,     # [BLOCK_R, BLOCK_D] valid elements of v
+    seen,     # columns before v (a multiple of BLOCK_D)
+    D,        # row width
+    BLOCK_D: tl.constexpr,
+):
+    """(mean, m2) of the first seen + BLOCK_D columns (at most D) of each row: a chunked-row LayerNorm's
+    statistics, one column chunk at a time. The chunk is centred on its own mean and merged pairwise (Chan, Golub
+    and LeVeque), so nothing cancels when |mean| >> std as in a one-pass sum of squares."""
+    n = tl.minimum(BLOCK_D, D - seen)
+    chunk_mean = tl.sum(tl.where(mask, v, 0.0), axis=1) / n
+    dev = tl.where(mask, v - chunk_mean[:, None], 0.0)
+    delta = chunk_mean - mean
+    total = seen + n
+    return mean + delta * n / total, m2 + tl.sum(dev * dev, axis=1) + delta * delta * seen * n / total
+
+
+@triton.jit
+def chunk(
+    rows,     # [BLOCK_R] row indices
+    crows,    # [BLOCK_R] their conditioning rows
+    rmask,    # [BLOCK_R] valid rows
+    d0,       # first column of the chunk
+    D,        # row width
+    BLOCK_D: tl.constexpr,
+):
+    """(cols, mask, offs, coffs) of the [BLOCK_R, BLOCK_D] chunk of a chunked-row kernel at column d0: its column
+    indices, valid elements, and element offsets in the rows and in their conditioning rows."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = rmask[:, None] & (cols < D)[None, :]
+    return cols, mask, rows[:, None] * D + cols[None, :], crows[:, None] * D + cols[None, :]
+
+
+@triton.jit
+def ln_bwd_chunk(
+    x_ptr,      # flat [rows, D] LayerNorm input
+    mean_ptr,   # [rows] its row means, saved by the forward
+    rstd_ptr,   # [rows] its row 1 / sqrt(var + eps)
+    dh_ptr,     # flat [rows, D] grad of the modulated output
+    scale_ptr,  # forward scale: [B, D], or [rows, D] when PER_TOKEN
+    b,          # the sample of the rows
+    rows,       # [BLOCK_R] row indices
+    rmask,      # [BLOCK_R] valid rows
+    d0,         # first column of the chunk
+    D,
+    PER_TOKEN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The chunk at column d0 of a chunked-row LayerNorm-modulate backward: (cols, mask, offs, coffs, xhat, rstd,
+    dh, dxhat = dh * (1 + scale)), every tile 0 off mask. A per-sample coffs is b's row, broadcast over rows."""
+    crows = rows if PER_TOKEN else tl.zeros_like(rows) + b
+    cols, mask, offs, coffs = chunk(rows, crows, rmask, d0, D, BLOCK_D)
+    xhat, rstd = normalized_tile(x_ptr, mean_ptr, rstd_ptr, rows, offs, rmask, mask, ACC)
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dxhat = dh * (1.0 + tl.load(scale_ptr + coffs, mask=mask, other=0.0).to(ACC))
+    return cols, mask, offs, coffs, xhat, rstd, dh, dxhat
+
+
+@triton.jit
+def dxhat_row_means(
+    x_ptr, mean_ptr, rstd_ptr, dh_ptr, scale_ptr, b, rows, rmask, D,  # as ln_bwd_chunk's
+    PER_TOKEN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """First pass of a chunked-row LayerNorm-modulate backward over a tile of rows: the row means of dxhat and of
+    dxhat * xhat (0 on invalid rows), which the second pass's dx needs before it can write anything."""
+    s = tl.zeros([BLOCK_R], dtype=ACC)
+    s_xhat = tl.zeros([BLOCK_R], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        _, _, _, _, xhat, _, _, dxhat = ln_bwd_chunk(x_ptr, mean_ptr, rstd_ptr, dh_ptr, scale_ptr, b, rows, rmask, d0,
+                                                      D, PER_TOKEN, ACC, BLOCK_D)
+        s += tl.sum(dxhat, axis=1)
+        s_xhat += tl.sum(dxhat * xhat, axis=1)
+    return s / D, s_xhat / D
+
+
+@triton.jit
+def add_to_part(
+    ptr,      # [BLOCK_D] pointers into this program's own partial row
+    value,    # [BLOCK_D] this token tile's column sums
+    cmask,    # [BLOCK_D] valid columns
+    added,    # whether the row holds earlier token tiles' sums (else it holds garbage: stored over)
+):
+    """Read-modify-write of a partial row only this program writes. The caller puts a tl.debug_barrier() between
+    token tiles: a column reduced over rows may be held by several threads, and the one that loads it next need not
+    be the one that stored it."""
+    tl.store(ptr, tl.load(ptr, mask=cmask & added, other=0.0) + value, mask=cmask)
+
+
+@triton.jit
+def store_sum_of_parts(
+    out_ptr,      # [D] output row
+    parts,        # pointer to partial row 0
+    part_stride,  # elements between consecutive partial rows
+    n_parts,      # partial rows to add
+    D,
+    BLOCK_D: tl.constexpr,
+):
+    """out = the sum of the partial rows in index order (sum_parts), BLOCK_D columns at a time."""
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        total = sum_parts(parts, part_stride, n_parts, cols, cmask)
+        tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 # Compiled kernels by (kernel, device, specialization, options): see `launch`.

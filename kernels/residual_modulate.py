@@ -11,8 +11,11 @@ The forward reads x and y once and writes x_new, h and the per-row statistics (m
 dtype) that the backward reads instead of recomputing them. The backward reads the two incoming gradients,
 x_new and y once and writes dx and dy; the grads of per-sample gate/shift/scale are reduced over tokens inside
 the kernel, deterministically (the scheme of kernels/modulate.py: one partial row per program and sample, added
-in chunk order by the last program to arrive). Both kernels keep whole rows in registers (LayerNorm needs
-them). L (tokens per sample) and the chunk length are runtime arguments (no recompiles per mask ratio).
+in chunk order by the last program to arrive). Both kernels keep whole rows in registers unless the configuration
+gives a narrower BLOCK_D; then they walk rows in chunks as kernels/modulate.py's LayerNorm kernels do, reading
+their inputs a second time (mostly from L1/L2): the forward stores x_new in its first pass and reads it back as
+stored in the second, so the guarantee above holds. L (tokens per sample), D and the chunk length are runtime
+arguments (no recompiles per mask ratio).
 
 Launch configurations come from kernels/_config.py (`tuned(family, "D=<width>", default)`); `TUNING` lists the
 candidates a GPU sweep may time for each family.
@@ -25,14 +28,16 @@ import triton.language as tl
 from maskdit_fast.backend import result_dtype
 from maskdit_fast.kernels import _common
 from maskdit_fast.kernels._config import tuned
-from maskdit_fast.kernels.modulate import LN_BLOCK_CAP, is_per_token
+from maskdit_fast.kernels.modulate import LN_BLOCK_CAP, LN_CHUNKED, is_per_token, ln_block
 
 # Every candidate and default compiles for sm_90 without spills at D = 1152 and 512, per-sample and per-token
-# conditioning (benchmarks/compile_sm90.py's compile of the launchers' calls); the backward's 4 rows on 4 warps
-# spilled at D = 1152 and is left out.
+# conditioning (benchmarks/compile_sm90.py's compile of the launchers' calls); the backward's 4 whole rows on 4
+# warps spilled at D = 1152 and is left out. The candidates with BLOCK_D walk rows in chunks (kernels/modulate.py's
+# LN_CHUNKED).
 TUNING = {
-    "residual_ln_modulate_fwd": [{"BLOCK_R": r, "num_warps": w} for r in (1, 2, 4) for w in (4, 8)],
-    "residual_ln_modulate_bwd": [{"BLOCK_R": r, "num_warps": w} for r, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 8))],
+    "residual_ln_modulate_fwd": [{"BLOCK_R": r, "num_warps": w} for r in (1, 2, 4) for w in (4, 8)] + LN_CHUNKED,
+    "residual_ln_modulate_bwd": [{"BLOCK_R": r, "num_warps": w} for r, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 8))]
+                                + LN_CHUNKED,
 }
 
 
@@ -52,31 +57,108 @@ def _residual_ln_modulate_fwd_kernel(
     PER_TOKEN: tl.constexpr,  # conditioning indexed by row (True) or by sample (False)
     ACC: tl.constexpr,        # arithmetic dtype
     BLOCK_R: tl.constexpr,    # rows per program
-    BLOCK_D: tl.constexpr,    # >= D: whole rows
+    BLOCK_D: tl.constexpr,    # columns per chunk: >= D (whole rows) when ONE_CHUNK
+    ONE_CHUNK: tl.constexpr,  # the row is one chunk held in registers (else: two passes over BLOCK_D chunks)
 ):
     # grid (cdiv(B*L, BLOCK_R),)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     crows = rows if PER_TOKEN else rows // L
-    cols = tl.arange(0, BLOCK_D)
     rmask = rows < n_rows
-    mask = rmask[:, None] & (cols < D)[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    coffs = crows[:, None] * D + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-    gate = tl.load(gate_ptr + coffs, mask=mask, other=0.0).to(ACC)
-    xn = (x + gate * y).to(xn_ptr.dtype.element_ty)
-    tl.store(xn_ptr + offs, xn, mask=mask)
-    xn = xn.to(ACC)  # h normalises x_new as stored
-    mean = tl.sum(xn, axis=1) / D
-    xc = tl.where(mask, xn - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    tl.store(mean_ptr + rows, mean, mask=rmask)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    shift = tl.load(shift_ptr + coffs, mask=mask).to(ACC)
-    scale = tl.load(scale_ptr + coffs, mask=mask).to(ACC)
-    h = xc * rstd[:, None] * (1.0 + scale) + shift
-    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        coffs = crows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+        gate = tl.load(gate_ptr + coffs, mask=mask, other=0.0).to(ACC)
+        xn = (x + gate * y).to(xn_ptr.dtype.element_ty)
+        tl.store(xn_ptr + offs, xn, mask=mask)
+        xn = xn.to(ACC)  # h normalises x_new as stored
+        mean = tl.sum(xn, axis=1) / D
+        xc = tl.where(mask, xn - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        tl.store(mean_ptr + rows, mean, mask=rmask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+        shift = tl.load(shift_ptr + coffs, mask=mask).to(ACC)
+        scale = tl.load(scale_ptr + coffs, mask=mask).to(ACC)
+        h = xc * rstd[:, None] * (1.0 + scale) + shift
+        tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+    else:
+        # the first pass stores x_new and takes its statistics; the second reads x_new back as stored (one read,
+        # mostly from L2, instead of x, y and gate again) and normalises it
+        mean = tl.zeros([BLOCK_R], dtype=ACC)
+        m2 = tl.zeros([BLOCK_R], dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            _, mask, offs, coffs = _common.chunk(rows, crows, rmask, d0, D, BLOCK_D)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+            gate = tl.load(gate_ptr + coffs, mask=mask, other=0.0).to(ACC)
+            xn = (x + gate * y).to(xn_ptr.dtype.element_ty)
+            tl.store(xn_ptr + offs, xn, mask=mask)
+            mean, m2 = _common.merge_moments(mean, m2, xn.to(ACC), mask, d0, D, BLOCK_D)
+        rstd = 1.0 / tl.sqrt(m2 / D + eps)
+        tl.store(mean_ptr + rows, mean, mask=rmask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+        tl.debug_barrier()  # x_new is read back by threads that may not be the ones that stored it
+        for d0 in range(0, D, BLOCK_D):
+            _, mask, offs, coffs = _common.chunk(rows, crows, rmask, d0, D, BLOCK_D)
+            xn = tl.load(xn_ptr + offs, mask=mask, other=0.0).to(ACC)
+            shift = tl.load(shift_ptr + coffs, mask=mask).to(ACC)
+            scale = tl.load(scale_ptr + coffs, mask=mask).to(ACC)
+            h = (xn - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift
+            tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _residual_ln_modulate_bwd_chunked(
+    dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr,  # as in _residual_ln_modulate_bwd_kernel
+    parts,        # per sample: this sample's [n_chunks, 3, D] partial sums
+    count_ptr,    # per sample: this sample's arrival counter
+    gxn_ptr, gh_ptr, xn_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,  # as in the kernel
+    b, c,         # this program's sample and its chunk of the sample's tokens
+    l_start, l_end,  # the chunk's tokens
+    L, D, n_chunks,
+    PER_TOKEN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,    # rows per loop step
+    BLOCK_D: tl.constexpr,    # columns per chunk (< D)
+):
+    """_residual_ln_modulate_bwd_kernel on rows walked in BLOCK_D-column chunks, the scheme of
+    kernels/modulate.py's _ln_modulate_bwd_chunked: per token tile, one pass over the chunks for the row means of
+    the LayerNorm backward, a second that writes dx and dy and adds the per-sample column sums into the program's
+    own partial rows (read-modify-write, L1/L2 traffic), summed in chunk order by the last program to arrive."""
+    own = parts + c * 3 * D
+    for l0 in range(l_start, l_end, BLOCK_R):
+        tokens = l0 + tl.arange(0, BLOCK_R)
+        rmask = tokens < l_end
+        rows = b * L + tokens
+        mean_dxhat, mean_dxhat_xhat = _common.dxhat_row_means(xn_ptr, mean_ptr, rstd_ptr, gh_ptr, scale_ptr, b, rows,
+                                                               rmask, D, PER_TOKEN, ACC, BLOCK_R, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            cols, mask, offs, coffs, xhat, rstd, dh, dxhat = _common.ln_bwd_chunk(
+                xn_ptr, mean_ptr, rstd_ptr, gh_ptr, scale_ptr, b, rows, rmask, d0, D, PER_TOKEN, ACC, BLOCK_D)
+            g = tl.load(gxn_ptr + offs, mask=mask, other=0.0).to(ACC)
+            g += (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None]
+            tl.store(dx_ptr + offs, g.to(dx_ptr.dtype.element_ty), mask=mask)
+            gate = tl.load(gate_ptr + coffs, mask=mask, other=0.0).to(ACC)
+            tl.store(dy_ptr + offs, (gate * g).to(dy_ptr.dtype.element_ty), mask=mask)
+            dgate = g * tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if PER_TOKEN:
+                tl.store(dgate_ptr + offs, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+                tl.store(dshift_ptr + offs, dh.to(dshift_ptr.dtype.element_ty), mask=mask)
+                tl.store(dscale_ptr + offs, (dh * xhat).to(dscale_ptr.dtype.element_ty), mask=mask)
+            else:
+                _common.add_to_part(own + cols, tl.sum(dgate, axis=0), cols < D, l0 > l_start)
+                _common.add_to_part(own + D + cols, tl.sum(dh, axis=0), cols < D, l0 > l_start)
+                _common.add_to_part(own + 2 * D + cols, tl.sum(dh * xhat, axis=0), cols < D, l0 > l_start)
+        if not PER_TOKEN:
+            tl.debug_barrier()
+    if not PER_TOKEN:
+        if _common.last_to_arrive(count_ptr, n_chunks):
+            _common.store_sum_of_parts(dgate_ptr + b * D, parts, 3 * D, n_chunks, D, BLOCK_D)
+            _common.store_sum_of_parts(dshift_ptr + b * D, parts + D, 3 * D, n_chunks, D, BLOCK_D)
+            _common.store_sum_of_parts(dscale_ptr + b * D, parts + 2 * D, 3 * D, n_chunks, D, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["L", "ROWS_PER_PROG", "n_chunks"])
@@ -102,7 +184,8 @@ def _residual_ln_modulate_bwd_kernel(
     PER_TOKEN: tl.constexpr,  # conditioning indexed by row (True) or by sample (False)
     ACC: tl.constexpr,        # arithmetic dtype
     BLOCK_R: tl.constexpr,    # rows per loop step
-    BLOCK_D: tl.constexpr,    # >= D: whole rows
+    BLOCK_D: tl.constexpr,    # columns per chunk: >= D (whole rows) when ONE_CHUNK
+    ONE_CHUNK: tl.constexpr,  # the row is one chunk held in registers (else: _residual_ln_modulate_bwd_chunked)
 ):
     # grid (B * n_chunks,): program p owns tokens [c*R, min((c+1)*R, L)) of sample b = p // n_chunks.
     # g, the whole grad of x_new, is the incoming one plus LayerNorm's backward of dh * (1 + scale); then
@@ -112,57 +195,63 @@ def _residual_ln_modulate_bwd_kernel(
     c = pid % n_chunks
     l_start = c * ROWS_PER_PROG
     l_end = tl.minimum(l_start + ROWS_PER_PROG, L)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    if not PER_TOKEN:
-        gate_b = tl.load(gate_ptr + b * D + cols, mask=cmask, other=0.0).to(ACC)
-        scale_b = tl.load(scale_ptr + b * D + cols, mask=cmask, other=0.0).to(ACC)
-        acc_gate = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-        acc_shift = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-        acc_scale = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-    for l0 in range(l_start, l_end, BLOCK_R):
-        tokens = l0 + tl.arange(0, BLOCK_R)
-        rmask = tokens < l_end
-        mask = rmask[:, None] & cmask[None, :]
-        rows = b * L + tokens
-        offs = rows[:, None] * D + cols[None, :]
-        xhat, rstd = _common.normalized_tile(xn_ptr, mean_ptr, rstd_ptr, rows, offs, rmask, mask, ACC)
-        dh = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if PER_TOKEN:
-            gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(ACC)
-            scale = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(dshift_ptr + offs, dh.to(dshift_ptr.dtype.element_ty), mask=mask)
-            tl.store(dscale_ptr + offs, (dh * xhat).to(dscale_ptr.dtype.element_ty), mask=mask)
-        else:
-            gate = gate_b[None, :]
-            scale = scale_b[None, :]
-            acc_shift += dh
-            acc_scale += dh * xhat
-        # padded rows and columns are 0 in dh and xhat, and their rstd is 0: g is 0 there
-        dxhat = dh * (1.0 + scale)
-        mean_dxhat = tl.sum(dxhat, axis=1) / D
-        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / D
-        g = tl.load(gxn_ptr + offs, mask=mask, other=0.0).to(ACC)
-        g += (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + offs, g.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dy_ptr + offs, (gate * g).to(dy_ptr.dtype.element_ty), mask=mask)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if PER_TOKEN:
-            tl.store(dgate_ptr + offs, (g * y).to(dgate_ptr.dtype.element_ty), mask=mask)
-        else:
-            acc_gate += g * y
-    if not PER_TOKEN:
-        parts = part_ptr + b * n_chunks * 3 * D
-        tl.store(parts + c * 3 * D + cols, tl.sum(acc_gate, axis=0), mask=cmask)
-        tl.store(parts + c * 3 * D + D + cols, tl.sum(acc_shift, axis=0), mask=cmask)
-        tl.store(parts + c * 3 * D + 2 * D + cols, tl.sum(acc_scale, axis=0), mask=cmask)
-        if _common.last_to_arrive(count_ptr + b, n_chunks):
-            dgate = _common.sum_parts(parts, 3 * D, n_chunks, cols, cmask)
-            dshift = _common.sum_parts(parts + D, 3 * D, n_chunks, cols, cmask)
-            dscale = _common.sum_parts(parts + 2 * D, 3 * D, n_chunks, cols, cmask)
-            tl.store(dgate_ptr + b * D + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=cmask)
-            tl.store(dshift_ptr + b * D + cols, dshift.to(dshift_ptr.dtype.element_ty), mask=cmask)
-            tl.store(dscale_ptr + b * D + cols, dscale.to(dscale_ptr.dtype.element_ty), mask=cmask)
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        if not PER_TOKEN:
+            gate_b = tl.load(gate_ptr + b * D + cols, mask=cmask, other=0.0).to(ACC)
+            scale_b = tl.load(scale_ptr + b * D + cols, mask=cmask, other=0.0).to(ACC)
+            acc_gate = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+            acc_shift = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+            acc_scale = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+        for l0 in range(l_start, l_end, BLOCK_R):
+            tokens = l0 + tl.arange(0, BLOCK_R)
+            rmask = tokens < l_end
+            mask = rmask[:, None] & cmask[None, :]
+            rows = b * L + tokens
+            offs = rows[:, None] * D + cols[None, :]
+            xhat, rstd = _common.normalized_tile(xn_ptr, mean_ptr, rstd_ptr, rows, offs, rmask, mask, ACC)
+            dh = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if PER_TOKEN:
+                gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(ACC)
+                scale = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(ACC)
+                tl.store(dshift_ptr + offs, dh.to(dshift_ptr.dtype.element_ty), mask=mask)
+                tl.store(dscale_ptr + offs, (dh * xhat).to(dscale_ptr.dtype.element_ty), mask=mask)
+            else:
+                gate = gate_b[None, :]
+                scale = scale_b[None, :]
+                acc_shift += dh
+                acc_scale += dh * xhat
+            # padded rows and columns are 0 in dh and xhat, and their rstd is 0: g is 0 there
+            dxhat = dh * (1.0 + scale)
+            mean_dxhat = tl.sum(dxhat, axis=1) / D
+            mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / D
+            g = tl.load(gxn_ptr + offs, mask=mask, other=0.0).to(ACC)
+            g += (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None]
+            tl.store(dx_ptr + offs, g.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dy_ptr + offs, (gate * g).to(dy_ptr.dtype.element_ty), mask=mask)
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if PER_TOKEN:
+                tl.store(dgate_ptr + offs, (g * y).to(dgate_ptr.dtype.element_ty), mask=mask)
+            else:
+                acc_gate += g * y
+        if not PER_TOKEN:
+            parts = part_ptr + b * n_chunks * 3 * D
+            tl.store(parts + c * 3 * D + cols, tl.sum(acc_gate, axis=0), mask=cmask)
+            tl.store(parts + c * 3 * D + D + cols, tl.sum(acc_shift, axis=0), mask=cmask)
+            tl.store(parts + c * 3 * D + 2 * D + cols, tl.sum(acc_scale, axis=0), mask=cmask)
+            if _common.last_to_arrive(count_ptr + b, n_chunks):
+                dgate = _common.sum_parts(parts, 3 * D, n_chunks, cols, cmask)
+                dshift = _common.sum_parts(parts + D, 3 * D, n_chunks, cols, cmask)
+                dscale = _common.sum_parts(parts + 2 * D, 3 * D, n_chunks, cols, cmask)
+                tl.store(dgate_ptr + b * D + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dshift_ptr + b * D + cols, dshift.to(dshift_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dscale_ptr + b * D + cols, dscale.to(dscale_ptr.dtype.element_ty), mask=cmask)
+    else:
+        _residual_ln_modulate_bwd_chunked(dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr,
+                                          part_ptr + b * n_chunks * 3 * D, count_ptr + b, gxn_ptr, gh_ptr, xn_ptr,
+                                          y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr, b, c, l_start, l_end, L, D,
+                                          n_chunks, PER_TOKEN, ACC, BLOCK_R, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -175,13 +264,11 @@ def _default(D):
 
 
 def _config(family, D, n_rows, device):
-    """(BLOCK_R, BLOCK_D, num_warps) of `family` at width D for n_rows rows: the tuned configuration, whole rows,
-    no more rows than there are."""
-    if D > LN_BLOCK_CAP:
-        raise ValueError(f"residual_layernorm_modulate (triton): feature width {D} is over the {LN_BLOCK_CAP} "
-                         "columns a row tile holds")
+    """(BLOCK_R, BLOCK_D, num_warps) of `family` at width D for n_rows rows: the tuned configuration, whole rows
+    or its chunks (`ln_block`), no more rows than there are."""
     config = tuned(family, _common.width_key(D), _default(D), device)
-    return _common.rows(config["BLOCK_R"], n_rows), _common.block_d(D, LN_BLOCK_CAP), config["num_warps"]
+    block = ln_block(D, config.get("BLOCK_D"), "residual_layernorm_modulate")
+    return _common.rows(config["BLOCK_R"], n_rows), block, config["num_warps"]
 
 
 def _check(*tensors):
@@ -208,7 +295,8 @@ def residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps):
     block_r, block, warps = _config("residual_ln_modulate_fwd", D, B * L, x.device)
     _common.launch(_residual_ln_modulate_fwd_kernel, (_common.cdiv(B * L, block_r),), xn, h, mean, rstd, x, y,
                    gate, shift, scale, B * L, L, D, eps, PER_TOKEN=is_per_token(gate, x),
-                   ACC=_common.acc_dtype(stat_dtype), BLOCK_R=block_r, BLOCK_D=block, num_warps=warps)
+                   ACC=_common.acc_dtype(stat_dtype), BLOCK_R=block_r, BLOCK_D=block, ONE_CHUNK=block >= D,
+                   num_warps=warps)
     return xn, h, mean, rstd
 
 
@@ -235,5 +323,5 @@ def residual_layernorm_modulate_bwd(grad_xn, grad_h, xn, y, gate, scale, mean, r
     _common.launch(_residual_ln_modulate_bwd_kernel, (B * chunks,), dx, dy, dgate, dshift, dscale, part, count,
                    grad_xn, grad_h, xn, y, gate, scale, mean, rstd, L, D, tiles_per_prog * block_r, chunks,
                    PER_TOKEN=per_token, ACC=_common.acc_dtype(part_dtype), BLOCK_R=block_r, BLOCK_D=block,
-                   num_warps=warps)
+                   ONE_CHUNK=block >= D, num_warps=warps)
     return dx, dy, dgate, dshift, dscale

@@ -1,5 +1,6 @@
 """Test setup. Without a usable GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be
 set before triton is first imported (importing torch and asking it for CUDA does not import triton)."""
+import contextlib
 import inspect
 import os
 
@@ -43,6 +44,28 @@ def assert_deterministic_backward(op, args, generator):
     first, second = [torch.autograd.grad(op(*args), wrt, dy) for _ in range(2)]
     for a, b in zip(first, second):
         assert torch.equal(a, b), f"backward differs between two runs by {(a.double() - b.double()).abs().max()}"
+
+
+@contextlib.contextmanager
+def configured(families, config):
+    """Every kernel family in `families` launched with `config` (kernels._config.override of each)."""
+    from maskdit_fast.kernels import _config
+    with contextlib.ExitStack() as stack:
+        for family in families:
+            stack.enter_context(_config.override(family, config))
+        yield
+
+
+# Chunked-row LayerNorm cases (shape, BLOCK_D, BLOCK_R): several chunks with a ragged last one; one token; ragged
+# row tiles (7 tokens in tiles of 4); 40 tokens in tiles of 1 give 20 programs per sample of 2 tiles each (the
+# backward's read-modify-write of its partial rows)
+CHUNKED_ROWS = [((3, 7, 72), 16, 4), ((2, 5, 100), 32, 2), ((1, 3, 200), 64, 2), ((2, 1, 100), 16, 2),
+                ((2, 40, 72), 32, 1)]
+
+
+def chunked_rows(families, block_d, block_r):
+    """`families` launched with rows walked in block_d-column chunks, block_r rows per tile."""
+    return configured(families, {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": 4})
 
 
 def row_statistics_ref(x, eps):

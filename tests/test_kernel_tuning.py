@@ -42,6 +42,27 @@ def test_every_family_has_candidates():
             assert candidates and all(isinstance(c, dict) and "num_warps" in c for c in candidates), family
 
 
+def test_layernorm_families_have_chunked_candidates():
+    """Each LayerNorm family lists candidates with a BLOCK_D narrower than D, so the correctness test below (and
+    tests/test_ops_residual_modulate.py's) runs their chunked-row path, and whole-row ones without BLOCK_D."""
+    for module, families in ((modulate, ("ln_modulate_fwd", "ln_modulate_bwd")), (residual_modulate, None)):
+        for family in families or module.TUNING:
+            widths = [c.get("BLOCK_D") for c in module.TUNING[family]]
+            assert None in widths and any(w is not None and w < D for w in widths), family
+
+
+@pytest.mark.parametrize("width,block", [(1152, 128), (1024, 1024), (512, 512), (72, 16), (100, 16), (1, 16),
+                                         (3000, 64), (384, 128)])
+def test_default_column_block_wastes_the_fewest_lanes(width, block):
+    """The default column block of the column-tiled kernels (gated residual, gather/scatter): fewest masked lanes
+    over the row, the widest such block, a tile of about TILE elements."""
+    from maskdit_fast.kernels import _common
+    assert _common.least_waste_block(width, 1024) == block
+    defaults = [modulate._default(f, width) for f in ("gated_residual_fwd", "gated_residual_bwd")]
+    for config in defaults + [gather_scatter._default(width)]:
+        assert config["BLOCK_D"] == block and config["BLOCK_R"] * block == _common.TILE
+
+
 def _op_checks(family, device):
     """check_op rows of the op whose kernels use `family`, forward and backward, fp32 (bf16 for the glue)."""
     gen = torch.Generator().manual_seed(hash(family) % 2**31)

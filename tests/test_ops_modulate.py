@@ -10,7 +10,8 @@ import torch
 
 from maskdit_fast.ops import modulate as md
 from maskdit_fast.accuracy import check_op
-from conftest import assert_checks, grad_generator, layernorm_modulate_backward_ref, row_statistics_ref
+from conftest import (CHUNKED_ROWS, assert_checks, assert_deterministic_backward, chunked_rows, grad_generator,
+                      layernorm_modulate_backward_ref, row_statistics_ref)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SMALL = [(3, 7, 72), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72), (1, 1, 1000)]
@@ -147,6 +148,99 @@ def test_backward_is_deterministic(device):
     first, second = [torch.autograd.grad(md.layernorm_modulate(x, shift, scale, **TRITON), [x, shift, scale], dy)
                      for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunked rows: a configuration whose BLOCK_D is narrower than the row walks it in chunks
+# ---------------------------------------------------------------------------------------------------
+
+LN_FAMILIES = ("ln_modulate_fwd", "ln_modulate_bwd")
+
+
+def _chunked(block_d, block_r):
+    return chunked_rows(LN_FAMILIES, block_d, block_r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("shape,block_d,block_r", CHUNKED_ROWS, ids=str)
+def test_chunked_rows_match_reference(shape, block_d, block_r, per_token, dtype, device):
+    """Forward and every grad against the float64 reference, outputs NaN-poisoned (check_op)."""
+    B, L, D = shape
+    gen = torch.Generator().manual_seed(hash((shape, block_d, per_token)) % 2**31)
+    randn = functools.partial(_randn, dtype=dtype, gen=gen, device=device)
+    cond = (B, L, D) if per_token else (B, D)
+    x = (_randn(B, L, D, dtype=torch.float32, gen=gen, device=device, grad=False) * 3 + 1).to(dtype).requires_grad_()
+    with _chunked(block_d, block_r):
+        assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref,
+                                (x, randn(*cond), randn(*cond, scale=0.5)), grad_generator(gen, device)))
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_chunked_rows_float64(per_token, device):
+    """fp64 inputs run in fp64: outputs and grads within fp64 rounding of the reference."""
+    gen = torch.Generator().manual_seed(11)
+    B, L, D = 2, 9, 100
+    cond = (B, L, D) if per_token else (B, D)
+    args = [_randn(*s, dtype=torch.float64, gen=gen, device=device) for s in ((B, L, D), cond, cond)]
+    dy = torch.randn(B, L, D, generator=gen, dtype=torch.float64).to(device)
+    with _chunked(32, 2):
+        out = LN(*args)
+        got = (out,) + torch.autograd.grad(out, args, dy)
+    want = md.layernorm_modulate_ref(*args)
+    for g, w in zip(got, (want,) + torch.autograd.grad(want, args, dy)):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_statistics_stay_accurate_when_the_mean_dominates(device):
+    """|mean| = 1e4 over std 1 in fp32: a one-pass sum of squares would lose every digit of the variance to
+    cancellation; the chunk-merged statistics match float64 ones of the same values."""
+    from maskdit_fast.kernels import _common
+    gen = torch.Generator().manual_seed(12)
+    B, L, D = 2, 3, 200
+    x = (torch.randn(B, L, D, generator=gen) + 1e4).to(device)
+    cond = torch.randn(B, D, generator=gen).to(device)
+    with _chunked(64, 2), _common.poisoned():
+        _, mean, rstd = torch.ops.maskdit_fast.layernorm_modulate(x, cond, cond, 1e-6)
+    want_mean, want_rstd = row_statistics_ref(x, 1e-6)
+    torch.testing.assert_close(mean, want_mean.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd, want_rstd.float(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 72), (3, 0, 72)], ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_chunked_rows_empty(shape, per_token, device):
+    gen = torch.Generator().manual_seed(13)
+    B, L, D = shape
+    cond = (B, L, D) if per_token else (B, D)
+    randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device)
+    with _chunked(16, 2):
+        assert_checks(check_op("layernorm_modulate", LN, md.layernorm_modulate_ref,
+                                (randn(B, L, D), randn(*cond), randn(*cond)), grad_generator(gen, device)))
+
+
+def test_chunked_backward_is_deterministic(device):
+    """Per-sample grads summed over 20 programs of 2 token tiles each: the same bits every run."""
+    gen = torch.Generator().manual_seed(14)
+    B, L, D = 2, 40, 72
+    args = [_randn(*s, dtype=torch.float32, gen=gen, device=device) for s in ((B, L, D), (B, D), (B, D))]
+    with _chunked(32, 1):
+        assert_deterministic_backward(LN, args, grad_generator(gen, device))
+
+
+def test_block_d_selects_chunked_or_whole_rows():
+    """A configuration's BLOCK_D narrower than the row chunks it (past the whole-row cap too); one as wide or no
+    BLOCK_D keeps whole rows, D rounded up to a power of two; the default has none."""
+    from maskdit_fast.kernels import modulate as kmd
+    assert kmd.ln_block(1152, 128, "op") == 128
+    assert kmd.ln_block(100, 16, "op") == 16
+    assert kmd.ln_block(1152, None, "op") == kmd.ln_block(1152, 2048, "op") == 2048
+    assert kmd.ln_block(72, 128, "op") == 128
+    assert kmd.ln_block(kmd.LN_BLOCK_CAP + 8, 256, "op") == 256
+    with pytest.raises(ValueError, match="over the 65536 columns"):
+        kmd.ln_block(kmd.LN_BLOCK_CAP + 8, None, "op")
+    assert all("BLOCK_D" not in kmd._default(f, 1152) for f in LN_FAMILIES)
 
 
 def test_torch_backend_is_the_reference():

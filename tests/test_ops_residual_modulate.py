@@ -12,8 +12,8 @@ from maskdit_fast import ops
 from maskdit_fast.ops import modulate as md
 from maskdit_fast.ops import residual_modulate as rm
 from maskdit_fast.accuracy import check_op
-from conftest import (assert_checks, assert_deterministic_backward, assert_no_host_sync, grad_generator,
-                      layernorm_modulate_backward_ref, reduce_to, row_statistics_ref)
+from conftest import (CHUNKED_ROWS, assert_checks, assert_deterministic_backward, assert_no_host_sync, chunked_rows,
+                      grad_generator, layernorm_modulate_backward_ref, reduce_to, row_statistics_ref)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SMALL = [(3, 7, 72), (2, 5, 100), (1, 7, 384), (3, 7, 1000), (1, 7, 1152), (3, 1, 72), (1, 1, 1000)]
@@ -205,6 +205,91 @@ def test_backward_is_deterministic(device):
     first, second = [torch.autograd.grad(rm.residual_layernorm_modulate(*args, backend="triton"), args, grads)
                      for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunked rows: a configuration whose BLOCK_D is narrower than the row walks it in chunks
+# ---------------------------------------------------------------------------------------------------
+
+FAMILIES = ("residual_ln_modulate_fwd", "residual_ln_modulate_bwd")
+
+
+def _chunked(block_d, block_r):
+    return chunked_rows(FAMILIES, block_d, block_r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("shape,block_d,block_r", CHUNKED_ROWS, ids=str)
+def test_chunked_rows_match_reference(shape, block_d, block_r, per_token, dtype, device):
+    """Both outputs and all five grads against the float64 reference, outputs NaN-poisoned (check_op)."""
+    gen = torch.Generator().manual_seed(hash((shape, block_d, per_token)) % 2**31)
+    args = _inputs(*shape, dtype, gen, device, per_token)
+    with _chunked(block_d, block_r):
+        assert_checks(_checks("residual_layernorm_modulate chunked", "triton", args, grad_generator(gen, device)))
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_chunked_rows_float64(per_token, device):
+    """fp64 inputs run in fp64: outputs and grads within fp64 rounding of the reference."""
+    gen = torch.Generator().manual_seed(16)
+    args = _inputs(2, 9, 100, torch.float64, gen, device, per_token)
+    grads = [torch.randn(2, 9, 100, generator=gen, dtype=torch.float64).to(device) for _ in range(2)]
+    with _chunked(32, 2):
+        out = rm.residual_layernorm_modulate(*args, backend="triton")
+        got = out + torch.autograd.grad(out, args, grads)
+    want = rm.residual_layernorm_modulate_ref(*args)
+    for g, w in zip(got, want + torch.autograd.grad(want, args, grads)):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_h_normalises_x_new_as_stored(device):
+    """bf16 x_new, fp32 h: h is the fp32 LayerNorm-modulate of the rounded x_new the first pass stored (the
+    unrounded sum would be a bf16 rounding, ~4e-3, away)."""
+    gen = torch.Generator().manual_seed(17)
+    B, L, D = 2, 3, 100
+    bf = functools.partial(_randn, dtype=torch.bfloat16, gen=gen, device=device, grad=False)
+    f32 = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device, grad=False)
+    x, y, gate, shift, scale = bf(B, L, D), bf(B, L, D), bf(B, D), f32(B, D), f32(B, D)
+    with _chunked(32, 2):
+        x_new, h = rm.residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton")
+    assert (x_new.dtype, h.dtype) == (torch.bfloat16, torch.float32)
+    want = md.layernorm_modulate_ref(x_new.double(), shift.double(), scale.double())
+    torch.testing.assert_close(h.double(), want, rtol=0, atol=1e-5)
+
+
+def test_chunked_statistics_stay_accurate_when_the_mean_dominates(device):
+    """x_new with |mean| = 1e4 over std 1 in fp32: the chunk-merged statistics match float64 ones of the stored
+    x_new (a one-pass sum of squares would lose the variance to cancellation)."""
+    from maskdit_fast.kernels import _common
+    gen = torch.Generator().manual_seed(18)
+    B, L, D = 2, 3, 200
+    randn = functools.partial(_randn, dtype=torch.float32, gen=gen, device=device, grad=False)
+    x, y, cond = randn(B, L, D) + 1e4, randn(B, L, D), randn(B, D)
+    with _chunked(64, 2), _common.poisoned():
+        x_new, _, mean, rstd = torch.ops.maskdit_fast.residual_layernorm_modulate(x, y, cond, cond, cond, 1e-6)
+    want_mean, want_rstd = row_statistics_ref(x_new, 1e-6)
+    torch.testing.assert_close(mean, want_mean.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd, want_rstd.float(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 72), (3, 0, 72)], ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_chunked_rows_empty(shape, per_token, device):
+    gen = torch.Generator().manual_seed(19)
+    args = _inputs(*shape, torch.float32, gen, device, per_token)
+    with _chunked(16, 2):
+        assert_checks(_checks("residual_layernorm_modulate chunked", "triton", args, grad_generator(gen, device)))
+
+
+def test_chunked_backward_is_deterministic(device):
+    """Per-sample grads summed over 20 programs of 2 token tiles each: the same bits every run."""
+    gen = torch.Generator().manual_seed(20)
+    args = _inputs(2, 40, 72, torch.float32, gen, device, per_token=False)
+    op = _stacked(functools.partial(rm.residual_layernorm_modulate, backend="triton"))
+    with _chunked(32, 1):
+        assert_deterministic_backward(op, args, grad_generator(gen, device))
 
 
 def test_torch_backend_is_the_two_separate_references():
