@@ -5,6 +5,7 @@ network is trained deterministically (fixed seed, one thread) on 4,500 digits th
 needed (~30 s on a CPU) and cached (MASKDIT_FAST_CACHE, default ~/.cache/maskdit_fast); the other
 500 digits (50 per class) are held out and its accuracy on them is stored with the weights.
 `DigitClassifier.features` gives the penultimate 128-d features (for a Frechet distance).
+`stray_components(samples)` measures speckle (held-out real digits: 0.034).
 """
 import os
 
@@ -157,3 +158,24 @@ def class_accuracy(samples, labels, classifier=None):
         raise ValueError(f"labels must be [N]={samples.shape[0]}, got {tuple(labels.shape)}")
     model = classifier if classifier is not None else load_classifier()[0]
     return evaluate(model.eval(), samples.detach().float().cpu().clamp(-1, 1), labels.cpu().long())
+
+
+def stray_components(samples):
+    """Speckle and broken strokes: the mean number, per image, of bright regions (pixels > 0, i.e.
+    above mid-grey in [-1, 1]; 8-connected) beyond the largest one. A clean digit is one region:
+    the 500 held-out real MNIST-5k digits score 0.034.
+
+    Args:
+        samples: [N, 1, H, W] float images in [-1, 1].
+    Returns:
+        the mean count as a float (0.0 for N = 0).
+    """
+    from scipy import ndimage  # scikit-learn's dependency; only this metric needs it
+
+    if samples.dim() != 4 or samples.shape[1] != 1:
+        raise ValueError(f"samples must be [N, 1, H, W], got {tuple(samples.shape)}")
+    bright = (samples.detach().float().cpu() > 0).squeeze(1).numpy()
+    if len(bright) == 0:
+        return 0.0
+    counts = [max(ndimage.label(b, structure=[[1, 1, 1]] * 3)[1] - 1, 0) for b in bright]
+    return float(sum(counts)) / len(counts)

@@ -645,12 +645,15 @@ def finish(cfg, state, meta, run_dir, device, latent, metrics, result, is_main=T
             result["grid"] = write_grid(run_dir, state.step, shown, cfg.sample_per_class, latent)
             print(f"sample grid: {result['grid']}")
         if evaluate:
-            from maskdit_fast.classifier import class_accuracy, load_classifier
+            from maskdit_fast.classifier import class_accuracy, load_classifier, stray_components, train_test_split
             classifier, real_acc = load_classifier()
             acc = result["sample_accuracy"] = class_accuracy(x, labels, classifier)
-            metrics.write(state.step, sample_accuracy=acc, classifier_test_accuracy=real_acc)
+            stray = result["stray_components"] = stray_components(x)
+            metrics.write(state.step, sample_accuracy=acc, classifier_test_accuracy=real_acc, stray_components=stray)
             print(f"class accuracy of {len(labels)} samples: {acc:.1%} (the classifier scores {real_acc:.1%} "
                   f"on held-out real digits; chance 10%) [sampling {time.perf_counter() - t0:.0f} s]")
+            print(f"speckle: {stray:.2f} stray bright regions per sample (held-out real digits: "
+                  f"{stray_components(train_test_split()[2]):.2f})")
     print(f"EMA weights: {os.path.join(run_dir, 'ema.safetensors')}")
 
 
@@ -669,7 +672,7 @@ def train(cfg, stop_at=None, progress=True, exiting=False):
             SIGTERM / SIGINT stay ignored (see stop_signals).
     Returns:
         dict: run_dir, step, last metrics, and (at the end of an MNIST-5k run) sample_accuracy,
-        grid path; interrupted=True when stopped early.
+        stray_components (classifier.stray_components), grid path; interrupted=True when stopped early.
     """
     cfg.validate()
     if cfg.threads > 0:

@@ -13,7 +13,7 @@ import torch
 
 from maskdit_fast import evaluate, fid
 from maskdit_fast.checkpoint import atomic_save, export_safetensors
-from maskdit_fast.classifier import WEIGHTS_NAME, DigitClassifier, class_accuracy
+from maskdit_fast.classifier import WEIGHTS_NAME, DigitClassifier, class_accuracy, stray_components, train_test_split
 from maskdit_fast.models import create_model
 from maskdit_fast.sample import generate, load_for_sampling, model_metadata
 
@@ -197,3 +197,29 @@ def test_bad_arguments(assets, cache_env, tmp_path):
     with pytest.raises(ValueError, match=r"\[N, 1, 32, 32\]"):
         _run(["--ckpt", small, "--metric", "classifier", "--num-samples", 2, "--steps", 1,
               "--ref-stats", stats_only, "--out", tmp_path])
+
+
+def test_stray_components_counts_bright_regions_beyond_the_largest():
+    g = torch.Generator().manual_seed(0)
+    x = -torch.rand(4, 1, 12, 10, generator=g) - 1e-3  # dark (< 0) random background
+    bright = lambda i, r, c: x[i, 0, r, c].copy_(0.2 + torch.rand((), generator=g))
+    for r, c in [(2, 2), (3, 3), (4, 3), (5, 3), (6, 4)]:  # one stroke, joined through diagonal steps
+        bright(0, r, c)
+        bright(1, r, c)
+    bright(1, 7, 5)   # touches the stroke diagonally: same region
+    bright(1, 10, 8)  # an isolated dot: 1 stray region
+    for r, c in [(0, 0), (0, 1), (5, 5), (11, 9)]:  # image 3: three regions, the largest first
+        bright(3, r, c)
+    expected = [0, 1, 0, 2]  # image 2 stays dark
+    for i, e in enumerate(expected):
+        assert stray_components(x[i:i + 1]) == e
+    assert stray_components(x) == pytest.approx(sum(expected) / 4)
+    assert stray_components(x[:0]) == 0.0
+    with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
+        stray_components(x[:, 0])
+
+
+def test_stray_components_separates_real_digits_from_noise():
+    real = train_test_split()[2]
+    noise = torch.randn(50, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert stray_components(real) < 0.1 and stray_components(noise) > 5

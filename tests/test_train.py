@@ -36,12 +36,13 @@ def test_default_run_end_to_end(tmp_path, capsys):
             "--sample-steps", "2", "--sample-per-class", "1", "--eval-per-class", "1", "--threads", "1",
             "--log-every", "1"])
     out = capsys.readouterr().out
-    assert "run dir:" in out and "class accuracy of 10 samples" in out
+    assert "run dir:" in out and "class accuracy of 10 samples" in out and "stray bright regions per sample" in out
     cfg = json.load(open(run_dir / "config.json"))
     assert cfg["data"] == "mnist5k" and cfg["model"] == PRESETS["mnist"]["model"]
     records = metrics(run_dir)
     assert [r["mask_ratio"] for r in records[:3]] == [0.5, 0.5, 0.0]  # the final unmasked phase
     assert 0.0 <= records[-1]["sample_accuracy"] <= 1.0 and records[-1]["classifier_test_accuracy"] > 0.9
+    assert records[-1]["stray_components"] >= 0.0
     from PIL import Image
     assert Image.open(run_dir / "grid_00000003.png").size == (36, 10 * 34 + 2)  # a row per class, 32 px + pad
     assert os.path.isfile(run_dir / "ema.safetensors") and os.path.isdir(run_dir / "tb")
