@@ -43,8 +43,8 @@ from maskdit_fast.flops import train_step_flops
 from maskdit_fast.data import build_dataset
 from maskdit_fast.train import build_model, mask_ratio_fn, train
 
-# DiT = the preset's MaskDiT encoder (same width, depth, heads, patch) without decoder and masking.
-_ENCODER = {k: PRESETS["mnist"]["model_kwargs"][k] for k in ("hidden_size", "depth", "num_heads")}
+# DiT = the preset's MaskDiT encoder (same width, depth, heads, MLP ratio, patch) without decoder and masking.
+_ENCODER = {k: PRESETS["mnist"]["model_kwargs"][k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio")}
 VARIANTS = {
     "maskdit": dict(model="MaskDiT-S/4"),
     "dit": dict(model="DiT-S/4", model_kwargs=dict(_ENCODER, learn_sigma=False), mask_ratio=0.0,

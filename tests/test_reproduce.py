@@ -206,7 +206,7 @@ def test_reproduce_small_quick(rs, classifier_cache, tmp_path):
     assert all(p["mask_ratio"] == 0.0 for p in points["dit"])
     cfg = results["config"]
     assert cfg["dit"]["model"] == "DiT-S/4" and cfg["maskdit"]["model"] == "MaskDiT-S/4"
-    enc = {k: cfg["maskdit"]["model_kwargs"][k] for k in ("hidden_size", "depth", "num_heads")}
+    enc = {k: cfg["maskdit"]["model_kwargs"][k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio")}
     assert cfg["dit"]["model_kwargs"] == dict(enc, learn_sigma=False)
     # Training FLOPs recomputed from the analytic per-step counts; DiT's steps buy MaskDiT's FLOPs.
     from maskdit_fast.flops import train_step_flops
