@@ -645,7 +645,7 @@ def finish(cfg, state, meta, run_dir, device, latent, metrics, result, is_main=T
             result["grid"] = write_grid(run_dir, state.step, shown, cfg.sample_per_class, latent)
             print(f"sample grid: {result['grid']}")
         if evaluate:
-            from maskdit_fast.classifier import class_accuracy, load_classifier, stray_components, train_test_split
+            from maskdit_fast.classifier import REAL_STRAY_COMPONENTS, class_accuracy, load_classifier, stray_components
             classifier, real_acc = load_classifier()
             acc = result["sample_accuracy"] = class_accuracy(x, labels, classifier)
             stray = result["stray_components"] = stray_components(x)
@@ -653,7 +653,7 @@ def finish(cfg, state, meta, run_dir, device, latent, metrics, result, is_main=T
             print(f"class accuracy of {len(labels)} samples: {acc:.1%} (the classifier scores {real_acc:.1%} "
                   f"on held-out real digits; chance 10%) [sampling {time.perf_counter() - t0:.0f} s]")
             print(f"speckle: {stray:.2f} stray bright regions per sample (held-out real digits: "
-                  f"{stray_components(train_test_split()[2]):.2f})")
+                  f"{REAL_STRAY_COMPONENTS:.2f})")
     print(f"EMA weights: {os.path.join(run_dir, 'ema.safetensors')}")
 
 
