@@ -71,7 +71,8 @@ SETTING = dict(
     batch_size=256, lr=5e-4, lr_warmup_steps=200, ema_decay=0.999, dit_steps=3000,
     fractions=[0.25, 0.5, 0.75, 1.0], fork_fraction=0.1, mask_ratio=0.5, mae_coef=0.1, label_dropout=0.1,
     P_mean=_PRESET["P_mean"], P_std=_PRESET["P_std"], sigma_data=0.5,
-    sample_steps=_PRESET["sample_steps"], sample_cfg=_PRESET["sample_cfg"], sample_solver="heun",
+    sample_steps=_PRESET["sample_steps"], sample_cfg=_PRESET["sample_cfg"],
+    sample_cfg_interval=_PRESET["sample_cfg_interval"], sample_solver=_PRESET["sample_solver"],
     num_samples=1000, eval_batch=500, reference_digits=5000,
     augment=dict(degrees=10.0, scale=0.1, shift=0.1),  # rotation (deg), scale and shift (of the half-size) ranges
     precision="bf16", compile=True)
@@ -275,7 +276,8 @@ def evaluate_ema(ema, arm, s, scorer, device):
     precond = EDMPrecond(net.to(device), s["sigma_data"]).eval()
     labels = torch.arange(s["num_samples"]) % NUM_CLASSES
     x = generate(precond, labels, list(range(s["num_samples"])), batch_size=s["eval_batch"],
-                 num_steps=s["sample_steps"], cfg_scale=s["sample_cfg"], solver=s["sample_solver"])
+                 num_steps=s["sample_steps"], cfg_scale=s["sample_cfg"], solver=s["sample_solver"],
+                 cfg_interval=s["sample_cfg_interval"] or None)
     metrics = scorer.score(x, labels)
     return metrics, time.perf_counter() - t0
 
@@ -477,7 +479,9 @@ def report(out, command="python benchmarks/reproduce_gpu.py"):
                   f"batch "
                   f"{s['batch_size']}, lr {s['lr']}, EMA {s['ema_decay']}, budget {s['dit_steps']} DiT steps, forks "
                   f"{s['fork_fraction']} of the masked steps, {s['num_samples']} samples, {s['sample_solver']} "
-                  f"{s['sample_steps']} steps, CFG {s['sample_cfg']}, {s['precision']}"
+                  f"{s['sample_steps']} steps, CFG {s['sample_cfg']}"
+                  + (" at {} < sigma <= {}".format(*s["sample_cfg_interval"]) if s["sample_cfg_interval"] else "")
+                  + f", {s['precision']}"
                   + (", compiled" if s["compile"] else "") + ".", "",
                   "| arm | seeds | device | fraction | steps (masked + fork) | wall s | PFLOP | images | FD "
                   "| accuracy |",

@@ -120,6 +120,8 @@ def score(ckpt, out, num_samples, sample_steps, cfg, ref_stats):
             "--batch-size", str(min(num_samples, 250)), "--steps", str(sample_steps),
             "--cfg-scale", str(cfg.sample_cfg), "--solver", cfg.sample_solver, "--out", out,
             "--device", "cpu"]
+    if cfg.sample_cfg_interval:
+        args += ["--cfg-interval", *map(str, cfg.sample_cfg_interval)]
     if ref_stats:
         args += ["--ref-stats", ref_stats]
     return evaluate.main(args)
@@ -345,7 +347,9 @@ def run(out, runs, quick=False, num_samples=None, sample_steps=None, eval_steps=
             f"{dit.steps} steps; batch {cfg.batch_size}, lr {cfg.lr} (warm-up {cfg.lr_warmup_steps}, linear "
             f"decay over the last {cfg.lr_decay_steps} / {dit.lr_decay_steps} steps), EMA {cfg.ema_decay}, EDM "
             f"P_mean {cfg.P_mean} / P_std {cfg.P_std}. Evaluation at equal FLOPs: EMA weights, {num_samples} "
-            f"samples (balanced classes), {cfg.sample_solver} {sample_steps} steps, CFG {cfg.sample_cfg}, at "
+            f"samples (balanced classes), {cfg.sample_solver} {sample_steps} steps, CFG {cfg.sample_cfg}"
+            + (f" at {cfg.sample_cfg_interval[0]} < sigma <= {cfg.sample_cfg_interval[1]}" if cfg.sample_cfg_interval
+               else "") + ", at "
             f"MaskDiT steps {eval_at['maskdit']} and DiT steps {eval_at['dit']}. Training seconds exclude "
             f"evaluation (they include the chunks' checkpoint save/resume, ~1 s each).")
         results["config"] = {name: c.to_dict() for name, c in cfgs.items()}

@@ -142,23 +142,37 @@ def load_classifier(directory=None, verbose=True):
     return result
 
 
+def classifier_input(samples):
+    """Digits of any even size up to the classifier's 32 x 32 (e.g. the 24 x 24 of "mnist5k-24") ->
+    [N, 1, 32, 32] float32 in [-1, 1]: clamped, centred on the background (-1) as the training digits are.
+
+    Args:
+        samples: [N, 1, S, S] float images in [-1, 1], S <= 32 and even.
+    """
+    size = samples.shape[-1]
+    if samples.dim() != 4 or samples.shape[1] != 1 or samples.shape[2] != size or size > 32 or size % 2:
+        raise ValueError(f"samples must be [N, 1, S, S] with S even and at most 32, got {tuple(samples.shape)}")
+    pad = (32 - size) // 2
+    return F.pad(samples.detach().float().clamp(-1, 1), (pad, pad, pad, pad), value=-1.0)
+
+
 @torch.no_grad()
 def class_accuracy(samples, labels, classifier=None):
     """Fraction of samples that the digit classifier assigns to their intended class.
 
     Args:
-        samples: [N, 1, 32, 32] float images in [-1, 1] (values are clamped to it).
+        samples: [N, 1, S, S] float images in [-1, 1] (values are clamped to it), S <= 32 and even
+            (`classifier_input` pads them).
         labels: [N] int64 intended classes in [0, 10).
         classifier: a DigitClassifier; default: `load_classifier()`'s.
     Returns:
         accuracy as a float in [0, 1].
     """
-    if samples.dim() != 4 or tuple(samples.shape[1:]) != (1, 32, 32):
-        raise ValueError(f"samples must be [N, 1, 32, 32], got {tuple(samples.shape)}")
+    x = classifier_input(samples)
     if labels.shape != samples.shape[:1]:
         raise ValueError(f"labels must be [N]={samples.shape[0]}, got {tuple(labels.shape)}")
     model = classifier if classifier is not None else load_classifier()[0]
-    return evaluate(model.eval(), samples.detach().float().cpu().clamp(-1, 1), labels.cpu().long())
+    return evaluate(model.eval(), x.cpu(), labels.cpu().long())
 
 
 def stray_components(samples):

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from maskdit_fast import fid
+from maskdit_fast.classifier import classifier_input
+from maskdit_fast.data import MNIST5K_SIZES
 from maskdit_fast.parallel import destroy_distributed, init_distributed
 from maskdit_fast.sample import decode_latents, generate, load_for_sampling
 
@@ -115,8 +117,9 @@ class ClassifierScorer:
 
     @torch.no_grad()
     def features(self, images):
-        """images [n, 1, 32, 32] in [-1, 1] -> float64 [n, D + 1]: features, then the predicted class."""
-        f = self.model.features(images.to(self.device).clamp(-1, 1))
+        """images [n, 1, S, S] in [-1, 1] (S <= 32, padded by classifier_input) -> float64 [n, D + 1]:
+        features, then the predicted class."""
+        f = self.model.features(classifier_input(images.to(self.device)))
         pred = self.model.head(f).argmax(1, keepdim=True)
         return torch.cat([f, pred.to(f.dtype)], 1).double().cpu().numpy()
 
@@ -164,10 +167,9 @@ def evaluate(args):
         raise ValueError(f"--num-samples {args.num_samples} is smaller than the {world_size} ranks")
     precond, meta = load_for_sampling(args.ckpt, device)
     latent = bool(meta["data"].get("latent"))
-    if args.metric == "classifier" and (latent or list(meta["data"]["sample_shape"]) != [1, 32, 32]):
-        raise ValueError(f"--metric classifier scores [N, 1, 32, 32] pixel digits (MNIST-5k models); this "
-                         f"model generates {meta['data']['sample_shape']} {'latents' if latent else 'images'}: "
-                         "use --metric fid")
+    if args.metric == "classifier" and meta["data"].get("data") not in MNIST5K_SIZES:
+        raise ValueError(f"--metric classifier scores MNIST-5k digit models (data {' / '.join(MNIST5K_SIZES)}); this "
+                         f"model was trained on {meta['data'].get('data')!r}: use --metric fid")
     vae = None
     if latent:
         if not args.vae:

@@ -71,7 +71,7 @@ import torch
 
 from maskdit_fast.checkpoint import check_architecture, export_ema_safetensors, make_checkpointer, verify_everywhere
 from maskdit_fast.config import parse_config
-from maskdit_fast.data import DataStream, LatentShards, build_dataset
+from maskdit_fast.data import MNIST5K_SIZES, DataStream, LatentShards, build_dataset
 from maskdit_fast.diffusion import EDMPrecond, MaskDiTLoss, mask_ratio_schedule
 from maskdit_fast.ema import ShardedEMA, ema_decay
 from maskdit_fast.fp8 import check_fp8_device, convert_to_fp8
@@ -634,7 +634,7 @@ def finish(cfg, state, meta, run_dir, device, latent, metrics, result, is_main=T
                                   metadata={"maskdit_fast": json.dumps(meta)})
     if not is_main:
         return
-    evaluate = cfg.data == "mnist5k" and cfg.eval_per_class > 0
+    evaluate = cfg.data in MNIST5K_SIZES and cfg.eval_per_class > 0
     per_class = max(cfg.sample_per_class, cfg.eval_per_class if evaluate else 0)
     if per_class and cfg.num_classes:
         t0 = time.perf_counter()

@@ -39,6 +39,17 @@ def test_mnist5k():
     assert len(ds) == 5000 and ds.sample_shape == (1, 32, 32)
 
 
+def test_mnist5k_24_is_the_centre_crop():
+    full, crop = build_dataset("mnist5k"), build_dataset("mnist5k-24", 10)
+    assert crop.sample_shape == (1, 24, 24) and torch.equal(crop.labels, full.labels)
+    assert torch.equal(crop.images, full.images[..., 4:28, 4:28])
+    images = load_mnist5k()[0][:3]
+    assert torch.equal(mnist_to_tensor(images, 28)[:, 0], torch.from_numpy(images).float() / 127.5 - 1)
+    for bad in (25, 0):
+        with pytest.raises(ValueError, match="even number"):
+            mnist_to_tensor(images, bad)
+
+
 def test_digits():
     ds = build_dataset("digits")
     assert len(ds) == 1797 and ds.sample_shape == (1, 8, 8)

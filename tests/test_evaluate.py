@@ -10,11 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from maskdit_fast import evaluate, fid
 from maskdit_fast.checkpoint import atomic_save, export_safetensors
 from maskdit_fast.classifier import (REAL_STRAY_COMPONENTS, WEIGHTS_NAME, DigitClassifier, class_accuracy,
-                                    stray_components, train_test_split)
+                                    classifier_input, stray_components, train_test_split)
+from maskdit_fast.data import load_mnist5k, mnist_to_tensor
 from maskdit_fast.models import create_model
 from maskdit_fast.sample import generate, load_for_sampling, model_metadata
 
@@ -182,6 +184,24 @@ def test_latent_model_decodes_with_vae(assets, tmp_path):
     assert img.shape == (16, 16, 3)  # decoded by the 2x VAE, not latents
 
 
+def test_classifier_metric_on_cropped_digits(assets, cache_env, tmp_path):
+    """A model of "mnist5k-24" (24 x 24 digits) is scored like its samples centred on 32 x 32."""
+    ckpt = _export(tmp_path / "crop.safetensors", 1, 24, {"data": "mnist5k-24", "latent": False,
+                                                          "sample_shape": [1, 24, 24]})
+    metrics = _run(["--ckpt", ckpt, "--metric", "classifier", "--num-samples", 6, "--batch-size", 6, "--steps", 2,
+                    "--cfg-scale", 1.5, "--out", tmp_path / "out", "--device", "cpu"])
+    precond, _ = load_for_sampling(ckpt)
+    labels = torch.arange(6)
+    x = generate(precond, labels, list(range(6)), batch_size=6, num_steps=2, cfg_scale=1.5)
+    assert x.shape == (6, 1, 24, 24)
+    from maskdit_fast.classifier import load_classifier
+    clf, _ = load_classifier()
+    assert metrics["class_accuracy"] == class_accuracy(x, labels, clf)
+    with torch.no_grad():
+        mu, _ = fid.feature_stats(clf.features(classifier_input(x)).double().numpy())
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "sample_stats.npz")["mu"], mu, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments(assets, cache_env, tmp_path):
     with pytest.raises(SystemExit):
         _run(["--ckpt", assets["ckpt"], "--out", tmp_path])  # fid without --ref-stats
@@ -195,7 +215,7 @@ def test_bad_arguments(assets, cache_env, tmp_path):
                   "--pr", "--out", tmp_path])
     small = _export(tmp_path / "small.safetensors", 1, 8, {"data": "digits", "latent": False,
                                                            "sample_shape": [1, 8, 8]})
-    with pytest.raises(ValueError, match=r"\[N, 1, 32, 32\]"):
+    with pytest.raises(ValueError, match="scores MNIST-5k digit models"):
         _run(["--ckpt", small, "--metric", "classifier", "--num-samples", 2, "--steps", 1,
               "--ref-stats", stats_only, "--out", tmp_path])
 
@@ -224,3 +244,27 @@ def test_stray_components_separates_real_digits_from_noise():
     real = train_test_split()[2]
     noise = torch.randn(50, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     assert stray_components(real) == pytest.approx(REAL_STRAY_COMPONENTS) and stray_components(noise) > 5
+
+
+def test_classifier_input_centres_smaller_digits_on_the_background():
+    x = 3 * torch.randn(5, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    out = classifier_input(x)
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[4:28, 4:28] = False
+    assert out.shape == (5, 1, 32, 32) and (out[..., border] == -1).all()
+    assert torch.equal(out[..., 4:28, 4:28], x.clamp(-1, 1))
+    assert torch.equal(classifier_input(x[..., :2, :2]), F.pad(x[..., :2, :2].clamp(-1, 1), (15,) * 4, value=-1))
+    # a real digit cropped to "mnist5k-24" comes back as the 32 x 32 digit when its border held no ink
+    images = load_mnist5k()[0][:300]
+    blank_border = torch.from_numpy((images[:, :2] == 0).all((1, 2)) & (images[:, -2:] == 0).all((1, 2))
+                                    & (images[:, :, :2] == 0).all((1, 2)) & (images[:, :, -2:] == 0).all((1, 2)))
+    same = (classifier_input(mnist_to_tensor(images, 24)) == mnist_to_tensor(images)).flatten(1).all(1)
+    assert 250 < int(blank_border.sum()) < 300 and torch.equal(same, blank_border)
+    for bad in (x[..., :23, :23], torch.zeros(2, 1, 34, 34), x[..., :22], x[:, 0], x.expand(5, 3, 24, 24)):
+        with pytest.raises(ValueError, match="samples must be"):
+            classifier_input(bad)
+    labels = torch.arange(5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clf = DigitClassifier().eval()
+    assert class_accuracy(x, labels, clf) == class_accuracy(out, labels, clf)

@@ -6,6 +6,7 @@ import torch
 from maskdit_fast import train as T
 from maskdit_fast.checkpoint import list_checkpoints, load_checkpoint
 from maskdit_fast.config import PRESETS, config_from_dict
+from maskdit_fast.data import MNIST5K_SIZES
 from maskdit_fast.ema import ema_decay
 from maskdit_fast.flops import model_flops
 from maskdit_fast.models import MaskDiT
@@ -69,7 +70,8 @@ def test_mnist_preset_recipe():
     figure its comment states), masked pre-training then an unmasked phase with the EMA restarted, and
     a fixed thread count (the results depend on it; 2 = both cores of the machine the run is sized for)."""
     cfg = config_from_dict(PRESETS["mnist"]).validate()
-    net = T.build_model(cfg, (1, 32, 32))
+    size = MNIST5K_SIZES[cfg.data]
+    net = T.build_model(cfg, (1, size, size))
     assert isinstance(net, MaskDiT) and cfg.mask_ratio > 0 and cfg.mae_coef >= 0
     masked = model_flops(net, mask_ratio=cfg.mask_ratio)
     assert masked["decoder"] / masked["total"] <= 0.10

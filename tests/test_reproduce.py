@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from maskdit_fast.checkpoint import atomic_save
 from maskdit_fast.classifier import WEIGHTS_NAME, DigitClassifier
+from maskdit_fast.data import MNIST5K_SIZES
 from maskdit_fast.models import create_model
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
@@ -210,7 +211,7 @@ def test_reproduce_small_quick(rs, classifier_cache, tmp_path):
     assert cfg["dit"]["model_kwargs"] == dict(enc, learn_sigma=False)
     # Training FLOPs recomputed from the analytic per-step counts; DiT's steps buy MaskDiT's FLOPs.
     from maskdit_fast.flops import train_step_flops
-    kw = dict(input_size=32, in_channels=1, num_classes=10)
+    kw = dict(input_size=MNIST5K_SIZES[cfg["maskdit"]["data"]], in_channels=1, num_classes=10)
     mask = create_model("MaskDiT-S/4", **kw, **cfg["maskdit"]["model_kwargs"])
     dit = create_model("DiT-S/4", **kw, **cfg["dit"]["model_kwargs"])
     b = cfg["maskdit"]["batch_size"]

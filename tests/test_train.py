@@ -14,6 +14,7 @@ import torch
 from maskdit_fast import train as T
 from maskdit_fast.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from maskdit_fast.config import PRESETS, config_from_dict, parse_config
+from maskdit_fast.data import MNIST5K_SIZES
 from maskdit_fast.metrics import MetricsLog
 from test_data import write_latents
 
@@ -38,13 +39,14 @@ def test_default_run_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "run dir:" in out and "class accuracy of 10 samples" in out and "stray bright regions per sample" in out
     cfg = json.load(open(run_dir / "config.json"))
-    assert cfg["data"] == "mnist5k" and cfg["model"] == PRESETS["mnist"]["model"]
+    assert cfg["data"] == PRESETS["mnist"]["data"] and cfg["model"] == PRESETS["mnist"]["model"]
     records = metrics(run_dir)
     assert [r["mask_ratio"] for r in records[:3]] == [0.5, 0.5, 0.0]  # the final unmasked phase
     assert 0.0 <= records[-1]["sample_accuracy"] <= 1.0 and records[-1]["classifier_test_accuracy"] > 0.9
     assert records[-1]["stray_components"] >= 0.0
     from PIL import Image
-    assert Image.open(run_dir / "grid_00000003.png").size == (36, 10 * 34 + 2)  # a row per class, 32 px + pad
+    size = MNIST5K_SIZES[cfg["data"]]  # a row per class, each digit + 2 px of padding
+    assert Image.open(run_dir / "grid_00000003.png").size == (size + 4, 10 * (size + 2) + 2)
     assert os.path.isfile(run_dir / "ema.safetensors") and os.path.isdir(run_dir / "tb")
     assert sorted(list_checkpoints(str(run_dir / "checkpoints"))) == [3]
 
