@@ -95,7 +95,7 @@ class TrainConfig:
     sample_cfg_interval: List[float] = field(default_factory=list)  # LO HI: guide only at LO < sigma <= HI; [] = all
     sample_solver: str = "heun"         # heun | euler
     sample_per_class: int = 10          # grid rows per class at the end; also the eval sample count
-    eval_per_class: int = 50            # samples per class scored by the digit classifier (mnist5k)
+    eval_per_class: int = 50            # samples per class scored by the digit classifier (MNIST-5k data)
 
     def validate(self):
         """Raises ValueError on inconsistent settings; returns self."""
@@ -212,7 +212,7 @@ class TrainConfig:
 GPU_COMPILE = dict(compile=False, compile_scope="blocks", compile_mode="default", cuda_graphs=False)
 
 PRESETS = {
-    # The laptop default: ~5 min on 2 idle CPU cores, pixel-space MNIST-5k digits (centre 24 x 24).
+    # The laptop default: ~5.5-6 min on 2 idle CPU cores, pixel-space MNIST-5k digits (centre 24 x 24).
     "mnist": dict(
         name="mnist", data="mnist5k-24", model="MaskDiT-S/4",
         # Decoder 1 x 48: 9% of a masked step's FLOPs (maskdit_fast.flops), so a masked step costs ~0.5x
@@ -229,13 +229,14 @@ PRESETS = {
         # MAE weight 0.1 (the paper's): with 0 the samples scored 57%, with 0.5 they kept a grey noise
         # background the classifier rejects (10%); 0.1 gave 81.5% (batch 64). An inpainting target (the DSM
         # term on the masked patches instead of the normalised noisy patch) scored 75% (0.1) and 61% (0.5).
-        # Mask ratio 0.75 instead of 0.5, at equal time: 92.5% and speckle 0.92 against 99% and 0.3.
+        # Mask ratio 0.75 instead of 0.5 for 5,180 steps instead of 4,600 (32 x 32, Euler 24 + interval): 92.5%
+        # and speckle 0.92 against 99.5% and 0.22.
         mae_coef=0.1,
         # Batch 32 (batch 64 at equal time scored 80% against 88%). Speckle (classifier.stray_components) falls
         # with the images trained on, not the steps: batch 16 for twice the steps left it at 1.2-1.3 (1.35 at
         # batch 32), twice the batch-32 steps brought it to 0.49. Hence the 24 x 24 crop: 36 tokens instead of
-        # 64 (most of them blank margin) make a step ~0.65x as long on two threads (~0.56x on one), so 6,800
-        # steps (100%, speckle 0.09) take less time than 4,600 at 32 x 32 did (99%, 0.43). The last 700 steps
+        # 64 (most of them blank margin) make a step ~0.6-0.67x as long (full runs, one or two threads), so
+        # 6,800 steps (100%, speckle 0.09) take no more time than 4,600 at 32 x 32 did (99%, 0.43). The last 700 steps
         # are unmasked with the EMA started over there, so the sampled weights never saw masking; lr decays
         # over them only (over the last 2,000 / 3,500 steps: 98% but speckle 0.86 / 0.92; 400 unmasked steps:
         # the same as 700). AdamW beta2 0.99 (0.999: 3 points lower), lr 2e-3 (3e-3 was unstable). At equal
@@ -246,12 +247,12 @@ PRESETS = {
         # Euler, 24 steps, CFG 4 only above sigma 1 (guidance interval): on the same weights the speckle halves
         # against Heun 12 steps with CFG at every level (0.42 -> 0.22; the stroke texture, mean |Laplacian|,
         # 0.363 -> 0.306; real digits 0.264) at equal accuracy, with 38 network evaluations instead of 46. Heun
-        # with the interval 0.305, Euler without it 0.29; CFG 3 / 6, rho 5, 36 steps, a higher sigma_min and
-        # EDM's churn were no better.
+        # with the interval 0.305, Euler without it 0.29; no clear gain from CFG 3 / 6, rho 5, 36 steps or a
+        # higher sigma_min; EDM's churn was worse.
         sample_solver="euler", sample_steps=24, sample_cfg=4.0, sample_cfg_interval=[1.0, 80.0],
         sample_per_class=10, eval_per_class=20,
-        # Two threads, one per core of the 2-core machine this run is sized for: 1.3-1.4x the steps per
-        # second of one thread (1.6x for the 32 x 32 recipe with MLP ratio 4 on an Intel machine). OpenMP
+        # Two threads, one per core of the 2-core machine this run is sized for: 1.3-1.5x the steps per
+        # second of one thread (short benchmarks; 1.6x for MLP ratio 4 at 32 x 32 on an Intel machine). OpenMP
         # threads spin while they wait, so when another process keeps a core busy two threads run ~2x slower
         # than one: pass --threads 1 then.
         threads=2),

@@ -78,7 +78,7 @@ def load_digits8():
 
 # The MNIST-5k datasets by name -> image size. "mnist5k-24" is the centre 24 x 24 of MNIST's 28 x 28:
 # MNIST centres each digit's 20 x 20 box by its centre of mass, so the 2-pixel border it drops holds
-# 0.3% of the ink (some in 12% of the digits), while a 4 x 4 patch grid over it has 36 tokens, not 64.
+# 0.3% of the inked pixels (some in 12% of the digits), while a 4 x 4 patch grid over it has 36 tokens, not 64.
 MNIST5K_SIZES = {"mnist5k": 32, "mnist5k-24": 24}
 
 

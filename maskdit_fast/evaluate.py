@@ -6,7 +6,7 @@ models, a Fréchet distance in the digit classifier's feature space plus class a
         --ref-stats VIRTUAL_imagenet256_labeled.npz --vae <AutoencoderKL dir> --out eval/x [--pr]
     torchrun --nproc_per_node 8 -m maskdit_fast.evaluate ...     # same numbers, 8x faster
     python -m maskdit_fast.evaluate --ckpt runs/mnist/ema.safetensors --metric classifier \
-        --num-samples 1000 --steps 18 --cfg-scale 2 --out eval/mnist
+        --num-samples 1000 --solver euler --steps 24 --cfg-scale 4 --cfg-interval 1 80 --out eval/mnist
 
 Sample i has class i % num_classes (balanced) and seed `--seed + i` (the `maskdit_fast.sample`
 convention), so the sample set does not depend on --batch-size or the number of ranks. Under

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from maskdit_fast.checkpoint import atomic_save
 from maskdit_fast.classifier import WEIGHTS_NAME, DigitClassifier
+from maskdit_fast.config import PRESETS
 from maskdit_fast.data import MNIST5K_SIZES
 from maskdit_fast.models import create_model
 
@@ -42,10 +43,20 @@ def classifier_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MASKDIT_FAST_CACHE", str(tmp_path))
 
 
-def test_smoke_runs_every_arm(rg, classifier_cache, tmp_path):
+def test_smoke_runs_every_arm(rg, classifier_cache, tmp_path, monkeypatch):
     out = tmp_path / "out"
+    sampled = []  # the sampler settings of every evaluation: the mnist preset's
+
+    def generate(*args, **kwargs):
+        sampled.append((kwargs["solver"], tuple(kwargs["cfg_interval"] or ()), kwargs["cfg_scale"]))
+        return real_generate(*args, **kwargs)
+    real_generate = rg.generate
+    monkeypatch.setattr(rg, "generate", generate)
     v = rg.main(["--smoke", "--out", str(out)])
     s = dict(rg.SETTING, **rg.SMOKE)
+    preset = PRESETS["mnist"]
+    assert len(sampled) == len(rg.ARMS) * len(s["fractions"]) and set(sampled) == {
+        (preset["sample_solver"], tuple(preset["sample_cfg_interval"]), preset["sample_cfg"])}
     assert sorted(os.listdir(out)) == sorted([f"{a}_seed0.json" for a in rg.ARMS] +
                                              ["quality_vs_compute.png", "results.md"])
     budget = None
@@ -231,6 +242,8 @@ def test_reproduce_small_quick(rs, classifier_cache, tmp_path):
             assert p["fid_classifier"] == metrics["fid_classifier"] > 0
             assert p["class_accuracy"] == metrics["class_accuracy"]
             assert metrics["num_samples"] == 20 and metrics["steps"] == 2
+            assert (metrics["solver"], metrics["cfg_interval"]) == (cfg[name]["sample_solver"],
+                                                                   cfg[name]["sample_cfg_interval"])
     # Every evaluation after the first reused the real-digit statistics computed once.
     assert metrics["ref_stats"] == str(tmp_path / "runs" / "maskdit" / "eval_000002" / "ref_stats.npz")
     assert results["comparison"]["dit_final_fid"] == points["dit"][-1]["fid_classifier"]
