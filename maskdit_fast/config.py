@@ -212,7 +212,7 @@ class TrainConfig:
 GPU_COMPILE = dict(compile=False, compile_scope="blocks", compile_mode="default", cuda_graphs=False)
 
 PRESETS = {
-    # The laptop default: ~5.5-6 min on 2 idle CPU cores, pixel-space MNIST-5k digits (centre 24 x 24).
+    # The laptop default: ~4-6 min on 2 idle CPU cores, pixel-space MNIST-5k digits (centre 24 x 24).
     "mnist": dict(
         name="mnist", data="mnist5k-24", model="MaskDiT-S/4",
         # Decoder 1 x 48: 9% of a masked step's FLOPs (maskdit_fast.flops), so a masked step costs ~0.5x
@@ -232,17 +232,16 @@ PRESETS = {
         # Mask ratio 0.75 instead of 0.5 for 5,180 steps instead of 4,600 (32 x 32, Euler 24 + interval): 92.5%
         # and speckle 0.92 against 99.5% and 0.22.
         mae_coef=0.1,
-        # Batch 32 (batch 64 at equal time scored 80% against 88%). Speckle (classifier.stray_components) falls
-        # with the images trained on, not the steps: batch 16 for twice the steps left it at 1.2-1.3 (1.35 at
-        # batch 32), twice the batch-32 steps brought it to 0.49. Hence the 24 x 24 crop: 36 tokens instead of
-        # 64 (most of them blank margin) make a step ~0.6-0.67x as long (full runs, one or two threads), so
-        # 6,800 steps (100%, speckle 0.09) take no more time than 4,600 at 32 x 32 did (99%, 0.43). The last 700 steps
-        # are unmasked with the EMA started over there, so the sampled weights never saw masking; lr decays
-        # over them only (over the last 2,000 / 3,500 steps: 98% but speckle 0.86 / 0.92; 400 unmasked steps:
-        # the same as 700). AdamW beta2 0.99 (0.999: 3 points lower), lr 2e-3 (3e-3 was unstable). At equal
-        # time the same network trained unmasked throughout (850 batch-64 steps) scored 36%, at mask ratio
-        # 0.25 67%, 0.75 84% (all batch 64, against 80% at 0.5).
-        steps=6800, batch_size=32, lr=2e-3, adam_beta2=0.99, lr_warmup_steps=100, lr_decay_steps=700,
+        # Batch 32 (batch 64 at equal time scored 80% against 88%). Speckle (classifier.stray_components) falls with
+        # the images trained on, not the steps: batch 16 for twice the steps left it at 1.2-1.3 (1.35 at batch 32),
+        # twice the batch-32 steps brought it to 0.49. Hence the 24 x 24 crop: 36 tokens instead of 64 (most of them
+        # blank margin) make a step ~0.6-0.67x as long (full runs, one or two threads), so 6,000 steps (100%, speckle
+        # 0.15) take ~0.8x the time of 4,600 at 32 x 32 (99%, 0.43). The last 700 steps are unmasked with the EMA
+        # started over there, so the sampled weights never saw masking; lr decays over them only (over the last 2,000
+        # / 3,500 steps: 98% but speckle 0.86 / 0.92; 400 unmasked steps: the same as 700). AdamW beta2 0.99 (0.999: 3
+        # points lower), lr 2e-3 (3e-3 was unstable). At equal time the same network trained unmasked throughout (850
+        # batch-64 steps) scored 36%, at mask ratio 0.25 67%, 0.75 84% (all batch 64, against 80% at 0.5).
+        steps=6000, batch_size=32, lr=2e-3, adam_beta2=0.99, lr_warmup_steps=100, lr_decay_steps=700,
         ema_decay=0.995, mask_ratio=0.5, unmasked_steps=700, ema_restart=True, log_every=50, ckpt_every=1000,
         # Euler, 24 steps, CFG 4 only above sigma 1 (guidance interval): on the same weights the speckle halves
         # against Heun 12 steps with CFG at every level (0.42 -> 0.22; the stroke texture, mean |Laplacian|,

@@ -1,6 +1,6 @@
 """Train MaskDiT / DiT with the EDM loss: `python -m maskdit_fast.train [--preset P] [--config F] [--flags]`.
 
-With no arguments it trains a small MaskDiT on the embedded MNIST-5k digits on the CPU (about six
+With no arguments it trains a small MaskDiT on the embedded MNIST-5k digits on the CPU (about five
 minutes) and ends with a sample grid and the class accuracy of those samples. Everything is in
 the run dir (default runs/<name>): checkpoints/ (atomic, last N kept), metrics.jsonl, tb/
 (TensorBoard), grid_*.png, ema.safetensors. Re-running the same command resumes from the newest
