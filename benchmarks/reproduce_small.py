@@ -17,7 +17,7 @@ what factor on the FLOPs and wall-time axes (first crossing of the linearly inte
 curve), DiT's FD at MaskDiT's final budgets, and the metric sanity check: FD of held-out real digits
 vs FD of the earliest samples, at the same sample count.
 
-    python benchmarks/reproduce_small.py                      # default: ~14 min on 2 CPU cores
+    python benchmarks/reproduce_small.py                      # default: ~12-14 min on 2 CPU cores
     python benchmarks/reproduce_small.py --quick --out /tmp/rs   # pipeline smoke test (< 1 min)
     python benchmarks/reproduce_small.py --replot                # redo PNG / .md from results.json
 
