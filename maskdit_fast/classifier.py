@@ -149,10 +149,10 @@ def classifier_input(samples):
     Args:
         samples: [N, 1, S, S] float images in [-1, 1], S <= 32 and even.
     """
-    size = samples.shape[-1]
-    if samples.dim() != 4 or samples.shape[1] != 1 or samples.shape[2] != size or size > 32 or size % 2:
+    if samples.dim() != 4 or samples.shape[1] != 1 or samples.shape[2] != samples.shape[3] \
+            or samples.shape[3] > 32 or samples.shape[3] % 2:
         raise ValueError(f"samples must be [N, 1, S, S] with S even and at most 32, got {tuple(samples.shape)}")
-    pad = (32 - size) // 2
+    pad = (32 - samples.shape[3]) // 2
     return F.pad(samples.detach().float().clamp(-1, 1), (pad, pad, pad, pad), value=-1.0)
 
 

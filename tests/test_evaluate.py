@@ -261,7 +261,7 @@ def test_classifier_input_centres_smaller_digits_on_the_background():
                                     & (images[:, :, :2] == 0).all((1, 2)) & (images[:, :, -2:] == 0).all((1, 2)))
     same = (classifier_input(mnist_to_tensor(images, 24)) == mnist_to_tensor(images)).flatten(1).all(1)
     assert 250 < int(blank_border.sum()) < 300 and torch.equal(same, blank_border)
-    for bad in (x[..., :23, :23], torch.zeros(2, 1, 34, 34), x[..., :22], x[:, 0], x.expand(5, 3, 24, 24)):
+    for bad in (x[..., :23, :23], torch.zeros(2, 1, 34, 34), x[..., :22], x[:, 0], x.expand(5, 3, 24, 24), x[0, 0, 0, 0]):
         with pytest.raises(ValueError, match="samples must be"):
             classifier_input(bad)
     labels = torch.arange(5)
